@@ -1,0 +1,48 @@
+"""Per-request capture options, carried to the worker in `SamplingParams.extra_args`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXTRA_ARGS_KEY = "moetrace"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureOptions:
+    """What to record for one request, and where to send it.
+
+    Requests without options in their `extra_args` are not recorded: their rows are
+    dropped on the host after the step and cost no sink work.
+    """
+
+    sink: str
+    """Sink URL in the worker, e.g. ``memory://name`` (one-process mode) or a store path."""
+    sequence: str = ""
+    """Caller's sequence key; the request id is used when empty."""
+    ids: bool = True
+    """Top-k expert ids."""
+    weights: bool = True
+    """Top-k gate weights as the model multiplies the expert outputs by them."""
+    logits: bool = True
+    """Full router logits, before softmax/sigmoid and before any correction bias."""
+    hidden_layers: tuple[int, ...] = ()
+    """MoE-layer indices (0-based among MoE layers) whose router input to keep."""
+    n: int = 1
+    """Samples per prompt; the worker parses the sample index from child request ids."""
+    labels: dict[str, Any] = field(default_factory=dict)
+    """Free labels stored with the sequence (domain, question id, author model, seed...)."""
+
+    def to_extra_args(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden_layers"] = list(self.hidden_layers)
+        return {EXTRA_ARGS_KEY: d}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> CaptureOptions | None:
+        """Options of a request, or None when the request is not captured."""
+        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+            return None
+        d = dict(extra_args[EXTRA_ARGS_KEY])
+        d["hidden_layers"] = tuple(d.get("hidden_layers", ()))
+        return cls(**d)

@@ -1,0 +1,128 @@
+"""Host-side records handed to sinks: routing rows of one step, and model metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMeta:
+    """Static facts about the served model's routing, recorded once per store."""
+
+    architecture: str
+    """The checkpoint's `architectures[0]`, e.g. ``Qwen3MoeForCausalLM``."""
+    moe_layers: list[int]
+    """Decoder block index of each MoE layer, in order (dense blocks are absent)."""
+    num_experts: int
+    """Routed experts per MoE layer (shared experts excluded)."""
+    top_k: int
+    """Experts selected per token."""
+    scoring_func: str
+    """``softmax`` or ``sigmoid``: how logits become gate scores."""
+    renormalize: bool
+    """Whether the selected top-k weights are renormalised to sum to one."""
+    routed_scaling_factor: float
+    """Factor on the routed output; applied inside the weights when `scaling_in_weights`."""
+    scaling_in_weights: bool
+    """True when the captured weights already include `routed_scaling_factor`."""
+    num_shared_experts: int
+    """Always-on shared experts per MoE layer (not part of the routing)."""
+    hidden_size: int
+    """Width of the router input."""
+    router_weights: np.ndarray = field(repr=False)
+    """(moe_layers, experts, hidden) router matrices, float32."""
+    router_bias: np.ndarray | None = field(default=None, repr=False)
+    """(moe_layers, experts) logit bias (gpt-oss), or None."""
+    correction_bias: np.ndarray | None = field(default=None, repr=False)
+    """(moe_layers, experts) selection-only score bias (DeepSeek-V3 noaux_tc), or None."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts without the weight matrices."""
+        return {
+            k: getattr(self, k)
+            for k in self.__dataclass_fields__
+            if k not in ("router_weights", "router_bias", "correction_bias")
+        }
+
+
+@dataclass(slots=True)
+class RoutingRows:
+    """Captured rows of one model step for the captured requests in it.
+
+    Rows are token rows; arrays share the first axis. ``L`` is the number of MoE layers.
+    """
+
+    request_ids: np.ndarray
+    """(rows,) object: the sequence key of each row."""
+    sample_index: np.ndarray
+    """(rows,) int32: index among the `n` samples of one prompt."""
+    positions: np.ndarray
+    """(rows,) int64: absolute position in the sequence."""
+    token_ids: np.ndarray
+    """(rows,) int64: the input token of the row."""
+    is_prompt: np.ndarray
+    """(rows,) bool: position < prompt length."""
+    topk_ids: np.ndarray
+    """(rows, L, k) int32, ordered by descending weight then id."""
+    topk_weights: np.ndarray
+    """(rows, L, k) float32, aligned with `topk_ids`."""
+    router_logits: np.ndarray | None = None
+    """(rows, L, experts) float32, or None when no captured request asked for them."""
+    hidden_states: dict[int, np.ndarray] = field(default_factory=dict)
+    """MoE-layer index -> (rows, hidden) float32 router input."""
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def select(self, mask: np.ndarray) -> RoutingRows:
+        """The rows where `mask` is true (a boolean or index array)."""
+        return RoutingRows(
+            request_ids=self.request_ids[mask],
+            sample_index=self.sample_index[mask],
+            positions=self.positions[mask],
+            token_ids=self.token_ids[mask],
+            is_prompt=self.is_prompt[mask],
+            topk_ids=self.topk_ids[mask],
+            topk_weights=self.topk_weights[mask],
+            router_logits=None if self.router_logits is None else self.router_logits[mask],
+            hidden_states={k: v[mask] for k, v in self.hidden_states.items()},
+        )
+
+    @staticmethod
+    def concat(parts: list[RoutingRows]) -> RoutingRows:
+        """Rows of several steps in order."""
+        first = parts[0]
+        return RoutingRows(
+            request_ids=np.concatenate([p.request_ids for p in parts]),
+            sample_index=np.concatenate([p.sample_index for p in parts]),
+            positions=np.concatenate([p.positions for p in parts]),
+            token_ids=np.concatenate([p.token_ids for p in parts]),
+            is_prompt=np.concatenate([p.is_prompt for p in parts]),
+            topk_ids=np.concatenate([p.topk_ids for p in parts]),
+            topk_weights=np.concatenate([p.topk_weights for p in parts]),
+            router_logits=None
+            if first.router_logits is None
+            else np.concatenate([p.router_logits for p in parts]),
+            hidden_states={
+                k: np.concatenate([p.hidden_states[k] for p in parts]) for k in first.hidden_states
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceEnd:
+    """A captured request has finished: no more rows will come for it."""
+
+    request_id: str
+    """Sequence key (as in `RoutingRows.request_ids`)."""
+    sample_index: int
+    """Sample index among the prompt's `n` samples."""
+    prompt_len: int
+    """Prompt tokens."""
+    first_position: int
+    """First captured position (> 0 when a cached prefix was never forwarded)."""
+    num_rows: int
+    """Rows captured for the sequence."""

@@ -1,0 +1,109 @@
+"""Where captured rows go: the `RoutingSink` interface, the in-memory sink and the sink registry.
+
+The capture calls a sink from the worker process after each model step. A sink must
+accept rows of many sequences interleaved, in step order, and treat `end_sequence`
+as the point after which a sequence is complete.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import defaultdict
+
+import numpy as np
+
+from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+
+__all__ = ["MemorySink", "RoutingSink", "memory_sink", "open_sink"]
+
+
+class RoutingSink(ABC):
+    """Receives routing rows from the capture, in step order."""
+
+    @abstractmethod
+    def open(self, meta: ModelMeta) -> None:
+        """Called once before the first rows, with the model's routing metadata."""
+
+    @abstractmethod
+    def write(self, rows: RoutingRows) -> None:
+        """Rows of one step (one or more sequences, positions increasing per sequence)."""
+
+    @abstractmethod
+    def end_sequence(self, end: SequenceEnd) -> None:
+        """The sequence is complete; all its rows were passed to `write` before."""
+
+    def close(self) -> None:
+        """Flush and release resources; the default does nothing."""
+
+
+class MemorySink(RoutingSink):
+    """Keeps everything in memory: for tests and the one-process Python API."""
+
+    def __init__(self) -> None:
+        self.meta: ModelMeta | None = None
+        self._parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
+        self.ended: dict[tuple[str, int], SequenceEnd] = {}
+        self._lock = threading.Lock()
+
+    def open(self, meta: ModelMeta) -> None:
+        self.meta = meta
+
+    def write(self, rows: RoutingRows) -> None:
+        keys = list(zip(rows.request_ids.tolist(), rows.sample_index.tolist(), strict=True))
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                mask = (rows.request_ids == key[0]) & (rows.sample_index == key[1])
+                self._parts[key].append(rows.select(mask))
+
+    def end_sequence(self, end: SequenceEnd) -> None:
+        with self._lock:
+            self.ended[(end.request_id, end.sample_index)] = end
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(sequence key, sample index) of every sequence seen so far."""
+        with self._lock:
+            return list(self._parts)
+
+    def sequence(self, request_id: str, sample_index: int = 0) -> RoutingRows:
+        """All rows of one sequence, ordered by position."""
+        with self._lock:
+            rows = RoutingRows.concat(self._parts[(request_id, sample_index)])
+        return rows.select(np.argsort(rows.positions, kind="stable"))
+
+
+_registry: dict[str, RoutingSink] = {}
+_registry_lock = threading.Lock()
+
+
+def memory_sink(name: str) -> MemorySink:
+    """The process-wide memory sink called `name` (created on first use)."""
+    sink = open_sink(f"memory://{name}")
+    assert isinstance(sink, MemorySink)
+    return sink
+
+
+def open_sink(url: str) -> RoutingSink:
+    """The sink for `url`, created once per process and then shared.
+
+    ``memory://NAME`` is an in-process `MemorySink`; anything else is a routing store
+    path or URL handled by `capture_server.store`.
+    """
+    with _registry_lock:
+        if url not in _registry:
+            if url.startswith("memory://"):
+                _registry[url] = MemorySink()
+            else:
+                from capture_server.store.writer import StoreSink
+
+                _registry[url] = StoreSink(url)
+        return _registry[url]
+
+
+def close_sinks() -> None:
+    """Close every sink of this process (at engine shutdown)."""
+    with _registry_lock:
+        sinks = list(_registry.values())
+        _registry.clear()
+    for sink in sinks:
+        sink.close()

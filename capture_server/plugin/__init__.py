@@ -1,0 +1,46 @@
+"""The vLLM plugin: a `vllm.general_plugins` entry point that installs routing capture.
+
+vLLM loads general plugins in every process, the worker included, before the model
+is built. `register` only patches the model runner classes; capture itself switches
+on per engine (``additional_config={"moetrace": {...}}``) when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("moetrace.capture")
+
+
+def register() -> None:
+    """Patch vLLM's model runners. Safe to call many times, in any process."""
+    import vllm.envs as envs
+
+    from capture_server.plugin.runner_patch import patch_model_runner
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise RuntimeError(
+            "moetrace capture supports vLLM's default model runner only; "
+            "unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    patch_model_runner(GPUModelRunner)
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        patch_model_runner(CPUModelRunner)
+
+
+def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
+    """`collective_rpc` target: complete the in-flight step and end finished requests.
+
+    Returns the number of requests still tracked by the worker's collector.
+    """
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    if collector is None:
+        return -1
+    collector.flush(finished_request_ids)
+    return len(collector._requests)

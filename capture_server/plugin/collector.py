@@ -1,0 +1,235 @@
+"""Turn each step's capture buffers into attributed rows and hand them to sinks.
+
+Runs in the worker after `execute_model` returns. The device-to-host copy of a step
+is started right after that step (non-blocking) and consumed one step later, so on
+a GPU the copy overlaps the next forward; on the CPU it is a plain copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from capture_server.capture.options import CaptureOptions
+from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+from capture_server.capture.sink import RoutingSink, open_sink
+from capture_server.plugin.buffers import CaptureBuffers
+
+logger = logging.getLogger(__name__)
+
+_SUFFIX_LEN = 9  # vLLM appends "-" and 8 random characters to the external request id
+
+
+def external_request_id(worker_req_id: str) -> str:
+    """The caller's request id of a worker-side request id."""
+    import vllm.envs as envs
+
+    if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION:
+        return worker_req_id
+    return worker_req_id[:-_SUFFIX_LEN]
+
+
+@dataclass(slots=True)
+class _RequestState:
+    options: CaptureOptions
+    key: str
+    sample_index: int
+    prompt_len: int
+    next_position: int = -1  # positions below this were captured already (recompute dedup)
+    first_position: int = -1
+    num_rows: int = 0
+
+
+@dataclass(slots=True)
+class _PendingStep:
+    """A step whose host copy is in flight."""
+
+    rows: dict[str, Any]
+    device_arrays: dict[str, torch.Tensor]
+    event: Any
+    finished: list[str] = field(default_factory=list)
+
+
+def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int]:
+    """(sequence key, sample index) of a worker-side request id."""
+    external = external_request_id(worker_req_id)
+    sample = 0
+    if options.n > 1 and "_" in external:
+        head, rest = external.split("_", 1)
+        if head.isdigit():
+            sample, external = int(head), rest
+    return options.sequence or external, sample
+
+
+class StepCollector:
+    """Attributes buffer rows to requests and streams them to each request's sink."""
+
+    def __init__(self, buffers: CaptureBuffers, meta: ModelMeta) -> None:
+        self.buffers = buffers
+        self.meta = meta
+        self._requests: dict[str, _RequestState | None] = {}
+        self._pending: _PendingStep | None = None
+        self._sinks: dict[str, RoutingSink] = {}
+
+    # -- called by the model runner wrapper -------------------------------------------
+
+    def after_step(self, runner: Any, scheduler_output: Any) -> None:
+        """Start the host copy of this step and finish the previous one."""
+        finished = list(scheduler_output.finished_req_ids)
+        num_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        step = self._start_copy(runner, num_tokens) if num_tokens else None
+        self._complete_pending()
+        for req_id in finished:
+            self._end_request(req_id)
+        self._pending = step
+
+    def flush(self, finished_external_ids: list[str] | None = None) -> None:
+        """Complete the in-flight step and end the named requests (by external id)."""
+        self._complete_pending()
+        if finished_external_ids:
+            wanted = set(finished_external_ids)
+            for req_id in list(self._requests):
+                external = external_request_id(req_id)
+                if external in wanted or external.split("_", 1)[-1] in wanted:
+                    self._end_request(req_id)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _state(self, runner: Any, req_id: str) -> _RequestState | None:
+        if req_id not in self._requests:
+            cached = runner.requests.get(req_id)
+            params = getattr(cached, "sampling_params", None)
+            options = CaptureOptions.from_extra_args(getattr(params, "extra_args", None))
+            if options is None:
+                self._requests[req_id] = None
+            else:
+                key, sample = _sequence_key(req_id, options)
+                self._requests[req_id] = _RequestState(
+                    options=options, key=key, sample_index=sample,
+                    prompt_len=int(cached.num_prompt_tokens),
+                )
+        return self._requests[req_id]
+
+    def _start_copy(self, runner: Any, num_tokens: int) -> _PendingStep | None:
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        states = [self._state(runner, r) for r in batch.req_ids[:num_reqs]]
+        if all(s is None for s in states):
+            return None
+        qsl = runner.query_start_loc.np[: num_reqs + 1].copy()
+        req_of_row = np.repeat(np.arange(num_reqs), np.diff(qsl))[:num_tokens]
+        captured = np.array([s is not None for s in states])
+        rows = np.flatnonzero(captured[req_of_row])
+
+        index = torch.from_numpy(rows).to(self.buffers.ids.device, non_blocking=True)
+        want_logits = any(s is not None and s.options.logits for s in states)
+        device_arrays = {
+            "positions": runner.positions.index_select(0, index),
+            "token_ids": runner.input_ids.gpu.index_select(0, index),
+            "ids": self.buffers.ids.index_select(1, index),
+            "weights": self.buffers.weights.index_select(1, index),
+        }
+        if want_logits:
+            device_arrays["logits"] = self.buffers.logits.index_select(1, index)
+        for layer, buf in self.buffers.hidden.items():
+            device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
+        host = {k: v.to("cpu", non_blocking=True) for k, v in device_arrays.items()}
+        event = None
+        if self.buffers.ids.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _PendingStep(
+            rows={"req_of_row": req_of_row[rows], "states": states},
+            device_arrays=host,
+            event=event,
+        )
+
+    def _complete_pending(self) -> None:
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        if step.event is not None:
+            step.event.synchronize()
+        a = {k: v.numpy() for k, v in step.device_arrays.items()}
+        states: list[_RequestState | None] = step.rows["states"]
+        req_of_row: np.ndarray = step.rows["req_of_row"]
+        positions = a["positions"].astype(np.int64)
+
+        # Drop rows recomputed after preemption: keep positions not captured before.
+        next_pos = np.array([-1 if s is None else s.next_position for s in states])
+        keep = positions >= next_pos[req_of_row]
+        for i, s in enumerate(states):
+            if s is not None:
+                mine = positions[req_of_row == i]
+                if len(mine):
+                    if s.first_position < 0:
+                        s.first_position = int(mine.min())
+                    s.next_position = max(s.next_position, int(mine.max()) + 1)
+        if not keep.any():
+            return
+        rows = self._build_rows(a, states, req_of_row, positions, keep)
+        by_sink: dict[str, list[int]] = {}
+        for i, s in enumerate(states):
+            if s is not None:
+                by_sink.setdefault(s.options.sink, []).append(i)
+        for url, reqs in by_sink.items():
+            mask = np.isin(req_of_row[keep], reqs)
+            part = rows.select(mask)
+            for i in reqs:
+                states[i].num_rows += int((req_of_row[keep] == i).sum())  # type: ignore[union-attr]
+            self._sink(url).write(part)
+
+    def _build_rows(
+        self,
+        a: dict[str, np.ndarray],
+        states: list[_RequestState | None],
+        req_of_row: np.ndarray,
+        positions: np.ndarray,
+        keep: np.ndarray,
+    ) -> RoutingRows:
+        ids = a["ids"][:, keep].transpose(1, 0, 2)  # (rows, L, k)
+        weights = a["weights"][:, keep].transpose(1, 0, 2)
+        order = np.lexsort((ids, -weights), axis=-1)  # descending weight, then id
+        req = req_of_row[keep]
+        keys = np.array([None if s is None else s.key for s in states], dtype=object)
+        samples = np.array([0 if s is None else s.sample_index for s in states], dtype=np.int32)
+        prompt_len = np.array([0 if s is None else s.prompt_len for s in states])
+        logits = a.get("logits")
+        return RoutingRows(
+            request_ids=keys[req],
+            sample_index=samples[req],
+            positions=positions[keep],
+            token_ids=a["token_ids"][keep].astype(np.int64),
+            is_prompt=positions[keep] < prompt_len[req],
+            topk_ids=np.take_along_axis(ids, order, axis=-1),
+            topk_weights=np.take_along_axis(weights, order, axis=-1),
+            router_logits=None if logits is None else logits[:, keep].transpose(1, 0, 2),
+            hidden_states={
+                int(k[6:]): v[keep] for k, v in a.items() if k.startswith("hidden")
+            },
+        )
+
+    def _sink(self, url: str) -> RoutingSink:
+        if url not in self._sinks:
+            sink = open_sink(url)
+            sink.open(self.meta)
+            self._sinks[url] = sink
+        return self._sinks[url]
+
+    def _end_request(self, req_id: str) -> None:
+        state = self._requests.pop(req_id, None)
+        if state is None:
+            return
+        self._sink(state.options.sink).end_sequence(
+            SequenceEnd(
+                request_id=state.key,
+                sample_index=state.sample_index,
+                prompt_len=state.prompt_len,
+                first_position=max(state.first_position, 0),
+                num_rows=state.num_rows,
+            )
+        )
