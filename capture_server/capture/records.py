@@ -25,9 +25,8 @@ class ModelMeta:
     renormalize: bool
     """Whether the selected top-k weights are renormalised to sum to one."""
     routed_scaling_factor: float
-    """Factor on the routed output; applied inside the weights when `scaling_in_weights`."""
-    scaling_in_weights: bool
-    """True when the captured weights already include `routed_scaling_factor`."""
+    """Factor on the routed experts' output. The captured top-k weights include it, so
+    they are the effective gates the expert outputs are multiplied by."""
     num_shared_experts: int
     """Always-on shared experts per MoE layer (not part of the routing)."""
     hidden_size: int

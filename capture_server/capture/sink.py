@@ -65,10 +65,16 @@ class MemorySink(RoutingSink):
         with self._lock:
             return list(self._parts)
 
-    def sequence(self, request_id: str, sample_index: int = 0) -> RoutingRows:
-        """All rows of one sequence, ordered by position."""
+    def sequence(self, request_id: str, sample_index: int = 0, *, pop: bool = False) -> RoutingRows:
+        """All rows of one sequence, ordered by position; `pop` forgets them afterwards."""
+        key = (request_id, sample_index)
         with self._lock:
-            rows = RoutingRows.concat(self._parts[(request_id, sample_index)])
+            if key not in self._parts:
+                raise KeyError(f"no rows captured for sequence {request_id!r} sample {sample_index}")
+            parts = self._parts.pop(key) if pop else self._parts[key]
+            if pop:
+                self.ended.pop(key, None)
+        rows = RoutingRows.concat(parts)
         return rows.select(np.argsort(rows.positions, kind="stable"))
 
 

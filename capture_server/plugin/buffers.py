@@ -10,7 +10,7 @@ class CaptureBuffers:
 
     Invariants:
         - Shapes are fixed at start-up: ``ids``/``weights`` are (L, T, k),
-          ``logits`` is (L, T, E), ``hidden[l]`` is (T, d) for each configured
+          ``logits`` is (L, T, E) unless logits are off, ``hidden[l]`` is (T, d) for each configured
           MoE-layer index l, with T the largest token count of a step.
         - Inside the forward only `record` touches them, and it only does
           ``copy_`` into a leading slice: no allocation, no host sync, no branch
@@ -28,13 +28,16 @@ class CaptureBuffers:
         num_experts: int,
         hidden_size: int,
         hidden_layers: tuple[int, ...],
+        logits: bool,
         device: torch.device,
     ) -> None:
         self.num_experts = num_experts
         self.ids = torch.zeros(num_layers, max_tokens, top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(num_layers, max_tokens, top_k, dtype=torch.float32, device=device)
-        self.logits = torch.zeros(
-            num_layers, max_tokens, num_experts, dtype=torch.float32, device=device
+        self.logits = (
+            torch.zeros(num_layers, max_tokens, num_experts, dtype=torch.float32, device=device)
+            if logits
+            else None
         )
         self.hidden = {
             layer: torch.zeros(max_tokens, hidden_size, dtype=torch.float32, device=device)
@@ -43,7 +46,7 @@ class CaptureBuffers:
 
     def nbytes(self) -> int:
         tensors = [self.ids, self.weights, self.logits, *self.hidden.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def record(
         self,
@@ -57,8 +60,9 @@ class CaptureBuffers:
         n = topk_ids.shape[0]
         self.ids[layer, :n].copy_(topk_ids)
         self.weights[layer, :n].copy_(topk_weights)
-        # A fused shared-expert gate appends columns after the routed experts.
-        self.logits[layer, :n].copy_(router_logits[:, : self.num_experts])
+        if self.logits is not None:
+            # A fused shared-expert gate appends columns after the routed experts.
+            self.logits[layer, :n].copy_(router_logits[:, : self.num_experts])
         hidden = self.hidden.get(layer)
         if hidden is not None:
             hidden[:n].copy_(hidden_states)

@@ -68,9 +68,10 @@ def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int
 class StepCollector:
     """Attributes buffer rows to requests and streams them to each request's sink."""
 
-    def __init__(self, buffers: CaptureBuffers, meta: ModelMeta) -> None:
+    def __init__(self, buffers: CaptureBuffers, meta: ModelMeta, weight_scale: float) -> None:
         self.buffers = buffers
         self.meta = meta
+        self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
@@ -126,7 +127,9 @@ class StepCollector:
         rows = np.flatnonzero(captured[req_of_row])
 
         index = torch.from_numpy(rows).to(self.buffers.ids.device, non_blocking=True)
-        want_logits = any(s is not None and s.options.logits for s in states)
+        want_logits = self.buffers.logits is not None and any(
+            s is not None and s.options.logits for s in states
+        )
         device_arrays = {
             "positions": runner.positions.index_select(0, index),
             "token_ids": runner.input_ids.gpu.index_select(0, index),
@@ -134,6 +137,7 @@ class StepCollector:
             "weights": self.buffers.weights.index_select(1, index),
         }
         if want_logits:
+            assert self.buffers.logits is not None
             device_arrays["logits"] = self.buffers.logits.index_select(1, index)
         for layer, buf in self.buffers.hidden.items():
             device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
@@ -193,6 +197,8 @@ class StepCollector:
     ) -> RoutingRows:
         ids = a["ids"][:, keep].transpose(1, 0, 2)  # (rows, L, k)
         weights = a["weights"][:, keep].transpose(1, 0, 2)
+        if self.weight_scale != 1.0:
+            weights = weights * np.float32(self.weight_scale)
         order = np.lexsort((ids, -weights), axis=-1)  # descending weight, then id
         req = req_of_row[keep]
         keys = np.array([None if s is None else s.key for s in states], dtype=object)

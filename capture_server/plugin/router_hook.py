@@ -114,7 +114,6 @@ def describe_model(runners: list[tuple[int, Any]], model_dir: str, hf_config: An
     num_experts = int(router.global_num_experts)
     blocks = [block for block, _ in runners]
     weights, biases, corrections = checkpoint_router_tensors(model_dir, blocks, num_experts)
-    in_router = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
     return ModelMeta(
         architecture=(getattr(hf_config, "architectures", None) or ["unknown"])[0],
         moe_layers=blocks,
@@ -123,7 +122,6 @@ def describe_model(runners: list[tuple[int, Any]], model_dir: str, hf_config: An
         scoring_func=str(getattr(router, "scoring_func", "softmax")),
         renormalize=bool(getattr(router, "renormalize", False)),
         routed_scaling_factor=float(getattr(hf_config, "routed_scaling_factor", None) or 1.0),
-        scaling_in_weights=in_router != 1.0,
         num_shared_experts=int(
             getattr(hf_config, "n_shared_experts", None)
             or (1 if getattr(hf_config, "shared_expert_intermediate_size", 0) else 0)
@@ -133,6 +131,11 @@ def describe_model(runners: list[tuple[int, Any]], model_dir: str, hf_config: An
         router_bias=biases,
         correction_bias=corrections,
     )
+
+
+def output_scale(runner: Any) -> float:
+    """Scaling the runner applies to the routed output instead of to the weights."""
+    return float(getattr(runner, "routed_scaling_factor", 1.0) or 1.0)
 
 
 def hook_routers(runners: list[tuple[int, Any]], buffers: CaptureBuffers) -> None:

@@ -13,6 +13,7 @@ from capture_server.plugin.router_hook import (
     describe_model,
     find_moe_runners,
     hook_routers,
+    output_scale,
 )
 
 logger = logging.getLogger("moetrace.capture")
@@ -55,6 +56,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         num_experts=meta.num_experts,
         hidden_size=meta.hidden_size,
         hidden_layers=hidden_layers,
+        logits=bool(config.get("logits", True)),
         device=runner.device,
     )
     hook_routers(runners, buffers)
@@ -64,7 +66,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         len(runners), meta.moe_layers, meta.num_experts, meta.top_k, list(hidden_layers),
         buffers.nbytes() / 2**20,
     )
-    return StepCollector(buffers, meta)
+    return StepCollector(buffers, meta, weight_scale=output_scale(runners[0][1]))
 
 
 def patch_model_runner(cls: type) -> None:

@@ -1,0 +1,217 @@
+"""In-process Python API: generate or score with a vLLM engine and get each sequence's routing.
+
+Example:
+    >>> from capture_server.capture.api import CaptureEngine
+    >>> engine = CaptureEngine("path/to/moe-checkpoint", hidden_layers=[0])
+    >>> result = engine.generate(["The capital of France is"], max_tokens=16)
+    >>> result.sequences[0].rows.topk_ids.shape   # (P + G - 1, moe_layers, top_k)
+
+The routing arrives through a memory sink in this process, so the engine runs in
+vLLM's one-process mode (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+from capture_server.capture.options import CaptureOptions
+from capture_server.capture.records import ModelMeta, RoutingRows
+from capture_server.capture.sink import memory_sink
+
+_engine_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class CapturedSequence:
+    """One prompt's sample, with its tokens and its routing rows."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    rows: RoutingRows
+    """Rows by position. A generated sequence of P prompt and G generated tokens has
+    P + G - 1 rows: the last sampled token is never forwarded, so it has no routing."""
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+
+@dataclass(slots=True)
+class CaptureResult:
+    meta: ModelMeta
+    sequences: list[CapturedSequence]
+
+
+class CaptureEngine:
+    """A vLLM `LLM` with routing capture on; build it once and call it many times.
+
+    Args:
+        model: checkpoint directory or Hugging Face id (already in the local cache).
+        hidden_layers: MoE-layer indices whose router input hidden states are kept.
+        logits: keep the full router logits (engine-wide: decides what the forward copies).
+        enable_prefix_caching: off by default, so every prompt token is forwarded and
+            captured; when on, cached prompt positions have no rows (never invented).
+        **llm_kwargs: passed to `vllm.LLM` (dtype, max_model_len, enforce_eager, ...).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        hidden_layers: Sequence[int] = (),
+        logits: bool = True,
+        enable_prefix_caching: bool = False,
+        **llm_kwargs: Any,
+    ) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.hidden_layers = tuple(hidden_layers)
+        self._sink_name = f"engine{next(_engine_ids)}-{os.getpid()}"
+        self._calls = itertools.count()
+        llm_kwargs.setdefault("enforce_eager", True)
+        self.llm = LLM(
+            model,
+            enable_prefix_caching=enable_prefix_caching,
+            additional_config={
+                "moetrace": {"hidden_layers": list(self.hidden_layers), "logits": logits}
+            },
+            **llm_kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]],
+        sampling: Any = None,
+        *,
+        labels: Sequence[dict[str, Any]] | None = None,
+        **sampling_kwargs: Any,
+    ) -> CaptureResult:
+        """Generate from `prompts` (texts or token ids) and return every sample's routing.
+
+        `sampling` is a `vllm.SamplingParams` (or one per prompt); without it,
+        `sampling_kwargs` build one (for example ``max_tokens=16, temperature=0``).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if sampling is None:
+            sampling = SamplingParams(**sampling_kwargs)
+        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        call = next(self._calls)
+        keys = [f"c{call}p{i}" for i in range(len(prompts))]
+        params = []
+        for i, (base, key) in enumerate(zip(per_prompt, keys, strict=True)):
+            p = base.clone()
+            options = CaptureOptions(
+                sink=f"memory://{self._sink_name}", sequence=key, n=p.n,
+                labels=dict(labels[i]) if labels else {},
+            )
+            p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
+            params.append(p)
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p
+                  for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        self._flush([o.request_id for o in outputs])
+
+        sink = memory_sink(self._sink_name)
+        sequences = []
+        for i, out in enumerate(outputs):
+            for completion in out.outputs:
+                sequences.append(
+                    CapturedSequence(
+                        prompt_index=i,
+                        sample_index=completion.index,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        output_token_ids=list(completion.token_ids),
+                        text=completion.text,
+                        finish_reason=completion.finish_reason,
+                        rows=sink.sequence(keys[i], completion.index, pop=True),
+                        labels=dict(labels[i]) if labels else {},
+                    )
+                )
+        assert sink.meta is not None
+        return CaptureResult(meta=sink.meta, sequences=sequences)
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        *,
+        labels: Sequence[dict[str, Any]] | None = None,
+    ) -> CaptureResult:
+        """Teacher-force ``prompt + completion`` texts and return the routing of every token.
+
+        Nothing is generated: each text is run as a prompt with ``max_tokens=1`` and the
+        sampled token is discarded, so every token of the text has a row. Rows of the
+        completion part have ``is_prompt`` false.
+        """
+        from vllm import SamplingParams
+
+        token_lists, prompt_lens = [], []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            p_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            c_ids = self.tokenizer.encode(completion, add_special_tokens=False)
+            token_lists.append(p_ids + c_ids)
+            prompt_lens.append(len(p_ids))
+        result = self.generate(
+            token_lists, SamplingParams(max_tokens=1, temperature=0.0), labels=labels
+        )
+        for seq, plen in zip(result.sequences, prompt_lens, strict=True):
+            seq.output_token_ids = seq.prompt_token_ids[plen:]
+            seq.prompt_token_ids = seq.prompt_token_ids[:plen]
+            seq.text = self.tokenizer.decode(seq.output_token_ids)
+            seq.finish_reason = "scored"
+            seq.rows.is_prompt = seq.rows.positions < plen
+        return result
+
+    def _flush(self, request_ids: list[str]) -> None:
+        from capture_server.plugin import flush
+
+        self.llm.collective_rpc(flush, args=(request_ids,))
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        import gc
+
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> CaptureResult:
+    """One-shot helper: build a `CaptureEngine`, generate, close it.
+
+    Engine options (`hidden_layers`, `dtype`, `max_model_len`, ...) and sampling options
+    (`max_tokens`, `temperature`, `n`, ...) share `kwargs`; sampling keys are those of
+    `vllm.SamplingParams`.
+    """
+    import inspect
+
+    from vllm import SamplingParams
+
+    sampling_keys = set(inspect.signature(SamplingParams).parameters)
+    sampling = {k: v for k, v in kwargs.items() if k in sampling_keys}
+    engine_kwargs = {k: v for k, v in kwargs.items() if k not in sampling_keys}
+    engine = CaptureEngine(model, **engine_kwargs)
+    try:
+        return engine.generate(prompts, **sampling)
+    finally:
+        engine.close()
+
