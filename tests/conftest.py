@@ -30,3 +30,16 @@ def specimen(tmp_path_factory: pytest.TempPathFactory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(specimen):
+    """One shared Qwen3-MoE capture engine: small step budget so long prompts are chunked."""
+    from capture_server.capture.api import CaptureEngine
+
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe")), hidden_layers=[1], dtype="float32", max_model_len=1024,
+        max_num_batched_tokens=128, max_num_seqs=128, seed=0,
+    )
+    yield engine
+    engine.close()

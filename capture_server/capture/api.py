@@ -181,6 +181,12 @@ class CaptureEngine:
 
         self.llm.collective_rpc(flush, args=(request_ids,))
 
+    def stats(self) -> dict[str, int]:
+        """Capture counters of the worker: steps, rows, preempted requests, dropped recomputes."""
+        from capture_server.plugin import stats
+
+        return self.llm.collective_rpc(stats)[0]
+
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         import gc

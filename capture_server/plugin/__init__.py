@@ -44,3 +44,9 @@ def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
         return -1
     collector.flush(finished_request_ids)
     return len(collector._requests)
+
+
+def stats(worker: Any) -> dict[str, int]:
+    """`collective_rpc` target: the collector's counters (steps, rows, preempted, ...)."""
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    return {} if collector is None else dict(collector.stats)

@@ -75,6 +75,7 @@ class StepCollector:
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
+        self.stats = {"steps": 0, "rows": 0, "preempted": 0, "recomputed_rows_dropped": 0}
 
     # -- called by the model runner wrapper -------------------------------------------
 
@@ -82,6 +83,8 @@ class StepCollector:
         """Start the host copy of this step and finish the previous one."""
         finished = list(scheduler_output.finished_req_ids)
         num_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        self.stats["steps"] += 1
+        self.stats["preempted"] += len(getattr(scheduler_output, "preempted_req_ids", None) or ())
         step = self._start_copy(runner, num_tokens) if num_tokens else None
         self._complete_pending()
         for req_id in finished:
@@ -173,6 +176,8 @@ class StepCollector:
                     if s.first_position < 0:
                         s.first_position = int(mine.min())
                     s.next_position = max(s.next_position, int(mine.max()) + 1)
+        self.stats["recomputed_rows_dropped"] += int((~keep).sum())
+        self.stats["rows"] += int(keep.sum())
         if not keep.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)

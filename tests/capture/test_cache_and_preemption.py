@@ -1,0 +1,54 @@
+"""Prefix caching marks cached positions missing; preemption and recompute add no duplicate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cached_engine(specimen):
+    from capture_server.capture.api import CaptureEngine
+
+    engine = CaptureEngine(str(specimen("qwen3_moe")), dtype="float32", max_model_len=1024,
+                           enable_prefix_caching=True, seed=0)
+    yield engine
+    engine.close()
+
+
+def test_prefix_cached_positions_have_no_rows(cached_engine):
+    vocab = len(cached_engine.tokenizer)
+    prompt = np.random.default_rng(3).integers(1, vocab, size=300).tolist()
+    first = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
+    second = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
+    assert first.rows.positions[0] == 0
+    start = int(second.rows.positions[0])
+    assert 0 < start < 300, "a cached prefix is never forwarded, so it has no rows"
+    np.testing.assert_array_equal(second.rows.positions, np.arange(start, 300 + 4 - 1))
+    np.testing.assert_array_equal(second.rows.topk_ids, first.rows.topk_ids[start:])
+
+
+@pytest.fixture(scope="module")
+def tight_engine(specimen):
+    """Few KV blocks, so long generations preempt each other and recompute."""
+    from capture_server.capture.api import CaptureEngine
+
+    engine = CaptureEngine(str(specimen("qwen3_moe")), dtype="float32", max_model_len=200,
+                           num_gpu_blocks_override=8, block_size=32, seed=0)
+    yield engine
+    engine.close()
+
+
+def test_preemption_recompute_adds_no_duplicates(tight_engine, qwen_engine):
+    vocab = len(tight_engine.tokenizer)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, vocab, size=40).tolist() for _ in range(6)]
+    result = tight_engine.generate(prompts, max_tokens=60, temperature=0.0, ignore_eos=True)
+    assert tight_engine.stats()["preempted"] > 0, "the test needs preemption to happen"
+    for prompt, seq in zip(prompts, result.sequences, strict=True):
+        np.testing.assert_array_equal(seq.rows.positions, np.arange(40 + 60 - 1))
+        alone = qwen_engine.generate([prompt], max_tokens=60, temperature=0.0,
+                                     ignore_eos=True).sequences[0]
+        assert seq.output_token_ids == alone.output_token_ids
+        np.testing.assert_array_equal(seq.rows.topk_ids, alone.rows.topk_ids)
+        np.testing.assert_allclose(seq.rows.router_logits, alone.rows.router_logits, atol=1e-4)
