@@ -181,7 +181,7 @@ class CaptureEngine:
 
         self.llm.collective_rpc(flush, args=(request_ids,))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Capture counters of the worker: steps, rows, preempted requests, dropped recomputes."""
         from capture_server.plugin import stats
 

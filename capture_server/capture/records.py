@@ -76,8 +76,28 @@ class RoutingRows:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def segments(self) -> tuple[list[tuple[str, int]], np.ndarray]:
+        """Runs of consecutive rows of one sequence: ((key, sample) per run, run boundaries).
+
+        Boundaries have one more entry than runs; run i is rows ``bounds[i]:bounds[i+1]``.
+        """
+        n = len(self.positions)
+        if n == 0:
+            return [], np.zeros(1, dtype=np.int64)
+        change = (self.request_ids[1:] != self.request_ids[:-1]) | (
+            self.sample_index[1:] != self.sample_index[:-1]
+        )
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        keys = list(zip(self.request_ids[starts].tolist(), self.sample_index[starts].tolist(),
+                        strict=True))
+        return keys, np.append(starts, n)
+
+    def slice(self, start: int, stop: int) -> RoutingRows:
+        """Rows ``start:stop`` as views (no copy)."""
+        return self.select(slice(start, stop))  # type: ignore[arg-type]
+
     def select(self, mask: np.ndarray) -> RoutingRows:
-        """The rows where `mask` is true (a boolean or index array)."""
+        """The rows where `mask` is true (a boolean or index array, or a slice)."""
         return RoutingRows(
             request_ids=self.request_ids[mask],
             sample_index=self.sample_index[mask],

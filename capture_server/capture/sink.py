@@ -42,7 +42,8 @@ class MemorySink(RoutingSink):
 
     def __init__(self) -> None:
         self.meta: ModelMeta | None = None
-        self._parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
+        # Each sequence keeps (step rows, start, stop) references; rows are sliced lazily.
+        self._parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]] = defaultdict(list)
         self.ended: dict[tuple[str, int], SequenceEnd] = {}
         self._lock = threading.Lock()
 
@@ -50,11 +51,11 @@ class MemorySink(RoutingSink):
         self.meta = meta
 
     def write(self, rows: RoutingRows) -> None:
-        keys = list(zip(rows.request_ids.tolist(), rows.sample_index.tolist(), strict=True))
+        keys, bounds = rows.segments()
         with self._lock:
-            for key in dict.fromkeys(keys):
-                mask = (rows.request_ids == key[0]) & (rows.sample_index == key[1])
-                self._parts[key].append(rows.select(mask))
+            for key, start, stop in zip(keys, bounds[:-1].tolist(), bounds[1:].tolist(),
+                                        strict=True):
+                self._parts[key].append((rows, start, stop))
 
     def end_sequence(self, end: SequenceEnd) -> None:
         with self._lock:
@@ -74,7 +75,7 @@ class MemorySink(RoutingSink):
             parts = self._parts.pop(key) if pop else self._parts[key]
             if pop:
                 self.ended.pop(key, None)
-        rows = RoutingRows.concat(parts)
+        rows = RoutingRows.concat([r.slice(a, b) for r, a, b in parts])
         return rows.select(np.argsort(rows.positions, kind="stable"))
 
 

@@ -46,7 +46,7 @@ def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
     return len(collector._requests)
 
 
-def stats(worker: Any) -> dict[str, int]:
+def stats(worker: Any) -> dict[str, float]:
     """`collective_rpc` target: the collector's counters (steps, rows, preempted, ...)."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     return {} if collector is None else dict(collector.stats)

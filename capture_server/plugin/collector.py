@@ -8,6 +8,7 @@ a GPU the copy overlaps the next forward; on the CPU it is a plain copy.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,12 +76,16 @@ class StepCollector:
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
-        self.stats = {"steps": 0, "rows": 0, "preempted": 0, "recomputed_rows_dropped": 0}
+        self.stats: dict[str, float] = {
+            "steps": 0, "rows": 0, "preempted": 0, "recomputed_rows_dropped": 0,
+            "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
+        }
 
     # -- called by the model runner wrapper -------------------------------------------
 
     def after_step(self, runner: Any, scheduler_output: Any) -> None:
         """Start the host copy of this step and finish the previous one."""
+        start = time.perf_counter()
         finished = list(scheduler_output.finished_req_ids)
         num_tokens = int(scheduler_output.total_num_scheduled_tokens)
         self.stats["steps"] += 1
@@ -90,6 +95,7 @@ class StepCollector:
         for req_id in finished:
             self._end_request(req_id)
         self._pending = step
+        self.stats["host_seconds"] += time.perf_counter() - start
 
     def flush(self, finished_external_ids: list[str] | None = None) -> None:
         """Complete the in-flight step and end the named requests (by external id)."""
@@ -166,31 +172,37 @@ class StepCollector:
         req_of_row: np.ndarray = step.rows["req_of_row"]
         positions = a["positions"].astype(np.int64)
 
+        # Rows come grouped by request (the batch order); work per segment, not per row.
+        reqs, seg_start = np.unique(req_of_row, return_index=True)
+        seg_min = np.minimum.reduceat(positions, seg_start) if len(reqs) else positions[:0]
+        seg_max = np.maximum.reduceat(positions, seg_start) if len(reqs) else positions[:0]
+
         # Drop rows recomputed after preemption: keep positions not captured before.
-        next_pos = np.array([-1 if s is None else s.next_position for s in states])
+        next_pos = np.full(len(states), -1, dtype=np.int64)
+        for r in reqs.tolist():
+            next_pos[r] = states[r].next_position  # type: ignore[union-attr]
         keep = positions >= next_pos[req_of_row]
-        for i, s in enumerate(states):
-            if s is not None:
-                mine = positions[req_of_row == i]
-                if len(mine):
-                    if s.first_position < 0:
-                        s.first_position = int(mine.min())
-                    s.next_position = max(s.next_position, int(mine.max()) + 1)
-        self.stats["recomputed_rows_dropped"] += int((~keep).sum())
-        self.stats["rows"] += int(keep.sum())
-        if not keep.any():
+        kept_per_req = np.bincount(req_of_row[keep], minlength=len(states))
+        for r, lo, hi in zip(reqs.tolist(), seg_min.tolist(), seg_max.tolist(), strict=True):
+            state = states[r]
+            assert state is not None
+            if state.first_position < 0:
+                state.first_position = lo
+            state.next_position = max(state.next_position, hi + 1)
+            state.num_rows += int(kept_per_req[r])
+        self.stats["recomputed_rows_dropped"] += int(len(keep) - kept_per_req.sum())
+        self.stats["rows"] += int(kept_per_req.sum())
+        if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
-        by_sink: dict[str, list[int]] = {}
-        for i, s in enumerate(states):
-            if s is not None:
-                by_sink.setdefault(s.options.sink, []).append(i)
-        for url, reqs in by_sink.items():
-            mask = np.isin(req_of_row[keep], reqs)
-            part = rows.select(mask)
-            for i in reqs:
-                states[i].num_rows += int((req_of_row[keep] == i).sum())  # type: ignore[union-attr]
-            self._sink(url).write(part)
+        sinks = {states[r].options.sink for r in reqs.tolist()}  # type: ignore[union-attr]
+        if len(sinks) == 1:
+            self._sink(sinks.pop()).write(rows)
+            return
+        kept_req = req_of_row[keep]
+        for url in sinks:
+            mine = [r for r in reqs.tolist() if states[r].options.sink == url]  # type: ignore[union-attr]
+            self._sink(url).write(rows.select(np.isin(kept_req, mine)))
 
     def _build_rows(
         self,

@@ -1,0 +1,130 @@
+"""Generation throughput with and without routing capture, side by side in one run.
+
+Workload: a tiny Qwen3-MoE specimen, 64 sequences x 64 new tokens (greedy, eos ignored).
+Each mode runs in its own process (one engine per process), modes interleaved over
+`ROUNDS` rounds; the report takes each mode's median tokens/s and divides by plain vLLM.
+
+    .venv/bin/python bench/capture_throughput.py [--rounds 3] [--out docs/bench-capture.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# -- defaults ---------------------------------------------------------------------------
+ARCH = "qwen3_moe"
+NUM_SEQS = 64
+NEW_TOKENS = 64
+PROMPT_TOKENS = 32
+REPEATS = 5  # timed generate calls per engine, after one warm-up call
+MODES = {
+    "plain vLLM": None,
+    "hooks on, nothing recorded": {"logits": True, "hidden_layers": [], "record": False},
+    "ids + weights": {"logits": False, "hidden_layers": []},
+    "ids + weights + logits": {"logits": True, "hidden_layers": []},
+    "+ hidden states of 1 layer": {"logits": True, "hidden_layers": [1]},
+}
+
+
+def run_mode(model: str, mode: str) -> dict[str, float]:
+    """Build one engine, warm up, time `REPEATS` generate calls; return tokens/s and stats."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    config = MODES[mode]
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    common = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+    if config is None:
+        from vllm import LLM
+
+        llm = LLM(model, enable_prefix_caching=False, **common)
+        vocab = len(llm.get_tokenizer())
+        prompts = [TokensPrompt(prompt_token_ids=rng.integers(1, vocab, PROMPT_TOKENS).tolist())
+                   for _ in range(NUM_SEQS)]
+
+        def generate() -> None:
+            llm.generate(prompts, params, use_tqdm=False)
+
+        def stats() -> dict[str, float]:
+            return {}
+    else:
+        from capture_server.capture.api import CaptureEngine
+
+        engine = CaptureEngine(model, logits=config["logits"],
+                               hidden_layers=config["hidden_layers"], **common)
+        vocab = len(engine.tokenizer)
+        token_prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]
+
+        def generate() -> None:
+            if config.get("record", True):
+                engine.generate(token_prompts, params)
+            else:  # requests without capture options: only the in-forward copies run
+                engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_prompts],
+                                    params, use_tqdm=False)
+
+        stats = engine.stats
+    generate()  # warm-up
+    warm = stats().get("host_seconds", 0.0)
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        generate()
+        times.append(time.perf_counter() - t0)
+    host = stats().get("host_seconds", 0.0) - warm
+    best = statistics.median(times)
+    return {"tokens_per_s": NUM_SEQS * NEW_TOKENS / best,
+            "host_share": host / sum(times) if config else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds over all modes.")
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(run_mode(*args.child)))
+        return
+
+    from capture_server.specimens import build_specimen
+
+    model = str(build_specimen(ARCH, tempfile.mkdtemp(prefix="moetrace-bench-") + "/model"))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        for mode in MODES:
+            child_env = dict(env, VLLM_PLUGINS="none") if MODES[mode] is None else env
+            out = subprocess.run([sys.executable, __file__, "--child", model, mode], env=child_env,
+                                 capture_output=True, text=True, check=True)
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r} {mode:28s} {results[mode][-1]['tokens_per_s']:9.1f} tok/s",
+                  file=sys.stderr)
+
+    base = statistics.median(x["tokens_per_s"] for x in results["plain vLLM"])
+    summary = {}
+    for mode, runs in results.items():
+        tps = statistics.median(x["tokens_per_s"] for x in runs)
+        share = statistics.median(x["host_share"] for x in runs)
+        summary[mode] = {"tokens_per_s": round(tps, 1), "ratio": round(tps / base, 3),
+                         "capture_host_share": round(share, 3)}
+        print(f"{mode:28s} {tps:9.1f} tok/s  ratio {tps / base:5.3f}  "
+              f"capture host time {100 * share:4.1f}%")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"workload": f"{ARCH} {NUM_SEQS}x{NEW_TOKENS}", "results": summary}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
