@@ -30,8 +30,12 @@ class CaptureOptions:
     """MoE-layer indices (0-based among MoE layers) whose router input to keep."""
     n: int = 1
     """Samples per prompt; the worker parses the sample index from child request ids."""
+    prompt_index: int = -1
+    """Caller's index of the prompt, stored in the sequence index."""
     labels: dict[str, Any] = field(default_factory=dict)
     """Free labels stored with the sequence (domain, question id, author model, seed...)."""
+    store: dict[str, Any] = field(default_factory=dict)
+    """`StoreOptions` fields for a store sink, used when the store is created."""
 
     def to_extra_args(self) -> dict[str, Any]:
         d = asdict(self)

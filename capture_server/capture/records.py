@@ -145,3 +145,7 @@ class SequenceEnd:
     """First captured position (> 0 when a cached prefix was never forwarded)."""
     num_rows: int
     """Rows captured for the sequence."""
+    prompt_index: int = -1
+    """Caller's index of the prompt (-1 when not given)."""
+    labels: dict[str, Any] = field(default_factory=dict)
+    """Free labels of the sequence (domain, question id, author model, seed, ...)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -90,21 +91,32 @@ def memory_sink(name: str) -> MemorySink:
     return sink
 
 
-def open_sink(url: str) -> RoutingSink:
+def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingSink:
     """The sink for `url`, created once per process and then shared.
 
     ``memory://NAME`` is an in-process `MemorySink`; anything else is a routing store
-    path or URL handled by `capture_server.store`.
+    path or URL handled by `capture_server.store`, created with `store_options`
+    (`StoreOptions` fields) when it does not exist yet.
     """
     with _registry_lock:
         if url not in _registry:
             if url.startswith("memory://"):
                 _registry[url] = MemorySink()
             else:
+                from capture_server.store.format import StoreOptions
                 from capture_server.store.writer import StoreSink
 
-                _registry[url] = StoreSink(url)
+                opts = dict(store_options or {})
+                if "hidden_layers" in opts:
+                    opts["hidden_layers"] = tuple(opts["hidden_layers"])
+                _registry[url] = StoreSink(url, StoreOptions(**opts))
         return _registry[url]
+
+
+def registered_sink(url: str) -> RoutingSink | None:
+    """The sink already open for `url` in this process, if any."""
+    with _registry_lock:
+        return _registry.get(url)
 
 
 def close_sinks() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.sink import RoutingSink, open_sink
+from capture_server.errors import MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class StepCollector:
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
+        self.sink_errors: dict[str, str] = {}
         self.stats: dict[str, float] = {
             "steps": 0, "rows": 0, "preempted": 0, "recomputed_rows_dropped": 0,
             "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
@@ -106,6 +109,12 @@ class StepCollector:
                 external = external_request_id(req_id)
                 if external in wanted or external.split("_", 1)[-1] in wanted:
                     self._end_request(req_id)
+        for url, sink in self._sinks.items():
+            if url not in self.sink_errors and hasattr(sink, "flush"):
+                try:
+                    sink.flush()
+                except (MoetraceError, OSError) as exc:
+                    self.sink_errors[url] = str(exc)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -195,14 +204,13 @@ class StepCollector:
         if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
-        sinks = {states[r].options.sink for r in reqs.tolist()}  # type: ignore[union-attr]
-        if len(sinks) == 1:
-            self._sink(sinks.pop()).write(rows)
-            return
+        by_sink: dict[str, list[int]] = defaultdict(list)
+        for r in reqs.tolist():
+            by_sink[states[r].options.sink].append(r)  # type: ignore[union-attr]
         kept_req = req_of_row[keep]
-        for url in sinks:
-            mine = [r for r in reqs.tolist() if states[r].options.sink == url]  # type: ignore[union-attr]
-            self._sink(url).write(rows.select(np.isin(kept_req, mine)))
+        for url, mine in by_sink.items():
+            part = rows if len(by_sink) == 1 else rows.select(np.isin(kept_req, mine))
+            self._deliver(states[mine[0]].options, lambda sink, p=part: sink.write(p))  # type: ignore[union-attr]
 
     def _build_rows(
         self,
@@ -236,23 +244,38 @@ class StepCollector:
             },
         )
 
-    def _sink(self, url: str) -> RoutingSink:
-        if url not in self._sinks:
-            sink = open_sink(url)
-            sink.open(self.meta)
-            self._sinks[url] = sink
-        return self._sinks[url]
+    def _deliver(self, options: CaptureOptions, call: Any) -> None:
+        """Run `call(sink)` on the request's sink; a failing sink is reported, not raised.
+
+        A sink error must not stop the engine (other jobs share it): the sink is marked
+        failed, its rows are dropped from then on, and the error is kept in
+        `sink_errors` for the job to report.
+        """
+        url = options.sink
+        if url in self.sink_errors:
+            return
+        try:
+            if url not in self._sinks:
+                sink = open_sink(url, options.store)
+                sink.open(self.meta)
+                self._sinks[url] = sink
+            call(self._sinks[url])
+        except (MoetraceError, OSError, ValueError) as exc:
+            self.sink_errors[url] = str(exc)
+            logger.error("moetrace sink %s failed; its rows are dropped from now on: %s",
+                         url, exc)
 
     def _end_request(self, req_id: str) -> None:
         state = self._requests.pop(req_id, None)
         if state is None:
             return
-        self._sink(state.options.sink).end_sequence(
-            SequenceEnd(
-                request_id=state.key,
-                sample_index=state.sample_index,
-                prompt_len=state.prompt_len,
-                first_position=max(state.first_position, 0),
-                num_rows=state.num_rows,
-            )
+        end = SequenceEnd(
+            request_id=state.key,
+            sample_index=state.sample_index,
+            prompt_len=state.prompt_len,
+            first_position=max(state.first_position, 0),
+            num_rows=state.num_rows,
+            prompt_index=state.options.prompt_index,
+            labels=state.options.labels,
         )
+        self._deliver(state.options, lambda sink: sink.end_sequence(end))

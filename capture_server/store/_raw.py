@@ -1,0 +1,46 @@
+"""Byte-level access to a store location through zarr's storage layer.
+
+The sequence index lives beside the Zarr arrays as parquet parts; going through the
+same `zarr.abc.store.Store` keeps local directories and object stores on one path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+
+def make_store(path_or_url: str | Path, *, read_only: bool = False) -> Store:
+    """A zarr store for a local directory or any URL fsspec understands (s3://, gs://, ...)."""
+    text = str(path_or_url)
+    if "://" in text and not text.startswith("file://"):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(text, read_only=read_only)
+    from zarr.storage import LocalStore
+
+    return LocalStore(text.removeprefix("file://"), read_only=read_only)
+
+
+def get_bytes(store: Store, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def set_bytes(store: Store, key: str, data: bytes) -> None:
+    """Write one object; local stores write a temporary file and rename it (atomic)."""
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def list_keys(store: Store, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sorted(sync(collect()))
+
+
+def delete_key(store: Store, key: str) -> None:
+    sync(store.delete(key))

@@ -1,0 +1,92 @@
+"""The routing store format: layout, dtypes, codecs and chunking (format version 1).
+
+See docs/store-format.md for the full description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_NAME = "moetrace.routing"
+FORMAT_VERSION = 1
+ATTRS_KEY = "moetrace"
+INDEX_PREFIX = "index/"
+"""Committed sequence index: one parquet part per commit, each written atomically."""
+INFO_PREFIX = "info/"
+"""Per-sequence annotations (texts, finish reason) added by the process that knows them."""
+MODEL_GROUP = "model"
+
+TARGET_CHUNK_BYTES = 8 * 2**20  # uncompressed bytes of the widest array per chunk
+MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 256, 65536
+GROW_CHUNKS = 64  # arrays grow by this many chunks at a time (resize is a metadata rewrite)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """What a store keeps and how; fixed when the store is created."""
+
+    weights_dtype: str = "float32"
+    """``float32`` (exact) or ``float16`` (half the bytes, ~1e-3 relative error)."""
+    logits: bool = True
+    """Keep the full router logits."""
+    logits_dtype: str = "float16"
+    """``float16`` (default) or ``float32``. bf16 is not a Zarr dtype: logits arrive as
+    float32 from the capture and are stored in this dtype."""
+    hidden_dtype: str = "float16"
+    """dtype of stored router-input hidden states."""
+    hidden_layers: tuple[int, ...] = ()
+    """MoE-layer indices whose hidden states are kept."""
+    chunk_tokens: int = 0
+    """Token rows per chunk; 0 picks one from `TARGET_CHUNK_BYTES`."""
+    compressor: str = "blosc-zstd-shuffle"
+    """One of `COMPRESSORS`."""
+
+    def __post_init__(self) -> None:
+        for name in ("weights_dtype", "logits_dtype", "hidden_dtype"):
+            if getattr(self, name) not in ("float16", "float32"):
+                raise ValueError(f"{name}: expected float16 or float32, got {getattr(self, name)!r}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor: expected one of {sorted(COMPRESSORS)}, "
+                             f"got {self.compressor!r}")
+
+
+def ids_dtype(num_experts: int) -> np.dtype:
+    """uint8 up to 256 experts, uint16 above."""
+    return np.dtype(np.uint8 if num_experts <= 256 else np.uint16)
+
+
+def choose_chunk_tokens(widest_row_bytes: int) -> int:
+    """Largest power of two of rows whose widest array stays near `TARGET_CHUNK_BYTES`."""
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, widest_row_bytes))
+    power = 1 << (rows.bit_length() - 1)
+    return int(min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, power)))
+
+
+def _blosc(cname: str, shuffle: str):
+    from zarr.codecs import BloscCodec
+
+    def make(itemsize: int):
+        return [BloscCodec(cname=cname, clevel=3, shuffle=shuffle, typesize=itemsize)]
+
+    return make
+
+
+def _zstd(itemsize: int):
+    from zarr.codecs import ZstdCodec
+
+    return [ZstdCodec(level=3)]
+
+
+def _none(itemsize: int):
+    return None
+
+
+COMPRESSORS = {
+    "blosc-zstd-shuffle": _blosc("zstd", "shuffle"),
+    "blosc-zstd-bitshuffle": _blosc("zstd", "bitshuffle"),
+    "blosc-lz4-shuffle": _blosc("lz4", "shuffle"),
+    "zstd": _zstd,
+    "none": _none,
+}

@@ -1,0 +1,177 @@
+"""Read routing stores: the sequence index as polars, per-sequence arrays, aligned blocks.
+
+Needs numpy, zarr and polars only (no vLLM, no torch), so the analyzer and clients can
+use it on machines without the inference stack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import zarr
+
+from capture_server.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from capture_server.store import _raw
+from capture_server.store.format import (
+    ATTRS_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INFO_PREFIX,
+    MODEL_GROUP,
+)
+from capture_server.store.writer import read_index_parts
+
+ROW_ARRAYS = ("token_ids", "positions", "topk_ids", "topk_weights", "router_logits")
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Whole sequences whose rows lie in one run of chunks: the unit of parallel work."""
+
+    start: int
+    """First token row (chunk-aligned)."""
+    stop: int
+    """One past the last token row."""
+    sequence_ids: tuple[int, ...]
+    """Sequences whose rows are all inside ``[start, stop)``."""
+
+
+class RoutingStore:
+    """A routing store opened for reading. Use `open_store`."""
+
+    def __init__(self, url: str, root: zarr.Group, attrs: dict[str, Any], index: pl.DataFrame):
+        self.url = url
+        self.root = root
+        self.attrs = attrs
+        self.index = index
+        """One row per committed sequence, ordered by `sequence_id`."""
+        self.model: dict[str, Any] = attrs["model"]
+        self.options: dict[str, Any] = attrs["options"]
+        self.chunk_tokens: int = int(self.options["chunk_tokens"])
+        self._arrays = dict(root.arrays())
+
+    def __repr__(self) -> str:
+        return (f"RoutingStore({self.url!r}, sequences={len(self.index)}, "
+                f"tokens={self.num_tokens}, model={self.model['architecture']})")
+
+    @property
+    def num_tokens(self) -> int:
+        """Committed token rows."""
+        if not len(self.index):
+            return 0
+        return int((self.index["token_offset"] + self.index["num_rows"]).max())
+
+    @property
+    def array_names(self) -> list[str]:
+        return sorted(self._arrays)
+
+    def router_weights(self) -> dict[str, np.ndarray]:
+        """Router matrices (L, E, d) and biases, float32."""
+        group = self.root[MODEL_GROUP]
+        return {name: arr[...] for name, arr in group.arrays()}
+
+    def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None
+                  ) -> dict[str, np.ndarray]:
+        """Arrays of token rows ``[start, stop)``."""
+        out = {}
+        for name in names or tuple(self._arrays):
+            if name not in self._arrays:
+                continue
+            try:
+                out[name] = self._arrays[name][start:stop]
+            except Exception as exc:
+                raise StoreCorruptError(
+                    f"{self.url}: array {name} rows {start}:{stop} unreadable ({exc})"
+                ) from None
+        return out
+
+    def sequence(self, sequence_id: int, names: tuple[str, ...] | None = None
+                 ) -> dict[str, np.ndarray]:
+        """All arrays of one sequence plus ``is_prompt``."""
+        row = self.index.filter(pl.col("sequence_id") == sequence_id)
+        if not len(row):
+            raise KeyError(f"{self.url}: no committed sequence {sequence_id}")
+        offset, n = int(row["token_offset"][0]), int(row["num_rows"][0])
+        arrays = self.read_rows(offset, offset + n, names)
+        positions = arrays.get("positions")
+        if positions is None:
+            positions = self.read_rows(offset, offset + n, ("positions",))["positions"]
+        arrays["is_prompt"] = positions < int(row["prompt_len"][0])
+        return arrays
+
+    def blocks(self, target_tokens: int | None = None) -> Iterator[Block]:
+        """Chunk-aligned runs of whole sequences, about `target_tokens` rows each.
+
+        Each block starts on a chunk boundary and ends where its last sequence ends, so
+        two blocks may share at most the chunk at their boundary (read by both, written
+        by neither).
+        """
+        target = max(target_tokens or 16 * self.chunk_tokens, 1)
+        idx = self.index.sort("token_offset")
+        offsets = idx["token_offset"].to_numpy()
+        ends = offsets + idx["num_rows"].to_numpy()
+        ids = idx["sequence_id"].to_numpy()
+        i = 0
+        while i < len(ids):
+            start = int(offsets[i]) // self.chunk_tokens * self.chunk_tokens
+            j = i
+            while j < len(ids) and (j == i or ends[j] - start <= target):
+                j += 1
+            yield Block(start=start, stop=int(ends[j - 1]),
+                        sequence_ids=tuple(int(x) for x in ids[i:j]))
+            i = j
+
+
+def open_store(path_or_url: str | Path) -> RoutingStore:
+    """Open a routing store for reading.
+
+    Raises:
+        StoreNotFoundError: nothing at the path.
+        StoreFormatError: not a moetrace store, or a format version this reader does not read.
+        StoreCorruptError: the index cannot be decoded.
+    """
+    url = str(path_or_url)
+    if "://" not in url and not Path(url).exists():
+        raise StoreNotFoundError(f"{url}: no such store")
+    store = _raw.make_store(url, read_only=True)
+    try:
+        root = zarr.open_group(store=store, mode="r")
+    except Exception:
+        raise StoreNotFoundError(f"{url}: no zarr group here, so no moetrace store") from None
+    attrs = root.attrs.get(ATTRS_KEY)
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{url}: not a moetrace routing store")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{url}: format version {attrs.get('format_version')}, this moetrace reads "
+            f"version {FORMAT_VERSION}"
+        )
+    index = read_index_parts(store)
+    if index is None:
+        from capture_server.store.writer import INDEX_SCHEMA
+
+        index = pl.DataFrame(schema=INDEX_SCHEMA)
+    index = index.unique("sequence_id", keep="first").sort("sequence_id")
+    info = read_index_parts(store, INFO_PREFIX)
+    if info is not None and len(info):
+        info = info.unique(["request_id", "sample_index"], keep="last")
+        index = index.join(info, on=["request_id", "sample_index"], how="left")
+    return RoutingStore(url, root, attrs, _expand_labels(index))
+
+
+def _expand_labels(index: pl.DataFrame) -> pl.DataFrame:
+    """Turn the JSON ``labels`` column into one column per label key (``label_<key>``)."""
+    if not len(index) or "labels" not in index.columns:
+        return index
+    decoded = [json.loads(x) if x else {} for x in index["labels"].to_list()]
+    keys = sorted({k for d in decoded for k in d})
+    for key in keys:
+        values = [d.get(key) for d in decoded]
+        index = index.with_columns(pl.Series(f"label_{key}", values, strict=False))
+    return index

@@ -1,0 +1,119 @@
+"""What goes into a store comes back out: arrays, index, labels, metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capture_server.store import StoreOptions, open_store
+from capture_server.store.writer import StoreSink
+from tests.store import synthetic
+
+EXACT = StoreOptions(weights_dtype="float32", logits_dtype="float32", hidden_dtype="float32",
+                     hidden_layers=(0,), chunk_tokens=64)
+
+
+def write_all(path, keys, options=EXACT, **sink_kwargs):
+    sink = StoreSink(path, options, **sink_kwargs)
+    sink.open(synthetic.meta())
+    for kind, item in synthetic.interleaved_steps(keys):
+        sink.write(item) if kind == "rows" else sink.end_sequence(item)
+    sink.close()
+    return sink
+
+
+def assert_sequence_intact(store, seq_id: int, key: str) -> None:
+    want = synthetic.sequence_rows(key, synthetic.length_of(key))
+    got = store.sequence(seq_id)
+    np.testing.assert_array_equal(got["topk_ids"], want.topk_ids)
+    np.testing.assert_array_equal(got["topk_weights"], want.topk_weights)
+    np.testing.assert_array_equal(got["router_logits"], want.router_logits)
+    np.testing.assert_array_equal(got["hidden_states_0"], want.hidden_states[0])
+    np.testing.assert_array_equal(got["token_ids"], want.token_ids)
+    np.testing.assert_array_equal(got["positions"], want.positions)
+    np.testing.assert_array_equal(got["is_prompt"], want.is_prompt)
+
+
+def test_round_trip_arrays_index_and_metadata(tmp_path):
+    keys = [f"seq-{i}" for i in range(40)]
+    write_all(tmp_path / "s", keys)
+    store = open_store(tmp_path / "s")
+    assert len(store.index) == 40 and set(store.index["request_id"]) == set(keys)
+    assert store.num_tokens == sum(synthetic.length_of(k) for k in keys)
+    for row in store.index.iter_rows(named=True):
+        assert row["prompt_index"] == int(row["request_id"].split("-")[1])
+        assert row["label_domain"] == ("math" if "3" in row["request_id"] else "code")
+        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
+    np.testing.assert_array_equal(store.router_weights()["router_weights"],
+                                  synthetic.meta().router_weights)
+    assert store.model["moe_layers"] == [1, 2, 3] and store.chunk_tokens == 64
+    # Sequences are contiguous and do not overlap.
+    idx = store.index.sort("token_offset")
+    ends = (idx["token_offset"] + idx["num_rows"]).to_numpy()
+    np.testing.assert_array_equal(idx["token_offset"].to_numpy()[1:], ends[:-1])
+
+
+def test_compact_dtypes(tmp_path):
+    write_all(tmp_path / "s", ["seq-1", "seq-2"], StoreOptions(chunk_tokens=256))
+    store = open_store(tmp_path / "s")
+    arrays = store.sequence(0)
+    assert arrays["topk_ids"].dtype == np.uint8
+    assert arrays["router_logits"].dtype == np.float16
+    assert "hidden_states_0" not in arrays
+    key = store.index["request_id"][0]
+    want = synthetic.sequence_rows(key, synthetic.length_of(key))
+    np.testing.assert_allclose(arrays["router_logits"], want.router_logits, atol=2e-3)
+
+
+def test_blocks_cover_each_sequence_once(tmp_path):
+    keys = [f"seq-{i}" for i in range(60)]
+    write_all(tmp_path / "s", keys)
+    store = open_store(tmp_path / "s")
+    blocks = list(store.blocks(target_tokens=200))
+    assert len(blocks) > 3
+    seen = [s for b in blocks for s in b.sequence_ids]
+    assert sorted(seen) == sorted(store.index["sequence_id"].to_list())
+    for b in blocks:
+        assert b.start % store.chunk_tokens == 0
+        rows = store.index.filter(store.index["sequence_id"].is_in(list(b.sequence_ids)))
+        assert rows["token_offset"].min() >= b.start
+        assert (rows["token_offset"] + rows["num_rows"]).max() == b.stop
+
+
+def test_resume_appends_without_duplicates(tmp_path):
+    first = [f"seq-{i}" for i in range(10)]
+    write_all(tmp_path / "s", first)
+    # The resumed job re-sends some sequences it had already sent, then new ones.
+    sink = write_all(tmp_path / "s", [f"seq-{i}" for i in range(5, 25)])
+    assert sink.stats["duplicates_skipped"] == 5
+    store = open_store(tmp_path / "s")
+    assert sorted(store.index["request_id"]) == sorted(f"seq-{i}" for i in range(25))
+    for row in store.index.iter_rows(named=True):
+        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
+
+
+def test_drop_policy_never_commits_incomplete_sequences(tmp_path):
+    sink = StoreSink(tmp_path / "s", EXACT, queue_steps=4, on_full="drop")
+    sink.writer.open(synthetic.meta())  # writer thread held back: the queue must overflow
+    steps = list(synthetic.interleaved_steps([f"seq-{i}" for i in range(30)]))
+    for kind, item in steps[:4]:
+        sink.write(item) if kind == "rows" else sink.end_sequence(item)
+    sink.start()
+    for kind, item in steps[4:]:
+        sink.write(item) if kind == "rows" else sink.end_sequence(item)
+    sink.close()
+    store = open_store(tmp_path / "s")
+    assert sink.stats["dropped_steps"] > 0, "a one-step queue must overflow here"
+    assert len(store.index) + sink.stats["dropped_sequences"] == 30
+    for row in store.index.iter_rows(named=True):
+        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
+
+
+@pytest.mark.parametrize("options", [EXACT, StoreOptions(compressor="zstd")])
+def test_annotations_join_the_index(tmp_path, options):
+    sink = write_all(tmp_path / "s", ["seq-1", "seq-2"], options)
+    sink.writer.annotate([{"request_id": "seq-1", "sample_index": 0, "finish_reason": "stop",
+                           "completion_text": "hello"}])
+    store = open_store(tmp_path / "s")
+    row = store.index.filter(store.index["request_id"] == "seq-1").row(0, named=True)
+    assert row["finish_reason"] == "stop" and row["completion_text"] == "hello"
