@@ -30,6 +30,7 @@ MODES = {
     "ids + weights": {"logits": False, "hidden_layers": []},
     "ids + weights + logits": {"logits": True, "hidden_layers": []},
     "+ hidden states of 1 layer": {"logits": True, "hidden_layers": [1]},
+    "ids + weights + logits -> Zarr store": {"logits": True, "hidden_layers": [], "store": True},
 }
 
 
@@ -64,8 +65,25 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
         vocab = len(engine.tokenizer)
         token_prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]
 
+        store_dir = tempfile.mkdtemp(prefix="moetrace-bench-store-")
+        calls = iter(range(1000))
+
         def generate() -> None:
-            if config.get("record", True):
+            if config.get("store"):  # the service's path: rows stream to a store writer thread
+                from capture_server.capture.options import CaptureOptions
+                from capture_server.plugin import flush
+
+                call = next(calls)
+                batch = []
+                for i, p in enumerate(token_prompts):
+                    q = params.clone()
+                    q.extra_args = CaptureOptions(sink=f"{store_dir}/run{call}",
+                                                  sequence=f"p{i}").to_extra_args()
+                    batch.append(q)
+                outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p)
+                                            for p in token_prompts], batch, use_tqdm=False)
+                engine.llm.collective_rpc(flush, args=([o.request_id for o in outs],))
+            elif config.get("record", True):
                 engine.generate(token_prompts, params)
             else:  # requests without capture options: only the in-forward copies run
                 engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_prompts],

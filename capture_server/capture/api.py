@@ -104,30 +104,13 @@ class CaptureEngine:
         `sampling_kwargs` build one (for example ``max_tokens=16, temperature=0``).
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
-        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        call = next(self._calls)
-        keys = [f"c{call}p{i}" for i in range(len(prompts))]
-        params = []
-        for i, (base, key) in enumerate(zip(per_prompt, keys, strict=True)):
-            p = base.clone()
-            options = CaptureOptions(
-                sink=f"memory://{self._sink_name}", sequence=key, n=p.n,
-                labels=dict(labels[i]) if labels else {},
-            )
-            p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
-            params.append(p)
-        inputs = [TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p
-                  for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        self._flush([o.request_id for o in outputs])
-
+        outputs = self._run(prompts, sampling, labels, sink=f"memory://{self._sink_name}")
         sink = memory_sink(self._sink_name)
         sequences = []
-        for i, out in enumerate(outputs):
+        for i, (key, out) in enumerate(outputs):
             for completion in out.outputs:
                 sequences.append(
                     CapturedSequence(
@@ -137,12 +120,73 @@ class CaptureEngine:
                         output_token_ids=list(completion.token_ids),
                         text=completion.text,
                         finish_reason=completion.finish_reason,
-                        rows=sink.sequence(keys[i], completion.index, pop=True),
+                        rows=sink.sequence(key, completion.index, pop=True),
                         labels=dict(labels[i]) if labels else {},
                     )
                 )
         assert sink.meta is not None
         return CaptureResult(meta=sink.meta, sequences=sequences)
+
+    def generate_to_store(
+        self,
+        prompts: Sequence[str | list[int]],
+        store: str,
+        sampling: Any = None,
+        *,
+        labels: Sequence[dict[str, Any]] | None = None,
+        store_options: dict[str, Any] | None = None,
+        **sampling_kwargs: Any,
+    ) -> Any:
+        """Generate and stream every sample's routing into the routing store `store`.
+
+        Returns the store opened for reading (`capture_server.store.RoutingStore`), with
+        prompt and completion texts and finish reasons joined onto its index.
+        """
+        from vllm import SamplingParams
+
+        from capture_server.store import open_store
+        from capture_server.store.writer import write_annotations
+
+        if sampling is None:
+            sampling = SamplingParams(**sampling_kwargs)
+        outputs = self._run(prompts, sampling, labels, sink=store, store=store_options or {})
+        write_annotations(store, [
+            {"request_id": key, "sample_index": c.index, "prompt_text": out.prompt or "",
+             "completion_text": c.text, "finish_reason": c.finish_reason or "",
+             "generated_len": len(c.token_ids)}
+            for key, out in outputs for c in out.outputs
+        ])
+        return open_store(store)
+
+    def _run(
+        self,
+        prompts: Sequence[str | list[int]],
+        sampling: Any,
+        labels: Sequence[dict[str, Any]] | None,
+        *,
+        sink: str,
+        store: dict[str, Any] | None = None,
+    ) -> list[tuple[str, Any]]:
+        """Run the prompts with capture options; return (sequence key, RequestOutput) pairs."""
+        from vllm.inputs import TokensPrompt
+
+        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        call = next(self._calls)
+        keys = [f"c{call}p{i}" for i in range(len(prompts))]
+        params = []
+        for i, (base, key) in enumerate(zip(per_prompt, keys, strict=True)):
+            p = base.clone()
+            options = CaptureOptions(
+                sink=sink, sequence=key, n=p.n, prompt_index=i,
+                labels=dict(labels[i]) if labels else {}, store=dict(store or {}),
+            )
+            p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
+            params.append(p)
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p
+                  for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        self._flush([o.request_id for o in outputs])
+        return list(zip(keys, outputs, strict=True))
 
     def score(
         self,

@@ -54,7 +54,7 @@ class RoutingStore:
         self.model: dict[str, Any] = attrs["model"]
         self.options: dict[str, Any] = attrs["options"]
         self.chunk_tokens: int = int(self.options["chunk_tokens"])
-        self._arrays = dict(root.arrays())
+        self._arrays = {name: root[name] for name in attrs["arrays"]}
 
     def __repr__(self) -> str:
         return (f"RoutingStore({self.url!r}, sequences={len(self.index)}, "
@@ -74,7 +74,8 @@ class RoutingStore:
     def router_weights(self) -> dict[str, np.ndarray]:
         """Router matrices (L, E, d) and biases, float32."""
         group = self.root[MODEL_GROUP]
-        return {name: arr[...] for name, arr in group.arrays()}
+        return {name: group[name][...] for name in ("router_weights", "router_bias",
+                                                     "correction_bias") if name in group}
 
     def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None
                   ) -> dict[str, np.ndarray]:

@@ -91,6 +91,20 @@ def read_index_parts(store: Any, prefix: str = INDEX_PREFIX) -> pl.DataFrame | N
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
+def write_annotations(store_or_url: Any, rows: list[dict[str, Any]]) -> None:
+    """Add per-sequence annotations (prompt/completion text, finish reason, ...).
+
+    Each row names its sequence by ``request_id`` and ``sample_index``; the reader joins
+    annotations onto the index (the newest wins). Written as one atomic part, from any
+    process: the one that knows the texts is often not the one writing the routing.
+    """
+    if not rows:
+        return
+    store = _raw.make_store(store_or_url) if isinstance(store_or_url, str | Path) else store_or_url
+    key = f"{INFO_PREFIX}part-{time.time_ns():020d}.parquet"
+    _raw.set_bytes(store, key, _parquet_bytes(pl.DataFrame(rows)))
+
+
 class StoreWriter:
     """Appends complete sequences to a store and commits them (single-threaded)."""
 
@@ -166,6 +180,7 @@ class StoreWriter:
             "created_at": time.time(),
             "model": meta.summary(),
             "options": {**asdict(self.options), "hidden_layers": list(opts.hidden_layers)},
+            "arrays": sorted(specs),
             "job": self.job,
         }
         root.attrs[ATTRS_KEY] = attrs  # written last: a store without it is not a store yet
@@ -189,7 +204,7 @@ class StoreWriter:
         self.options = StoreOptions(**raw)
         self.chunk = self.options.chunk_tokens
         self.root = zarr.open_group(store=self.store, mode="r+")
-        self.arrays = {name: arr for name, arr in self.root.arrays()}
+        self.arrays = {name: self.root[name] for name in attrs["arrays"]}
         index = read_index_parts(self.store)
         committed_end = 0
         if index is not None and len(index):
@@ -320,15 +335,8 @@ class StoreWriter:
         return len(ready)
 
     def annotate(self, rows: list[dict[str, Any]]) -> None:
-        """Add per-sequence annotations (prompt/completion text, finish reason, ...).
-
-        Each row names its sequence by ``request_id`` and ``sample_index``; the reader
-        joins annotations onto the index. Written as one atomic part.
-        """
-        if not rows:
-            return
-        key = f"{INFO_PREFIX}part-{time.time_ns():020d}.parquet"
-        _raw.set_bytes(self.store, key, _parquet_bytes(pl.DataFrame(rows)))
+        """Add per-sequence annotations; see `write_annotations`."""
+        write_annotations(self.store, rows)
 
     def close(self) -> None:
         """Commit everything staged."""
