@@ -40,7 +40,7 @@ class StoreOptions:
     """MoE-layer indices whose hidden states are kept."""
     chunk_tokens: int = 0
     """Token rows per chunk; 0 picks one from `TARGET_CHUNK_BYTES`."""
-    compressor: str = "blosc-zstd-shuffle"
+    compressor: str = "blosc-lz4-shuffle"
     """One of `COMPRESSORS`."""
 
     def __post_init__(self) -> None:
