@@ -75,7 +75,7 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
 
                 call = next(calls)
                 batch = []
-                for i, p in enumerate(token_prompts):
+                for i in range(len(token_prompts)):
                     q = params.clone()
                     q.extra_args = CaptureOptions(sink=f"{store_dir}/run{call}",
                                                   sequence=f"p{i}").to_extra_args()

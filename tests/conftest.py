@@ -32,9 +32,10 @@ def specimen(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def qwen_engine(specimen):
-    """One shared Qwen3-MoE capture engine: small step budget so long prompts are chunked."""
+    """A Qwen3-MoE capture engine shared by a module's tests; small step budget so long
+    prompts are chunked. Module-scoped: only one in-process engine can be open at a time."""
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
 from capture_server.capture.sink import memory_sink
 
 _engine_ids = itertools.count()
+_live_engines = 0  # at most one: engines in one process share vLLM's distributed state
 
 
 @dataclass(slots=True)
@@ -79,6 +79,13 @@ class CaptureEngine:
         self.hidden_layers = tuple(hidden_layers)
         self._sink_name = f"engine{next(_engine_ids)}-{os.getpid()}"
         self._calls = itertools.count()
+        global _live_engines
+        if _live_engines:
+            raise RuntimeError(
+                "another CaptureEngine is open in this process; close() it first (engines "
+                "in vLLM's one-process mode share the distributed state, and shutting one "
+                "down tears it down for all)"
+            )
         llm_kwargs.setdefault("enforce_eager", True)
         self.llm = LLM(
             model,
@@ -88,6 +95,7 @@ class CaptureEngine:
             },
             **llm_kwargs,
         )
+        _live_engines += 1
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
@@ -237,11 +245,15 @@ class CaptureEngine:
 
         from vllm.distributed import cleanup_dist_env_and_memory
 
+        global _live_engines
+        if not hasattr(self, "llm"):
+            return
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
             engine.engine_core.shutdown()
         del self.llm
         gc.collect()
+        _live_engines -= 1
         cleanup_dist_env_and_memory()
 
 

@@ -34,7 +34,7 @@ class RoutingSink(ABC):
     def end_sequence(self, end: SequenceEnd) -> None:
         """The sequence is complete; all its rows were passed to `write` before."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Flush and release resources; the default does nothing."""
 
 
@@ -72,7 +72,7 @@ class MemorySink(RoutingSink):
         key = (request_id, sample_index)
         with self._lock:
             if key not in self._parts:
-                raise KeyError(f"no rows captured for sequence {request_id!r} sample {sample_index}")
+                raise KeyError(f"no rows for sequence {request_id!r} sample {sample_index}")
             parts = self._parts.pop(key) if pop else self._parts[key]
             if pop:
                 self.ended.pop(key, None)

@@ -33,7 +33,9 @@ class CaptureBuffers:
     ) -> None:
         self.num_experts = num_experts
         self.ids = torch.zeros(num_layers, max_tokens, top_k, dtype=torch.int32, device=device)
-        self.weights = torch.zeros(num_layers, max_tokens, top_k, dtype=torch.float32, device=device)
+        self.weights = torch.zeros(
+            num_layers, max_tokens, top_k, dtype=torch.float32, device=device
+        )
         self.logits = (
             torch.zeros(num_layers, max_tokens, num_experts, dtype=torch.float32, device=device)
             if logits

@@ -208,9 +208,10 @@ class StepCollector:
         for r in reqs.tolist():
             by_sink[states[r].options.sink].append(r)  # type: ignore[union-attr]
         kept_req = req_of_row[keep]
-        for url, mine in by_sink.items():
+        for mine in by_sink.values():
             part = rows if len(by_sink) == 1 else rows.select(np.isin(kept_req, mine))
-            self._deliver(states[mine[0]].options, lambda sink, p=part: sink.write(p))  # type: ignore[union-attr]
+            options = states[mine[0]].options  # type: ignore[union-attr]
+            self._deliver(options, lambda sink, p=part: sink.write(p))
 
     def _build_rows(
         self,

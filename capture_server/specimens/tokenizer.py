@@ -12,9 +12,9 @@ CHAT_TEMPLATE = (
 )
 
 _TOPICS = {
-    "math": "the sum of two primes is even when both are odd and the integral of x is half x squared",
+    "math": "the sum of two primes is even and the integral of x is half x squared",
     "code": "def main return value for loop in range print the list and sort the keys of a dict",
-    "history": "the empire fell after the war and the king signed a treaty with the northern states",
+    "history": "the empire fell after the war and the king signed a treaty with the north",
     "biology": "the cell divides and the protein folds while enzymes bind to the membrane receptor",
     "finance": "the bank raised interest rates and the market priced bonds against inflation risk",
 }

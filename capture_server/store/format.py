@@ -45,8 +45,9 @@ class StoreOptions:
 
     def __post_init__(self) -> None:
         for name in ("weights_dtype", "logits_dtype", "hidden_dtype"):
-            if getattr(self, name) not in ("float16", "float32"):
-                raise ValueError(f"{name}: expected float16 or float32, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in ("float16", "float32"):
+                raise ValueError(f"{name}: expected float16 or float32, got {value!r}")
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"compressor: expected one of {sorted(COMPRESSORS)}, "
                              f"got {self.compressor!r}")

@@ -14,7 +14,6 @@ import pytest
 
 from capture_server.errors import StoreFormatError, StoreNotFoundError
 from capture_server.store import open_store
-from tests.store import synthetic
 from tests.store.test_roundtrip import assert_sequence_intact
 
 ROOT = Path(__file__).resolve().parents[2]
