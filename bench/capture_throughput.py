@@ -49,8 +49,10 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
 
         llm = LLM(model, enable_prefix_caching=False, **common)
         vocab = len(llm.get_tokenizer())
-        prompts = [TokensPrompt(prompt_token_ids=rng.integers(1, vocab, PROMPT_TOKENS).tolist())
-                   for _ in range(NUM_SEQS)]
+        prompts = [
+            TokensPrompt(prompt_token_ids=rng.integers(1, vocab, PROMPT_TOKENS).tolist())
+            for _ in range(NUM_SEQS)
+        ]
 
         def generate() -> None:
             llm.generate(prompts, params, use_tqdm=False)
@@ -60,8 +62,9 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
     else:
         from capture_server.capture.api import CaptureEngine
 
-        engine = CaptureEngine(model, logits=config["logits"],
-                               hidden_layers=config["hidden_layers"], **common)
+        engine = CaptureEngine(
+            model, logits=config["logits"], hidden_layers=config["hidden_layers"], **common
+        )
         vocab = len(engine.tokenizer)
         token_prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]
 
@@ -77,17 +80,22 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 batch = []
                 for i in range(len(token_prompts)):
                     q = params.clone()
-                    q.extra_args = CaptureOptions(sink=f"{store_dir}/run{call}",
-                                                  sequence=f"p{i}").to_extra_args()
+                    q.extra_args = CaptureOptions(
+                        sink=f"{store_dir}/run{call}", sequence=f"p{i}"
+                    ).to_extra_args()
                     batch.append(q)
-                outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p)
-                                            for p in token_prompts], batch, use_tqdm=False)
+                outs = engine.llm.generate(
+                    [TokensPrompt(prompt_token_ids=p) for p in token_prompts], batch, use_tqdm=False
+                )
                 engine.llm.collective_rpc(flush, args=([o.request_id for o in outs],))
             elif config.get("record", True):
                 engine.generate(token_prompts, params)
             else:  # requests without capture options: only the in-forward copies run
-                engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_prompts],
-                                    params, use_tqdm=False)
+                engine.llm.generate(
+                    [TokensPrompt(prompt_token_ids=p) for p in token_prompts],
+                    params,
+                    use_tqdm=False,
+                )
 
         stats = engine.stats
     generate()  # warm-up
@@ -99,8 +107,10 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
     host = stats().get("host_seconds", 0.0) - warm
     best = statistics.median(times)
-    return {"tokens_per_s": NUM_SEQS * NEW_TOKENS / best,
-            "host_share": host / sum(times) if config else 0.0}
+    return {
+        "tokens_per_s": NUM_SEQS * NEW_TOKENS / best,
+        "host_share": host / sum(times) if config else 0.0,
+    }
 
 
 def main() -> None:
@@ -117,31 +127,49 @@ def main() -> None:
     from capture_server.specimens import build_specimen
 
     model = str(build_specimen(ARCH, tempfile.mkdtemp(prefix="moetrace-bench-") + "/model"))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        TOKENIZERS_PARALLELISM="false",
+    )
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for mode in MODES:
             child_env = dict(env, VLLM_PLUGINS="none") if MODES[mode] is None else env
-            out = subprocess.run([sys.executable, __file__, "--child", model, mode], env=child_env,
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", model, mode],
+                env=child_env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {r} {mode:28s} {results[mode][-1]['tokens_per_s']:9.1f} tok/s",
-                  file=sys.stderr)
+            print(
+                f"round {r} {mode:28s} {results[mode][-1]['tokens_per_s']:9.1f} tok/s",
+                file=sys.stderr,
+            )
 
     base = statistics.median(x["tokens_per_s"] for x in results["plain vLLM"])
     summary = {}
     for mode, runs in results.items():
         tps = statistics.median(x["tokens_per_s"] for x in runs)
         share = statistics.median(x["host_share"] for x in runs)
-        summary[mode] = {"tokens_per_s": round(tps, 1), "ratio": round(tps / base, 3),
-                         "capture_host_share": round(share, 3)}
-        print(f"{mode:28s} {tps:9.1f} tok/s  ratio {tps / base:5.3f}  "
-              f"capture host time {100 * share:4.1f}%")
+        summary[mode] = {
+            "tokens_per_s": round(tps, 1),
+            "ratio": round(tps / base, 3),
+            "capture_host_share": round(share, 3),
+        }
+        print(
+            f"{mode:28s} {tps:9.1f} tok/s  ratio {tps / base:5.3f}  "
+            f"capture host time {100 * share:4.1f}%"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"workload": f"{ARCH} {NUM_SEQS}x{NEW_TOKENS}", "results": summary}, f,
-                      indent=2)
+            json.dump(
+                {"workload": f"{ARCH} {NUM_SEQS}x{NEW_TOKENS}", "results": summary}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,15 @@ def _meta():
     from capture_server.capture.records import ModelMeta
 
     return ModelMeta(
-        architecture="Qwen3MoeShaped", moe_layers=list(range(L)), num_experts=E, top_k=K,
-        scoring_func="softmax", renormalize=True, routed_scaling_factor=1.0,
-        num_shared_experts=0, hidden_size=D,
+        architecture="Qwen3MoeShaped",
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=K,
+        scoring_func="softmax",
+        renormalize=True,
+        routed_scaling_factor=1.0,
+        num_shared_experts=0,
+        hidden_size=D,
         router_weights=np.zeros((L, E, D), np.float32),
     )
 
@@ -53,13 +59,18 @@ def _pool():
         ids = np.argsort(-logits, axis=-1)[..., :K].astype(np.int32)
         top = np.take_along_axis(logits, ids, -1)
         weights = np.exp(top) / np.exp(top).sum(-1, keepdims=True)
-        pool.append(RoutingRows(
-            request_ids=np.array([f"s{i}"] * SEQ_ROWS, dtype=object),
-            sample_index=np.zeros(SEQ_ROWS, np.int32),
-            positions=np.arange(SEQ_ROWS), token_ids=rng.integers(0, 150000, SEQ_ROWS),
-            is_prompt=np.arange(SEQ_ROWS) < 128, topk_ids=ids,
-            topk_weights=weights.astype(np.float32), router_logits=logits,
-        ))
+        pool.append(
+            RoutingRows(
+                request_ids=np.array([f"s{i}"] * SEQ_ROWS, dtype=object),
+                sample_index=np.zeros(SEQ_ROWS, np.int32),
+                positions=np.arange(SEQ_ROWS),
+                token_ids=rng.integers(0, 150000, SEQ_ROWS),
+                is_prompt=np.arange(SEQ_ROWS) < 128,
+                topk_ids=ids,
+                topk_weights=weights.astype(np.float32),
+                router_logits=logits,
+            )
+        )
     return pool
 
 
@@ -81,8 +92,11 @@ def write_store(path: str, rows_total: int, codec: str) -> dict[str, float]:
         n += 1
     writer.close()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "bytes": writer.bytes_written,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "bytes": writer.bytes_written,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def write_raw(path: str, nbytes_per_seq: list[np.ndarray], rows_total: int) -> float:
@@ -109,8 +123,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000, help="Token rows per codec run.")
     parser.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    parser.add_argument("--child", nargs=3, metavar=("PATH", "ROWS", "CODEC"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("PATH", "ROWS", "CODEC"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(write_store(args.child[0], int(args.child[1]), args.child[2])))
@@ -121,16 +136,25 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def child(path: str, rows: int, codec: str) -> dict[str, float]:
-        out = subprocess.run([sys.executable, __file__, "--child", path, str(rows), codec],
-                             env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", path, str(rows), codec],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     from capture_server.store.writer import StoreWriter  # noqa: F401  (warm imports)
 
     pool = _pool()
-    per_seq = [pool[0].topk_ids.astype(np.uint8), pool[0].topk_weights.astype(np.float16),
-               pool[0].router_logits.astype(np.float16), pool[0].token_ids.astype(np.int32),
-               pool[0].positions.astype(np.int32)]
+    per_seq = [
+        pool[0].topk_ids.astype(np.uint8),
+        pool[0].topk_weights.astype(np.float16),
+        pool[0].router_logits.astype(np.float16),
+        pool[0].token_ids.astype(np.int32),
+        pool[0].positions.astype(np.int32),
+    ]
     raw_dir = os.path.join(scratch, "raw")
     raw_s = write_raw(raw_dir, per_seq, args.rows)
     raw_bytes = du(raw_dir)
@@ -156,11 +180,18 @@ def main() -> None:
         for block in store.blocks():
             scanned += sum(a.nbytes for a in store.read_rows(block.start, block.stop).values())
         read_mbps = scanned / (time.perf_counter() - t0) / 1e6
-        results[codec] = {"write_MBps": round(mbps, 1), "vs_raw": round(mbps / raw_mbps, 2),
-                          "read_MBps": round(read_mbps, 1), "compression": ratios,
-                          "disk_MB": round(du(path) / 1e6, 1)}
-        print(f"{codec:20s} write {mbps:7.1f} MB/s ({mbps / raw_mbps:4.2f}x raw) "
-              f"read {read_mbps:7.1f} MB/s  ratio {ratios}", file=sys.stderr)
+        results[codec] = {
+            "write_MBps": round(mbps, 1),
+            "vs_raw": round(mbps / raw_mbps, 2),
+            "read_MBps": round(read_mbps, 1),
+            "compression": ratios,
+            "disk_MB": round(du(path) / 1e6, 1),
+        }
+        print(
+            f"{codec:20s} write {mbps:7.1f} MB/s ({mbps / raw_mbps:4.2f}x raw) "
+            f"read {read_mbps:7.1f} MB/s  ratio {ratios}",
+            file=sys.stderr,
+        )
         shutil.rmtree(path)
 
     mem = {}
@@ -169,8 +200,13 @@ def main() -> None:
         mem[f"{scale}x"] = round(child(path, args.rows * scale, CODECS[0])["peak_rss_mb"], 1)
         shutil.rmtree(path)
     print(f"peak RSS: {mem}", file=sys.stderr)
-    summary = {"rows": args.rows, "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
-               "raw_MBps": round(raw_mbps, 1), "codecs": results, "peak_rss_mb": mem}
+    summary = {
+        "rows": args.rows,
+        "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
+        "raw_MBps": round(raw_mbps, 1),
+        "codecs": results,
+        "peak_rss_mb": mem,
+    }
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))

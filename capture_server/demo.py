@@ -1,6 +1,6 @@
 """End-to-end demo: build a tiny MoE, capture a rollout into a routing store, summarise it.
 
-    python -m capture_server.demo [--out demo-out]
+python -m capture_server.demo [--out demo-out]
 """
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ def main() -> None:
     store_path = out / "store"
     shutil.rmtree(store_path, ignore_errors=True)  # a rerun starts a fresh job
     store = engine.generate_to_store(
-        [p for _, p in PROMPTS], str(store_path),
+        [p for _, p in PROMPTS],
+        str(store_path),
         labels=[{"domain": d, "question": i} for i, (d, _) in enumerate(PROMPTS)],
         store_options={"hidden_layers": [1]},
-        n=args.samples, max_tokens=48, temperature=0.8, ignore_eos=True,
+        n=args.samples,
+        max_tokens=48,
+        temperature=0.8,
+        ignore_eos=True,
     )
     engine.close()
-    print(f"[2/3] captured {len(store.index)} sequences, {store.num_tokens} token rows "
-          f"into {store_path}")
+    print(
+        f"[2/3] captured {len(store.index)} sequences, {store.num_tokens} token rows "
+        f"into {store_path}"
+    )
 
     import numpy as np
 
@@ -62,8 +68,16 @@ def main() -> None:
     print("[3/3] expert usage per MoE layer (share of top-k slots):")
     for layer, row in enumerate(usage):
         print(f"  layer {layer}: " + " ".join(f"{x:4.2f}" for x in row))
-    print(store.index.select("sequence_id", "prompt_index", "sample_index", "num_rows",
-                             "label_domain", "finish_reason").head(8))
+    print(
+        store.index.select(
+            "sequence_id",
+            "prompt_index",
+            "sample_index",
+            "num_rows",
+            "label_domain",
+            "finish_reason",
+        ).head(8)
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,13 @@ def qwen_engine(specimen):
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
-        str(specimen("qwen3_moe")), hidden_layers=[1], dtype="float32", max_model_len=1024,
-        max_num_batched_tokens=128, max_num_seqs=128, seed=0,
+        str(specimen("qwen3_moe")),
+        hidden_layers=[1],
+        dtype="float32",
+        max_model_len=1024,
+        max_num_batched_tokens=128,
+        max_num_seqs=128,
+        seed=0,
     )
     yield engine
     engine.close()

@@ -158,12 +158,21 @@ class CaptureEngine:
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
         outputs = self._run(prompts, sampling, labels, sink=store, store=store_options or {})
-        write_annotations(store, [
-            {"request_id": key, "sample_index": c.index, "prompt_text": out.prompt or "",
-             "completion_text": c.text, "finish_reason": c.finish_reason or "",
-             "generated_len": len(c.token_ids)}
-            for key, out in outputs for c in out.outputs
-        ])
+        write_annotations(
+            store,
+            [
+                {
+                    "request_id": key,
+                    "sample_index": c.index,
+                    "prompt_text": out.prompt or "",
+                    "completion_text": c.text,
+                    "finish_reason": c.finish_reason or "",
+                    "generated_len": len(c.token_ids),
+                }
+                for key, out in outputs
+                for c in out.outputs
+            ],
+        )
         return open_store(store)
 
     def _run(
@@ -185,13 +194,18 @@ class CaptureEngine:
         for i, (base, key) in enumerate(zip(per_prompt, keys, strict=True)):
             p = base.clone()
             options = CaptureOptions(
-                sink=sink, sequence=key, n=p.n, prompt_index=i,
-                labels=dict(labels[i]) if labels else {}, store=dict(store or {}),
+                sink=sink,
+                sequence=key,
+                n=p.n,
+                prompt_index=i,
+                labels=dict(labels[i]) if labels else {},
+                store=dict(store or {}),
             )
             p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
             params.append(p)
-        inputs = [TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p
-                  for p in prompts]
+        inputs = [
+            TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p for p in prompts
+        ]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         self._flush([o.request_id for o in outputs])
         return list(zip(keys, outputs, strict=True))
@@ -276,4 +290,3 @@ def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> C
         return engine.generate(prompts, **sampling)
     finally:
         engine.close()
-

@@ -88,8 +88,9 @@ class RoutingRows:
             self.sample_index[1:] != self.sample_index[:-1]
         )
         starts = np.concatenate([[0], np.flatnonzero(change) + 1])
-        keys = list(zip(self.request_ids[starts].tolist(), self.sample_index[starts].tolist(),
-                        strict=True))
+        keys = list(
+            zip(self.request_ids[starts].tolist(), self.sample_index[starts].tolist(), strict=True)
+        )
         return keys, np.append(starts, n)
 
     def slice(self, start: int, stop: int) -> RoutingRows:

@@ -54,8 +54,9 @@ class MemorySink(RoutingSink):
     def write(self, rows: RoutingRows) -> None:
         keys, bounds = rows.segments()
         with self._lock:
-            for key, start, stop in zip(keys, bounds[:-1].tolist(), bounds[1:].tolist(),
-                                        strict=True):
+            for key, start, stop in zip(
+                keys, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True
+            ):
                 self._parts[key].append((rows, start, stop))
 
     def end_sequence(self, end: SequenceEnd) -> None:

@@ -80,7 +80,10 @@ class StepCollector:
         self._sinks: dict[str, RoutingSink] = {}
         self.sink_errors: dict[str, str] = {}
         self.stats: dict[str, float] = {
-            "steps": 0, "rows": 0, "preempted": 0, "recomputed_rows_dropped": 0,
+            "steps": 0,
+            "rows": 0,
+            "preempted": 0,
+            "recomputed_rows_dropped": 0,
             "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
         }
 
@@ -128,7 +131,9 @@ class StepCollector:
             else:
                 key, sample = _sequence_key(req_id, options)
                 self._requests[req_id] = _RequestState(
-                    options=options, key=key, sample_index=sample,
+                    options=options,
+                    key=key,
+                    sample_index=sample,
                     prompt_len=int(cached.num_prompt_tokens),
                 )
         return self._requests[req_id]
@@ -240,9 +245,7 @@ class StepCollector:
             topk_ids=np.take_along_axis(ids, order, axis=-1),
             topk_weights=np.take_along_axis(weights, order, axis=-1),
             router_logits=None if logits is None else logits[:, keep].transpose(1, 0, 2),
-            hidden_states={
-                int(k[6:]): v[keep] for k, v in a.items() if k.startswith("hidden")
-            },
+            hidden_states={int(k[6:]): v[keep] for k, v in a.items() if k.startswith("hidden")},
         )
 
     def _deliver(self, options: CaptureOptions, call: Any) -> None:
@@ -263,8 +266,7 @@ class StepCollector:
             call(self._sinks[url])
         except (MoetraceError, OSError, ValueError) as exc:
             self.sink_errors[url] = str(exc)
-            logger.error("moetrace sink %s failed; its rows are dropped from now on: %s",
-                         url, exc)
+            logger.error("moetrace sink %s failed; its rows are dropped from now on: %s", url, exc)
 
     def _end_request(self, req_id: str) -> None:
         state = self._requests.pop(req_id, None)

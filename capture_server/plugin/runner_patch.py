@@ -63,7 +63,11 @@ def install_capture(runner: Any) -> StepCollector | None:
     logger.info(
         "moetrace capture on: %d MoE layers %s, %d experts, top-%d, hidden states of "
         "MoE layers %s; device buffers %.1f MiB",
-        len(runners), meta.moe_layers, meta.num_experts, meta.top_k, list(hidden_layers),
+        len(runners),
+        meta.moe_layers,
+        meta.num_experts,
+        meta.top_k,
+        list(hidden_layers),
         buffers.nbytes() / 2**20,
     )
     return StepCollector(buffers, meta, weight_scale=output_scale(runners[0][1]))

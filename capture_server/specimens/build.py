@@ -33,9 +33,15 @@ def _qwen3_moe() -> Any:
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        **_COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
-        num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[],
+        **_COMMON,
+        head_dim=32,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     )
 
 
@@ -43,8 +49,11 @@ def _mixtral() -> Any:
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        **_COMMON, head_dim=32, intermediate_size=64,
-        num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        **_COMMON,
+        head_dim=32,
+        intermediate_size=64,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
     )
 
 
@@ -53,7 +62,10 @@ def _olmoe() -> Any:
 
     cfg = dict(_COMMON, num_key_value_heads=2)
     return OlmoeConfig(
-        **cfg, intermediate_size=64, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        **cfg,
+        intermediate_size=64,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
         norm_topk_prob=False,
     )
 
@@ -62,9 +74,15 @@ def _qwen2_moe() -> Any:
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        **_COMMON, intermediate_size=128, moe_intermediate_size=64,
-        shared_expert_intermediate_size=64, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        **_COMMON,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     )
 
 
@@ -73,12 +91,26 @@ def _deepseek_v3() -> Any:
 
     cfg = dict(_COMMON, num_key_value_heads=2)
     return DeepseekV3Config(
-        **cfg, intermediate_size=128, moe_intermediate_size=64,
-        n_routed_experts=EXPERTS, n_shared_experts=1, num_experts_per_tok=TOP_K,
-        n_group=2, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
-        norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1,
-        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
-        q_lora_rank=None, num_nextn_predict_layers=0, rope_interleave=True,
+        **cfg,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=EXPERTS,
+        n_shared_experts=1,
+        num_experts_per_tok=TOP_K,
+        n_group=2,
+        topk_group=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        q_lora_rank=None,
+        num_nextn_predict_layers=0,
+        rope_interleave=True,
     )
 
 
@@ -86,8 +118,12 @@ def _gpt_oss() -> Any:
     from transformers import GptOssConfig
 
     return GptOssConfig(
-        **_COMMON, head_dim=32, intermediate_size=64, num_local_experts=EXPERTS,
-        num_experts_per_tok=TOP_K, sliding_window=128,
+        **_COMMON,
+        head_dim=32,
+        intermediate_size=64,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        sliding_window=128,
         layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
     )
 

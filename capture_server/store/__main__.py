@@ -1,7 +1,7 @@
 """Command line for routing stores.
 
-    python -m capture_server.store info PATH     summary of a store
-    python -m capture_server.store verify PATH   read every committed sequence back
+python -m capture_server.store info PATH     summary of a store
+python -m capture_server.store verify PATH   read every committed sequence back
 """
 
 from __future__ import annotations

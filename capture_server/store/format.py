@@ -49,8 +49,9 @@ class StoreOptions:
             if value not in ("float16", "float32"):
                 raise ValueError(f"{name}: expected float16 or float32, got {value!r}")
         if self.compressor not in COMPRESSORS:
-            raise ValueError(f"compressor: expected one of {sorted(COMPRESSORS)}, "
-                             f"got {self.compressor!r}")
+            raise ValueError(
+                f"compressor: expected one of {sorted(COMPRESSORS)}, got {self.compressor!r}"
+            )
 
 
 def ids_dtype(num_experts: int) -> np.dtype:

@@ -57,8 +57,10 @@ class RoutingStore:
         self._arrays = {name: root[name] for name in attrs["arrays"]}
 
     def __repr__(self) -> str:
-        return (f"RoutingStore({self.url!r}, sequences={len(self.index)}, "
-                f"tokens={self.num_tokens}, model={self.model['architecture']})")
+        return (
+            f"RoutingStore({self.url!r}, sequences={len(self.index)}, "
+            f"tokens={self.num_tokens}, model={self.model['architecture']})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -74,11 +76,15 @@ class RoutingStore:
     def router_weights(self) -> dict[str, np.ndarray]:
         """Router matrices (L, E, d) and biases, float32."""
         group = self.root[MODEL_GROUP]
-        return {name: group[name][...] for name in ("router_weights", "router_bias",
-                                                     "correction_bias") if name in group}
+        return {
+            name: group[name][...]
+            for name in ("router_weights", "router_bias", "correction_bias")
+            if name in group
+        }
 
-    def read_rows(self, start: int, stop: int, names: tuple[str, ...] | None = None
-                  ) -> dict[str, np.ndarray]:
+    def read_rows(
+        self, start: int, stop: int, names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
         """Arrays of token rows ``[start, stop)``."""
         out = {}
         for name in names or tuple(self._arrays):
@@ -92,8 +98,9 @@ class RoutingStore:
                 ) from None
         return out
 
-    def sequence(self, sequence_id: int, names: tuple[str, ...] | None = None
-                 ) -> dict[str, np.ndarray]:
+    def sequence(
+        self, sequence_id: int, names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
         """All arrays of one sequence plus ``is_prompt``."""
         row = self.index.filter(pl.col("sequence_id") == sequence_id)
         if not len(row):
@@ -124,8 +131,9 @@ class RoutingStore:
             j = i
             while j < len(ids) and (j == i or ends[j] - start <= target):
                 j += 1
-            yield Block(start=start, stop=int(ends[j - 1]),
-                        sequence_ids=tuple(int(x) for x in ids[i:j]))
+            yield Block(
+                start=start, stop=int(ends[j - 1]), sequence_ids=tuple(int(x) for x in ids[i:j])
+            )
             i = j
 
 

@@ -108,8 +108,12 @@ def write_annotations(store_or_url: Any, rows: list[dict[str, Any]]) -> None:
 class StoreWriter:
     """Appends complete sequences to a store and commits them (single-threaded)."""
 
-    def __init__(self, url: str | Path, options: StoreOptions | None = None,
-                 job: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str | Path,
+        options: StoreOptions | None = None,
+        job: dict[str, Any] | None = None,
+    ) -> None:
         self.url = str(url)
         self.requested = options or StoreOptions()
         self.job = dict(job or {})
@@ -165,8 +169,12 @@ class StoreWriter:
         root = zarr.open_group(store=self.store, mode="w")
         for name, (shape, dtype) in specs.items():
             self.arrays[name] = root.create_array(
-                name, shape=(0, *shape), chunks=(chunk, *shape), dtype=dtype,
-                compressors=COMPRESSORS[opts.compressor](dtype.itemsize), fill_value=0,
+                name,
+                shape=(0, *shape),
+                chunks=(chunk, *shape),
+                dtype=dtype,
+                compressors=COMPRESSORS[opts.compressor](dtype.itemsize),
+                fill_value=0,
             )
         model = root.create_group(MODEL_GROUP)
         model.create_array("router_weights", data=meta.router_weights.astype(np.float32))
@@ -210,15 +218,20 @@ class StoreWriter:
         if index is not None and len(index):
             committed_end = int((index["token_offset"] + index["num_rows"]).max())
             self._next_id = int(index["sequence_id"].max()) + 1
-            self._committed = set(zip(index["request_id"].to_list(),
-                                      index["sample_index"].to_list(), strict=True))
+            self._committed = set(
+                zip(index["request_id"].to_list(), index["sample_index"].to_list(), strict=True)
+            )
         self._buf_start = committed_end // self.chunk * self.chunk
         self._written_end = self._buf_end = committed_end
         if committed_end > self._buf_start:  # reload the committed part of the tail chunk
             for name, arr in self.arrays.items():
-                self._buf[name].append(arr[self._buf_start:committed_end])
-        logger.info("resuming %s after %d committed sequences (%d rows)", self.url,
-                    len(self._committed), committed_end)
+                self._buf[name].append(arr[self._buf_start : committed_end])
+        logger.info(
+            "resuming %s after %d committed sequences (%d rows)",
+            self.url,
+            len(self._committed),
+            committed_end,
+        )
 
     # -- writing -----------------------------------------------------------------------
 
@@ -242,16 +255,18 @@ class StoreWriter:
             assert rows is not None
             for name, values in self._columns(rows).items():
                 self._buf[name].append(values)
-        self._staged.append({
-            "request_id": end.request_id,
-            "sample_index": end.sample_index,
-            "prompt_index": end.prompt_index,
-            "token_offset": self._buf_end,
-            "num_rows": n,
-            "first_position": end.first_position,
-            "prompt_len": end.prompt_len,
-            "labels": json.dumps(end.labels, sort_keys=True),
-        })
+        self._staged.append(
+            {
+                "request_id": end.request_id,
+                "sample_index": end.sample_index,
+                "prompt_index": end.prompt_index,
+                "token_offset": self._buf_end,
+                "num_rows": n,
+                "first_position": end.first_position,
+                "prompt_len": end.prompt_len,
+                "labels": json.dumps(end.labels, sort_keys=True),
+            }
+        )
         self._buf_end += n
         return True
 
@@ -307,7 +322,7 @@ class StoreWriter:
                 arr.resize((math.ceil(end / grow) * grow, *arr.shape[1:]))
             block = np.zeros((padded, *arr.shape[1:]), dtype=arr.dtype)
             block[: min(upto, len(data))] = data[:upto]
-            arr[self._buf_start:end] = block
+            arr[self._buf_start : end] = block
             self.bytes_written += int(data[:upto].nbytes)
             keep_from = upto // self.chunk * self.chunk  # the partial chunk stays in memory
             self._buf[name] = [data[keep_from:]] if len(data) > keep_from else []
@@ -329,7 +344,7 @@ class StoreWriter:
             _raw.set_bytes(self.store, key, _parquet_bytes(frame))
         except OSError as exc:
             raise StoreWriteError(f"{self.url}: writing index part {key} failed: {exc}") from exc
-        self._staged = self._staged[len(ready):]
+        self._staged = self._staged[len(ready) :]
         self._committed.update((s["request_id"], s["sample_index"]) for s in ready)
         self.sequences_committed += len(ready)
         return len(ready)
@@ -358,9 +373,16 @@ class StoreSink(RoutingSink):
             they do not fill a chunk.
     """
 
-    def __init__(self, url: str | Path, options: StoreOptions | None = None, *,
-                 job: dict[str, Any] | None = None, queue_steps: int = 256,
-                 on_full: str = "wait", flush_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str | Path,
+        options: StoreOptions | None = None,
+        *,
+        job: dict[str, Any] | None = None,
+        queue_steps: int = 256,
+        on_full: str = "wait",
+        flush_interval: float = 2.0,
+    ) -> None:
         if on_full not in ("wait", "drop"):
             raise ValueError(f"on_full: expected 'wait' or 'drop', got {on_full!r}")
         self.writer = StoreWriter(url, options, job)
@@ -381,8 +403,7 @@ class StoreSink(RoutingSink):
 
     def start(self) -> None:
         """Start the writer thread (`open` does; separate so tests can hold it back)."""
-        self._thread = threading.Thread(target=self._run, name="moetrace-store-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="moetrace-store-writer", daemon=True)
         self._thread.start()
 
     def write(self, rows: RoutingRows) -> None:

@@ -64,11 +64,13 @@ def test_router_level_matches_transformers(captured):
         rows = seq.rows
         hidden = [rows.hidden_states[i] for i in range(len(result.meta.moe_layers))]
         want = ref.route_hidden(hidden)
-        np.testing.assert_allclose(rows.router_logits, want.logits, atol=TOL, rtol=0,
-                                   err_msg=f"{arch}: router logits")
+        np.testing.assert_allclose(
+            rows.router_logits, want.logits, atol=TOL, rtol=0, err_msg=f"{arch}: router logits"
+        )
         np.testing.assert_array_equal(rows.topk_ids, want.ids, err_msg=f"{arch}: top-k ids")
-        np.testing.assert_allclose(rows.topk_weights, want.weights, atol=TOL, rtol=0,
-                                   err_msg=f"{arch}: top-k weights")
+        np.testing.assert_allclose(
+            rows.topk_weights, want.weights, atol=TOL, rtol=0, err_msg=f"{arch}: top-k weights"
+        )
 
 
 def test_forward_level_matches_transformers(captured):
@@ -79,18 +81,30 @@ def test_forward_level_matches_transformers(captured):
         rows = seq.rows
         assert result.meta.moe_layers == ref.moe_blocks
         for i in range(len(ref.moe_blocks)):
-            np.testing.assert_allclose(rows.hidden_states[i], want.hidden[i], atol=tol, rtol=0,
-                                       err_msg=f"{arch}: router input of MoE layer {i}")
-        np.testing.assert_allclose(rows.router_logits, want.logits, atol=tol, rtol=0,
-                                   err_msg=f"{arch}: router logits")
+            np.testing.assert_allclose(
+                rows.hidden_states[i],
+                want.hidden[i],
+                atol=tol,
+                rtol=0,
+                err_msg=f"{arch}: router input of MoE layer {i}",
+            )
+        np.testing.assert_allclose(
+            rows.router_logits, want.logits, atol=tol, rtol=0, err_msg=f"{arch}: router logits"
+        )
         decisive = np.ones(rows.topk_ids.shape[:2], dtype=bool)
         if arch in ENGINE_DIFFERS:
             decisive = _selection_margin(want.logits, result.meta) > 2 * tol
             assert decisive.mean() > 0.5, "too few decisive tokens to compare"
-        np.testing.assert_array_equal(rows.topk_ids[decisive], want.ids[decisive],
-                                      err_msg=f"{arch}: top-k ids")
-        np.testing.assert_allclose(rows.topk_weights[decisive], want.weights[decisive],
-                                   atol=tol, rtol=0, err_msg=f"{arch}: top-k weights")
+        np.testing.assert_array_equal(
+            rows.topk_ids[decisive], want.ids[decisive], err_msg=f"{arch}: top-k ids"
+        )
+        np.testing.assert_allclose(
+            rows.topk_weights[decisive],
+            want.weights[decisive],
+            atol=tol,
+            rtol=0,
+            err_msg=f"{arch}: top-k weights",
+        )
 
 
 def _selection_margin(logits: np.ndarray, meta) -> np.ndarray:

@@ -31,8 +31,9 @@ def test_batch_of_64_equals_each_request_alone(qwen_engine):
         np.testing.assert_array_equal(got.rows.topk_ids, alone.rows.topk_ids)
         np.testing.assert_allclose(got.rows.topk_weights, alone.rows.topk_weights, atol=1e-5)
         np.testing.assert_allclose(got.rows.router_logits, alone.rows.router_logits, atol=1e-4)
-        np.testing.assert_allclose(got.rows.hidden_states[1], alone.rows.hidden_states[1],
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            got.rows.hidden_states[1], alone.rows.hidden_states[1], atol=1e-4
+        )
 
 
 def test_chunked_prefill_is_attributed_across_steps(qwen_engine, specimen):
@@ -49,7 +50,10 @@ def test_chunked_prefill_is_attributed_across_steps(qwen_engine, specimen):
 
 def test_n_samples_of_one_prompt(qwen_engine):
     result = qwen_engine.generate(
-        ["the cell divides and the protein folds"], n=3, max_tokens=10, temperature=1.0,
+        ["the cell divides and the protein folds"],
+        n=3,
+        max_tokens=10,
+        temperature=1.0,
         ignore_eos=True,
     )
     assert sorted(s.sample_index for s in result.sequences) == [0, 1, 2]

@@ -10,8 +10,13 @@ import pytest
 def cached_engine(specimen):
     from capture_server.capture.api import CaptureEngine
 
-    engine = CaptureEngine(str(specimen("qwen3_moe")), dtype="float32", max_model_len=1024,
-                           enable_prefix_caching=True, seed=0)
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe")),
+        dtype="float32",
+        max_model_len=1024,
+        enable_prefix_caching=True,
+        seed=0,
+    )
     yield engine
     engine.close()
 
@@ -33,8 +38,14 @@ def tight_engine(specimen):
     """Few KV blocks, so long generations preempt each other and recompute."""
     from capture_server.capture.api import CaptureEngine
 
-    engine = CaptureEngine(str(specimen("qwen3_moe")), dtype="float32", max_model_len=200,
-                           num_gpu_blocks_override=8, block_size=32, seed=0)
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe")),
+        dtype="float32",
+        max_model_len=200,
+        num_gpu_blocks_override=8,
+        block_size=32,
+        seed=0,
+    )
     yield engine
     engine.close()
 

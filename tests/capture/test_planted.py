@@ -12,8 +12,9 @@ from capture_server.specimens.planted import planted_topk
 def planted_result(specimen):
     from capture_server.capture.api import CaptureEngine
 
-    engine = CaptureEngine(str(specimen("qwen3_moe", planted=True)), dtype="float32",
-                           max_model_len=512, seed=0)
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe", planted=True)), dtype="float32", max_model_len=512, seed=0
+    )
     vocab = len(engine.tokenizer)
     prompts = [np.arange(1, vocab).tolist()[:200], [5, 9, 13, 200, 201], "the king signed"]
     try:

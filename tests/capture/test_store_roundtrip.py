@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-EXACT = {"weights_dtype": "float32", "logits_dtype": "float32", "hidden_dtype": "float32",
-         "hidden_layers": [1], "chunk_tokens": 256}
+EXACT = {
+    "weights_dtype": "float32",
+    "logits_dtype": "float32",
+    "hidden_dtype": "float32",
+    "hidden_layers": [1],
+    "chunk_tokens": 256,
+}
 
 
 def test_store_equals_in_memory_capture(qwen_engine, tmp_path):
@@ -16,8 +21,9 @@ def test_store_equals_in_memory_capture(qwen_engine, tmp_path):
     kwargs = dict(max_tokens=12, temperature=0.0, ignore_eos=True, n=2)
     kwargs_greedy = dict(kwargs, n=1)
     in_memory = qwen_engine.generate(prompts, labels=labels, **kwargs_greedy)
-    store = qwen_engine.generate_to_store(prompts, str(tmp_path / "store"), labels=labels,
-                                          store_options=EXACT, **kwargs_greedy)
+    store = qwen_engine.generate_to_store(
+        prompts, str(tmp_path / "store"), labels=labels, store_options=EXACT, **kwargs_greedy
+    )
     assert len(store.index) == len(prompts)
     for seq in in_memory.sequences:
         row = store.index.filter(store.index["prompt_index"] == seq.prompt_index).row(0, named=True)
@@ -35,7 +41,8 @@ def test_store_equals_in_memory_capture(qwen_engine, tmp_path):
         assert row["finish_reason"] == seq.finish_reason
         assert row["label_domain"] == labels[seq.prompt_index]["domain"]
     # n > 1 lands as separate sequences of one prompt.
-    sampled = qwen_engine.generate_to_store(prompts[:4], str(tmp_path / "sampled"),
-                                            store_options=EXACT, **dict(kwargs, temperature=1.0))
+    sampled = qwen_engine.generate_to_store(
+        prompts[:4], str(tmp_path / "sampled"), store_options=EXACT, **dict(kwargs, temperature=1.0)
+    )
     assert sorted(sampled.index["sample_index"].to_list()) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert sampled.model["architecture"] == "Qwen3MoeForCausalLM"

@@ -45,5 +45,6 @@ def test_hidden_layer_out_of_range_is_rejected_at_start(specimen):
     from capture_server.capture.api import CaptureEngine
 
     with pytest.raises(Exception, match="hidden_layers"):
-        CaptureEngine(str(specimen("qwen3_moe")), hidden_layers=[7], dtype="float32",
-                      max_model_len=256)
+        CaptureEngine(
+            str(specimen("qwen3_moe")), hidden_layers=[7], dtype="float32", max_model_len=256
+        )

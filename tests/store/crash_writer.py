@@ -1,6 +1,6 @@
 """A writer process for crash tests: streams synthetic sequences into a store, slowly.
 
-    python -m tests.store.crash_writer STORE NUM_SEQUENCES
+python -m tests.store.crash_writer STORE NUM_SEQUENCES
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ from tests.store import synthetic
 
 
 def main(path: str, count: int) -> None:
-    options = StoreOptions(weights_dtype="float32", logits_dtype="float32",
-                           hidden_dtype="float32", hidden_layers=(0,), chunk_tokens=64)
+    options = StoreOptions(
+        weights_dtype="float32",
+        logits_dtype="float32",
+        hidden_dtype="float32",
+        hidden_layers=(0,),
+        chunk_tokens=64,
+    )
     sink = StoreSink(path, options, flush_interval=0.02)
     sink.open(synthetic.meta())
     keys = [f"seq-{i}" for i in range(count)]
     for start in range(0, count, 16):
-        for kind, item in synthetic.interleaved_steps(keys[start:start + 16]):
+        for kind, item in synthetic.interleaved_steps(keys[start : start + 16]):
             if kind == "rows":
                 sink.write(item)
                 time.sleep(0.01)

@@ -14,9 +14,15 @@ L, E, K, D = 3, 16, 2, 8
 def meta() -> ModelMeta:
     rng = np.random.default_rng(0)
     return ModelMeta(
-        architecture="SyntheticMoe", moe_layers=[1, 2, 3], num_experts=E, top_k=K,
-        scoring_func="softmax", renormalize=True, routed_scaling_factor=1.0,
-        num_shared_experts=0, hidden_size=D,
+        architecture="SyntheticMoe",
+        moe_layers=[1, 2, 3],
+        num_experts=E,
+        top_k=K,
+        scoring_func="softmax",
+        renormalize=True,
+        routed_scaling_factor=1.0,
+        num_shared_experts=0,
+        hidden_size=D,
         router_weights=rng.normal(size=(L, E, D)).astype(np.float32),
     )
 
@@ -47,9 +53,15 @@ def length_of(key: str) -> int:
 
 def end_of(key: str) -> SequenceEnd:
     n = length_of(key)
-    return SequenceEnd(request_id=key, sample_index=0, prompt_len=n // 2, first_position=0,
-                       num_rows=n, prompt_index=int(key.split("-")[1]),
-                       labels={"domain": "math" if "3" in key else "code"})
+    return SequenceEnd(
+        request_id=key,
+        sample_index=0,
+        prompt_len=n // 2,
+        first_position=0,
+        num_rows=n,
+        prompt_index=int(key.split("-")[1]),
+        labels={"domain": "math" if "3" in key else "code"},
+    )
 
 
 def interleaved_steps(keys: list[str], step_rows: int = 3):

@@ -24,7 +24,10 @@ TRIALS = 20
 def _start_writer(path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.store.crash_writer", str(path), str(COUNT)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -45,8 +45,9 @@ def tiny_mount(tmp_path):
     """A 384 KiB tmpfs, or a skip where mounting is not allowed."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip("cannot mount a size-limited tmpfs here; the store-layer test covers it")
     yield mount
@@ -57,7 +58,7 @@ def _stream_until_failure(sink: StoreSink, count: int) -> StoreWriteError:
     keys = [f"seq-{i}" for i in range(count)]
     with pytest.raises(StoreWriteError) as failure:
         for start in range(0, count, 8):
-            for kind, item in synthetic.interleaved_steps(keys[start:start + 8]):
+            for kind, item in synthetic.interleaved_steps(keys[start : start + 8]):
                 sink.write(item) if kind == "rows" else sink.end_sequence(item)
             sink.flush()
         sink.close()
@@ -139,8 +140,12 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, damage):
         for part in (path / "router_logits").rglob("*"):
             if part.is_file() and part.name != "zarr.json":
                 part.write_bytes(b"xx")
-    done = subprocess.run([sys.executable, "-m", "capture_server.store", "verify", str(path)],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "capture_server.store", "verify", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0], done.stderr

@@ -9,8 +9,13 @@ from capture_server.store import StoreOptions, open_store
 from capture_server.store.writer import StoreSink
 from tests.store import synthetic
 
-EXACT = StoreOptions(weights_dtype="float32", logits_dtype="float32", hidden_dtype="float32",
-                     hidden_layers=(0,), chunk_tokens=64)
+EXACT = StoreOptions(
+    weights_dtype="float32",
+    logits_dtype="float32",
+    hidden_dtype="float32",
+    hidden_layers=(0,),
+    chunk_tokens=64,
+)
 
 
 def write_all(path, keys, options=EXACT, **sink_kwargs):
@@ -44,8 +49,9 @@ def test_round_trip_arrays_index_and_metadata(tmp_path):
         assert row["prompt_index"] == int(row["request_id"].split("-")[1])
         assert row["label_domain"] == ("math" if "3" in row["request_id"] else "code")
         assert_sequence_intact(store, row["sequence_id"], row["request_id"])
-    np.testing.assert_array_equal(store.router_weights()["router_weights"],
-                                  synthetic.meta().router_weights)
+    np.testing.assert_array_equal(
+        store.router_weights()["router_weights"], synthetic.meta().router_weights
+    )
     assert store.model["moe_layers"] == [1, 2, 3] and store.chunk_tokens == 64
     # Sequences are contiguous and do not overlap.
     idx = store.index.sort("token_offset")
@@ -112,8 +118,16 @@ def test_drop_policy_never_commits_incomplete_sequences(tmp_path):
 @pytest.mark.parametrize("options", [EXACT, StoreOptions(compressor="zstd")])
 def test_annotations_join_the_index(tmp_path, options):
     sink = write_all(tmp_path / "s", ["seq-1", "seq-2"], options)
-    sink.writer.annotate([{"request_id": "seq-1", "sample_index": 0, "finish_reason": "stop",
-                           "completion_text": "hello"}])
+    sink.writer.annotate(
+        [
+            {
+                "request_id": "seq-1",
+                "sample_index": 0,
+                "finish_reason": "stop",
+                "completion_text": "hello",
+            }
+        ]
+    )
     store = open_store(tmp_path / "s")
     row = store.index.filter(store.index["request_id"] == "seq-1").row(0, named=True)
     assert row["finish_reason"] == "stop" and row["completion_text"] == "hello"
