@@ -1,0 +1,136 @@
+"""CommitteeAudit, paper (b) Stage I and III: contribution index, ranks, Pareto committee.
+
+Shapes: ``c`` is (domains, experts) contribution of each expert in each domain, for one
+layer. Implements the official code's choices (spec §3.6) with the paper's alternatives
+as options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from analyzer.metrics.usage import softmax
+
+GAMMA = 0.8  # presence threshold: present in >= ceil(0.8 |T|) domains (official code)
+
+
+def eci_softmax(logits: np.ndarray) -> np.ndarray:
+    """Eq. 2 as in the paper: mean full-softmax probability per expert. (N, E) -> (E,)."""
+    return softmax(logits.astype(np.float64)).mean(0)
+
+
+def eci_frequency(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Code variant 1: fraction of samples whose top-k contains the expert. (N, k) -> (E,)."""
+    hits = np.zeros((len(ids), num_experts), dtype=bool)
+    np.put_along_axis(hits, ids.astype(np.int64), True, -1)
+    return hits.mean(0)
+
+
+def eci_frequency_weight(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """Code variant 2: frequency x mean min-max-normalised gate weight (0 when unselected).
+
+    For each expert the gate weights it received across the domain's samples are scaled to
+    (w - min) / (max - min + 1e-6) over those samples; unselected samples count 0.
+    """
+    n = len(ids)
+    w = np.zeros((n, num_experts))
+    np.put_along_axis(w, ids.astype(np.int64), weights.astype(np.float64), -1)
+    sel = np.zeros((n, num_experts), dtype=bool)
+    np.put_along_axis(sel, ids.astype(np.int64), True, -1)
+    lo = np.where(sel, w, np.inf).min(0)
+    hi = np.where(sel, w, -np.inf).max(0)
+    norm = np.where(sel, (w - lo) / (hi - lo + 1e-6), 0.0)
+    return sel.mean(0) * norm.mean(0)
+
+
+def ranks_with_penalty(c: np.ndarray, k: int) -> np.ndarray:
+    """Eq. 8: rank 1..k of each expert inside each domain's top-k by c; others get k + 1."""
+    domains, experts = c.shape
+    order = np.argsort(-c, axis=-1, kind="stable")
+    ranks = np.full((domains, experts), k + 1, dtype=np.int64)
+    for d in range(domains):
+        ranks[d, order[d, :k]] = np.arange(1, k + 1)
+    return ranks
+
+
+@dataclass(frozen=True)
+class Committee:
+    members: list[int]  # sorted by mean rank
+    mean_rank: list[float]
+    rank_var: list[float]
+    presence: np.ndarray  # (experts,)
+    coverage: float
+    ratio: float
+
+
+def pareto_front(mu: np.ndarray, var: np.ndarray, candidates: np.ndarray) -> list[int]:
+    """Eq. 12: candidates not dominated in (mean rank, rank variance), both minimised."""
+    front = []
+    for i in candidates:
+        dominated = any(
+            (mu[j] <= mu[i] and var[j] <= var[i]) and (mu[j] < mu[i] or var[j] < var[i])
+            for j in candidates if j != i
+        )
+        if not dominated:
+            front.append(int(i))
+    return sorted(front, key=lambda i: (mu[i], i))
+
+
+def influence_ratio(coverage: float, size: int, num_experts: int) -> float:
+    """B2: (Cov / |C|) / ((1 - Cov) / (E - |C|))."""
+    if size == 0 or coverage >= 1:
+        return math.inf
+    return (coverage / size) / ((1 - coverage) / (num_experts - size))
+
+
+def coverage_of(c: np.ndarray, members: list[int], k: int, denominator: str = "topk_table"
+                ) -> float:
+    """B1: committee share of the layer's contribution.
+
+    ``topk_table`` (official code): numerator sum over members of
+    c̄_i = sum_{τ: i in top-k(τ)} c_{i,τ} / |T|; denominator the mean over domains of the
+    sum of that domain's top-k values. ``all_experts``: c̄ over all domains divided by
+    the total contribution of all experts.
+    """
+    domains, _ = c.shape
+    ranks = ranks_with_penalty(c, k)
+    in_top = ranks <= k
+    if denominator == "topk_table":
+        cbar = np.where(in_top, c, 0.0).sum(0) / domains
+        denom = np.where(in_top, c, 0.0).sum(1).mean()
+    elif denominator == "all_experts":
+        cbar = c.mean(0)
+        denom = cbar.sum()
+    else:
+        raise ValueError(f"denominator: expected topk_table or all_experts, got {denominator!r}")
+    return float(cbar[members].sum() / denom) if denom > 0 else 0.0
+
+
+def standing_committee(c: np.ndarray, k: int, gamma: float = GAMMA,
+                       denominator: str = "topk_table") -> Committee:
+    """Stage III on one layer: presence, candidates, Pareto committee, coverage, ratio."""
+    domains, experts = c.shape
+    ranks = ranks_with_penalty(c, k)
+    presence = (ranks <= k).mean(0)
+    need = math.ceil(domains * gamma)
+    candidates = np.flatnonzero((ranks <= k).sum(0) >= need)
+    if not len(candidates):  # official code's fallback: the most present experts
+        candidates = np.flatnonzero(presence == presence.max())
+    mu = ranks.mean(0)
+    var = ranks.var(0)  # population variance, as np.var in the official code
+    members = pareto_front(mu, var, candidates)
+    cov = coverage_of(c, members, k, denominator)
+    return Committee(members=members, mean_rank=[float(mu[i]) for i in members],
+                     rank_var=[float(var[i]) for i in members], presence=presence,
+                     coverage=cov, ratio=influence_ratio(cov, len(members), experts))
+
+
+def cross_domain_jaccard(c: np.ndarray, k: int) -> np.ndarray:
+    """B4: Jaccard of the top-k expert sets of every pair of domains (domains, domains)."""
+    in_top = ranks_with_penalty(c, k) <= k
+    inter = (in_top[:, None] & in_top[None]).sum(-1)
+    union = (in_top[:, None] | in_top[None]).sum(-1)
+    return inter / np.maximum(union, 1)
