@@ -42,7 +42,8 @@ def eci_frequency_weight(ids: np.ndarray, weights: np.ndarray, num_experts: int)
     np.put_along_axis(sel, ids.astype(np.int64), True, -1)
     lo = np.where(sel, w, np.inf).min(0)
     hi = np.where(sel, w, -np.inf).max(0)
-    norm = np.where(sel, (w - lo) / (hi - lo + 1e-6), 0.0)
+    span = np.where(np.isfinite(hi - lo), hi - lo, 0.0) + 1e-6
+    norm = np.where(sel, (w - np.where(np.isfinite(lo), lo, 0.0)) / span, 0.0)
     return sel.mean(0) * norm.mean(0)
 
 
@@ -72,7 +73,8 @@ def pareto_front(mu: np.ndarray, var: np.ndarray, candidates: np.ndarray) -> lis
     for i in candidates:
         dominated = any(
             (mu[j] <= mu[i] and var[j] <= var[i]) and (mu[j] < mu[i] or var[j] < var[i])
-            for j in candidates if j != i
+            for j in candidates
+            if j != i
         )
         if not dominated:
             front.append(int(i))
@@ -86,8 +88,9 @@ def influence_ratio(coverage: float, size: int, num_experts: int) -> float:
     return (coverage / size) / ((1 - coverage) / (num_experts - size))
 
 
-def coverage_of(c: np.ndarray, members: list[int], k: int, denominator: str = "topk_table"
-                ) -> float:
+def coverage_of(
+    c: np.ndarray, members: list[int], k: int, denominator: str = "topk_table"
+) -> float:
     """B1: committee share of the layer's contribution.
 
     ``topk_table`` (official code): numerator sum over members of
@@ -109,8 +112,9 @@ def coverage_of(c: np.ndarray, members: list[int], k: int, denominator: str = "t
     return float(cbar[members].sum() / denom) if denom > 0 else 0.0
 
 
-def standing_committee(c: np.ndarray, k: int, gamma: float = GAMMA,
-                       denominator: str = "topk_table") -> Committee:
+def standing_committee(
+    c: np.ndarray, k: int, gamma: float = GAMMA, denominator: str = "topk_table"
+) -> Committee:
     """Stage III on one layer: presence, candidates, Pareto committee, coverage, ratio."""
     domains, experts = c.shape
     ranks = ranks_with_penalty(c, k)
@@ -123,9 +127,14 @@ def standing_committee(c: np.ndarray, k: int, gamma: float = GAMMA,
     var = ranks.var(0)  # population variance, as np.var in the official code
     members = pareto_front(mu, var, candidates)
     cov = coverage_of(c, members, k, denominator)
-    return Committee(members=members, mean_rank=[float(mu[i]) for i in members],
-                     rank_var=[float(var[i]) for i in members], presence=presence,
-                     coverage=cov, ratio=influence_ratio(cov, len(members), experts))
+    return Committee(
+        members=members,
+        mean_rank=[float(mu[i]) for i in members],
+        rank_var=[float(var[i]) for i in members],
+        presence=presence,
+        coverage=cov,
+        ratio=influence_ratio(cov, len(members), experts),
+    )
 
 
 def cross_domain_jaccard(c: np.ndarray, k: int) -> np.ndarray:

@@ -19,13 +19,19 @@ def window(ids: np.ndarray, prompt_len: int, generated: int, scope: str) -> np.n
     if scope == "cumulative":
         return ids[: prompt_len + generated]
     if scope == "generated":
-        return ids[prompt_len: prompt_len + generated]
+        return ids[prompt_len : prompt_len + generated]
     raise ValueError(f"scope: expected cumulative or generated, got {scope!r}")
 
 
 def similarity_through_rollout(
-    ids_a: np.ndarray, prompt_a: int, ids_b: np.ndarray, prompt_b: int, num_experts: int,
-    checkpoints: list[int], scope: str = "cumulative", p: float = TOP_P,
+    ids_a: np.ndarray,
+    prompt_a: int,
+    ids_b: np.ndarray,
+    prompt_b: int,
+    num_experts: int,
+    checkpoints: list[int],
+    scope: str = "cumulative",
+    p: float = TOP_P,
 ) -> dict[str, np.ndarray]:
     """Cosine and top-p Jaccard of two sequences' usage at each rollout checkpoint.
 
@@ -41,10 +47,10 @@ def similarity_through_rollout(
     return {"cosine": np.array(cos), "jaccard": np.array(jac)}
 
 
-def prompt_vs_rollout(ids: np.ndarray, prompt_len: int, num_experts: int,
-                      p: float = TOP_P) -> dict[str, np.ndarray]:
+def prompt_vs_rollout(
+    ids: np.ndarray, prompt_len: int, num_experts: int, p: float = TOP_P
+) -> dict[str, np.ndarray]:
     """Usage similarity between a sequence's prompt and its generated part, per layer."""
     f_prompt = usage_frequency(ids[:prompt_len], num_experts)
     f_rollout = usage_frequency(ids[prompt_len:], num_experts)
-    return {"cosine": cosine(f_prompt, f_rollout),
-            "jaccard": top_p_jaccard(f_prompt, f_rollout, p)}
+    return {"cosine": cosine(f_prompt, f_rollout), "jaccard": top_p_jaccard(f_prompt, f_rollout, p)}

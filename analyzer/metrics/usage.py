@@ -99,5 +99,6 @@ def gini(c: np.ndarray) -> np.ndarray:
     e = c.shape[-1]
     diffs = np.abs(c[..., :, None] - c[..., None, :]).sum((-1, -2))
     total = c.sum(-1)
-    return np.divide(diffs, 2 * e * total, out=np.zeros_like(total, dtype=np.float64),
-                     where=total > 0)
+    return np.divide(
+        diffs, 2 * e * total, out=np.zeros_like(total, dtype=np.float64), where=total > 0
+    )

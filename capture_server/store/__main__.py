@@ -6,6 +6,7 @@ python -m capture_server.store verify PATH   read every committed sequence back
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -16,6 +17,9 @@ app = typer.Typer(add_completion=False, help="Inspect and verify moetrace routin
 
 
 def _fail(exc: Exception) -> None:
+    # zarr's event loop may still hold reads of the failed request; their teardown at
+    # exit is noise on top of the one-line error.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     typer.echo(f"{type(exc).__name__}: {exc}", err=True)
     raise typer.Exit(1)
 

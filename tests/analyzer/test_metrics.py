@@ -57,9 +57,14 @@ def test_entropy_and_gini_extremes():
     assert usage.gini(peaked) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize(("cov", "size", "experts", "paper"), [
-    (0.705, 4, 64, 35.8), (0.670, 5, 128, 49.9), (0.439, 3, 64, 15.9),
-])
+@pytest.mark.parametrize(
+    ("cov", "size", "experts", "paper"),
+    [
+        (0.705, 4, 64, 35.8),
+        (0.670, 5, 128, 49.9),
+        (0.439, 3, 64, 15.9),
+    ],
+)
 def test_influence_ratio_reproduces_the_published_rows(cov, size, experts, paper):
     assert committee.influence_ratio(cov, size, experts) == pytest.approx(paper, abs=0.05)
 
@@ -72,11 +77,13 @@ def test_ranks_with_penalty():
 def test_standing_committee_by_hand():
     # 3 domains, 5 experts, k = 2. Expert 0 is top-1 everywhere; expert 1 is 2nd in two
     # domains; expert 3 is 2nd in one.
-    c = np.array([
-        [0.6, 0.3, 0.05, 0.05, 0.0],
-        [0.5, 0.3, 0.1, 0.1, 0.0],
-        [0.7, 0.0, 0.0, 0.2, 0.1],
-    ])
+    c = np.array(
+        [
+            [0.6, 0.3, 0.05, 0.05, 0.0],
+            [0.5, 0.3, 0.1, 0.1, 0.0],
+            [0.7, 0.0, 0.0, 0.2, 0.1],
+        ]
+    )
     got = committee.standing_committee(c, k=2, gamma=0.6)
     # presence: e0 3/3, e1 2/3, e3 1/3; need ceil(3 * 0.6) = 2 domains -> candidates {0, 1}
     # ranks e0 = [1,1,1] (mu 1, var 0); e1 = [2,2,3] (mu 7/3, var 2/9): e0 dominates e1

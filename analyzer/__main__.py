@@ -1,0 +1,82 @@
+"""Command line: ``python -m analyzer run STORE [STORE ...] --out DIR [--analyses ...]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, help="Ray-parallel analyses of moetrace routing stores.")
+
+
+@app.callback()
+def main() -> None:
+    """Ray-parallel analyses of moetrace routing stores."""
+
+
+@app.command()
+def run(
+    stores: list[str] = typer.Argument(None, help="Routing store paths or URLs."),
+    out: Path = typer.Option(
+        Path("analysis"), help="Directory for parquet tables, plots and report.html."
+    ),
+    analyses: str = typer.Option(
+        "usage,rollout,overlap,committee", help="Comma-separated analyses; see --list."
+    ),
+    top_p: float = typer.Option(0.8, help="Mass of the top-p expert sets."),
+    scope: str = typer.Option(
+        "cumulative",
+        help="Token scope of pairwise overlaps: prompt, generated, cumulative or last_token.",
+    ),
+    committee_variant: str = typer.Option(
+        "frequency_weight", help="Contribution index: softmax, frequency or frequency_weight."
+    ),
+    max_pairs: int = typer.Option(20000, help="Sequence pairs sampled per store."),
+    block_tokens: int = typer.Option(0, help="Token rows per Ray task (0: 16 chunks)."),
+    list_analyses: bool = typer.Option(False, "--list", help="Describe each analysis and exit."),
+) -> None:
+    """Analyse stores and write tables, plots and an HTML report."""
+    from analyzer.pipeline import ANALYSES
+
+    if list_analyses:
+        for name, text in ANALYSES.items():
+            typer.echo(f"{name:10s} {text}")
+        return
+    if not stores:
+        typer.echo("UsageError: give at least one store", err=True)
+        raise typer.Exit(1)
+    from rich.progress import Progress
+
+    from analyzer import pipeline, reduce
+    from analyzer.report import write_report
+    from capture_server.errors import MoetraceError
+
+    try:
+        params = reduce.Params(
+            top_p=top_p, scope=scope, max_pairs=max_pairs, committee_variant=committee_variant
+        )
+        chosen = [a.strip() for a in analyses.split(",") if a.strip()]
+        with Progress(transient=True) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(store: str, done: int, total: int) -> None:
+                if store not in tasks:
+                    tasks[store] = progress.add_task(f"profiling {store}", total=total)
+                progress.update(tasks[store], completed=done)
+
+            tables = pipeline.run(stores, chosen, out, params, block_tokens or None, on_progress)
+        report = write_report(out, tables, {**asdict(params), "analyses": chosen}, stores)
+    except (MoetraceError, ValueError, OSError) as exc:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        typer.echo(f"{type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name, path in tables.items():
+        typer.echo(f"{name}: {path}")
+    typer.echo(f"report: {report}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,133 @@
+"""Ray orchestration: map store blocks to sequence profiles, reduce them to tables.
+
+Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
+its rows once and returns only small profiles; memory stays bounded whatever the store
+size. `ray.init()` joins a cluster when ``RAY_ADDRESS`` is set (as under
+``ray job submit``), and starts a local one otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from analyzer import reduce
+from analyzer.profiles import SequenceProfile, profile_block
+
+ANALYSES = {
+    "usage": "Expert share of top-k slots per layer (heatmap), load entropy and router "
+    "confidence per sequence.",
+    "rollout": "Prompt-vs-rollout usage similarity per sequence; similarity of sample "
+    "pairs through growing rollout windows, cumulative and generated-only.",
+    "overlap": "Top-p (P=0.8) Jaccard and usage cosine of sequence pairs by label "
+    "condition (question / author / seed), with label-shuffle and "
+    "random-routing baselines.",
+    "committee": "Standing committee per layer across `domain` labels: members, coverage, "
+    "influence density ratio, Gini, cross-domain Jaccard.",
+}
+
+
+@dataclass
+class StoreResult:
+    name: str
+    tables: dict[str, pl.DataFrame]
+
+
+def map_profiles(
+    url: str, block_tokens: int | None, on_progress: Callable[[int, int], None]
+) -> list[SequenceProfile]:
+    """Profile every committed sequence of one store with one Ray task per block."""
+    import ray
+
+    from capture_server.store import open_store
+
+    store = open_store(url)
+    blocks = list(store.blocks(block_tokens))
+    task = ray.remote(profile_block)
+    pending = [task.remote(url, b.start, b.stop, list(b.sequence_ids)) for b in blocks]
+    profiles: list[SequenceProfile] = []
+    done = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        profiles.extend(ray.get(ready[0]))
+        done += 1
+        on_progress(done, len(blocks))
+    return sorted(profiles, key=lambda p: p.sequence_id)
+
+
+def analyse_store(
+    url: str,
+    analyses: list[str],
+    params: reduce.Params,
+    block_tokens: int | None = None,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> StoreResult:
+    from capture_server.store import open_store
+
+    store = open_store(url)
+    name = Path(url.rstrip("/")).name
+    profiles = map_profiles(url, block_tokens, on_progress)
+    k, e = int(store.model["top_k"]), int(store.model["num_experts"])
+    tables: dict[str, pl.DataFrame] = {}
+    if "usage" in analyses:
+        tables["usage"] = reduce.usage_table(name, profiles)
+        tables["sequences"] = reduce.sequence_table(name, profiles, params)
+    if "rollout" in analyses:
+        tables["rollout_curve"] = reduce.rollout_curve_table(name, profiles, params)
+        tables.setdefault("sequences", reduce.sequence_table(name, profiles, params))
+    if "overlap" in analyses:
+        tables["conditions"] = reduce.condition_table(name, profiles, params, k)
+    if "committee" in analyses:
+        tables["committee"] = reduce.committee_table(name, profiles, params, k, e)
+    return StoreResult(name=name, tables=tables)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray with the machine's cores."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    runtime_env = {"env_vars": {"PYTHONPATH": root}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False
+        )
+
+
+def run(
+    stores: list[str],
+    analyses: list[str],
+    out: Path,
+    params: reduce.Params,
+    block_tokens: int | None = None,
+    on_progress: Callable[[str, int, int], None] = lambda s, d, t: None,
+) -> dict[str, Path]:
+    """Analyse every store; write one parquet per table (all stores stacked) under `out`."""
+    unknown = sorted(set(analyses) - set(ANALYSES))
+    if unknown:
+        raise ValueError(f"analyses: unknown {unknown}; expected some of {sorted(ANALYSES)}")
+    init_ray()
+    results = [
+        analyse_store(
+            url, analyses, params, block_tokens, lambda d, t, url=url: on_progress(url, d, t)
+        )
+        for url in stores
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    names = sorted({t for r in results for t in r.tables})
+    for table in names:
+        frames = [r.tables[table] for r in results if table in r.tables and len(r.tables[table])]
+        if frames:
+            path = out / f"{table}.parquet"
+            pl.concat(frames, how="diagonal_relaxed").write_parquet(path)
+            written[table] = path
+    return written

@@ -1,0 +1,290 @@
+"""Reduce step: tables from per-sequence profiles (pairs, conditions, curves, committees).
+
+Pure functions of profiles; no Ray, no I/O. Each returns a polars DataFrame.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from analyzer.metrics import committee as cm
+from analyzer.metrics import usage as um
+from analyzer.metrics.baselines import random_routing
+from analyzer.profiles import CHECKPOINTS, SequenceProfile, counts
+
+
+@dataclass(frozen=True)
+class Params:
+    top_p: float = um.TOP_P  # top-p set mass, paper (a) Fig. 6
+    scope: str = (
+        "cumulative"  # token scope of pairwise overlaps: prompt|generated|cumulative|last_token
+    )
+    max_pairs: int = 20000  # pairs sampled per store (bounded memory and time)
+    committee_variant: str = "frequency_weight"  # softmax | frequency | frequency_weight
+    gamma: float = cm.GAMMA  # committee presence threshold
+    coverage_denominator: str = "topk_table"  # topk_table | all_experts
+    seed: int = 0
+
+
+def _freq(c: np.ndarray) -> np.ndarray:
+    total = c.sum(-1, keepdims=True)
+    return np.divide(c, total, out=np.zeros(c.shape), where=total > 0)
+
+
+def usage_table(store: str, profiles: list[SequenceProfile]) -> pl.DataFrame:
+    """Share of top-k slots taken by each expert, per layer, over all rows."""
+    total = sum(p.scope_counts["cumulative"] for p in profiles)
+    share = _freq(total.astype(np.float64))
+    layers, experts = share.shape
+    return pl.DataFrame(
+        {
+            "store": store,
+            "layer": np.repeat(np.arange(layers), experts),
+            "expert": np.tile(np.arange(experts), layers),
+            "share": share.ravel(),
+        }
+    ).with_columns(pl.col("layer").cast(pl.Int32), pl.col("expert").cast(pl.Int32))
+
+
+def sequence_table(store: str, profiles: list[SequenceProfile], params: Params) -> pl.DataFrame:
+    """Per sequence and layer: load entropy, confidence, prompt-vs-rollout similarity."""
+    rows = []
+    for p in profiles:
+        f_all = _freq(p.scope_counts["cumulative"].astype(np.float64))
+        f_prompt = _freq(p.scope_counts["prompt"].astype(np.float64))
+        f_gen = _freq(p.scope_counts["generated"].astype(np.float64))
+        ent = um.load_entropy(f_all)
+        cos = um.cosine(f_prompt, f_gen)
+        jac = um.top_p_jaccard(f_prompt, f_gen, params.top_p)
+        for layer in range(len(ent)):
+            rows.append(
+                {
+                    "store": store,
+                    "sequence_id": p.sequence_id,
+                    "prompt_index": p.prompt_index,
+                    "sample_index": p.sample_index,
+                    "layer": layer,
+                    "rows": p.num_rows,
+                    "entropy": float(ent[layer]),
+                    "confidence": None if p.confidence is None else float(p.confidence[layer]),
+                    "prompt_vs_rollout_cosine": float(cos[layer]),
+                    "prompt_vs_rollout_jaccard": float(jac[layer]),
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def _keys(p: SequenceProfile) -> tuple[object, object, object]:
+    """(question, author, seed) of a sequence; defaults: prompt index, none, sample index."""
+    labels = p.labels
+    return (
+        labels.get("question", p.prompt_index),
+        labels.get("author"),
+        labels.get("seed", p.sample_index),
+    )
+
+
+def condition(a: tuple, b: tuple) -> str:
+    """Relation of two sequences by their (question, author, seed) keys (paper (a) A7)."""
+    (qa, aa, sa), (qb, ab, sb) = a, b
+    same_q, same_a = qa == qb, aa == ab
+    if same_q and same_a:
+        return "same question, same author, other seed" if sa != sb else "identical keys"
+    if same_q:
+        return "same question, other author"
+    if same_a and aa is not None:
+        return "same author, other question"
+    return "other question, other author" if aa is not None else "other question"
+
+
+def _pairs(n: int, max_pairs: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        return list(itertools.combinations(range(n), 2))
+    chosen = set()
+    while len(chosen) < max_pairs:
+        i, j = sorted(rng.choice(n, 2, replace=False).tolist())
+        chosen.add((i, j))
+    return sorted(chosen)
+
+
+def condition_table(
+    store: str, profiles: list[SequenceProfile], params: Params, top_k: int
+) -> pl.DataFrame:
+    """Mean top-p Jaccard and usage cosine per (condition, layer), with two chance levels.
+
+    ``label shuffle``: the same pairs with the (question, author, seed) keys permuted
+    across sequences. ``random routing``: pairs of sequences of the same lengths routed
+    uniformly at random.
+    """
+    rng = np.random.default_rng(params.seed)
+    f = np.stack([_freq(p.scope_counts[params.scope].astype(np.float64)) for p in profiles])
+    keys = [_keys(p) for p in profiles]
+    shuffled = [keys[i] for i in rng.permutation(len(keys))]
+    rows = []
+    pairs = _pairs(len(profiles), params.max_pairs, rng)
+    if not pairs:
+        return pl.DataFrame()
+    ia, ib = np.array(pairs).T
+    jac = um.top_p_jaccard(f[ia], f[ib], params.top_p)  # (pairs, layers)
+    cos = um.cosine(f[ia], f[ib])
+    for label, key_list in (("observed", keys), ("label shuffle", shuffled)):
+        conds = np.array([condition(key_list[i], key_list[j]) for i, j in pairs])
+        for cond in np.unique(conds):
+            sel = conds == cond
+            for layer in range(f.shape[1]):
+                rows.append(
+                    {
+                        "store": store,
+                        "baseline": label,
+                        "condition": str(cond),
+                        "layer": layer,
+                        "pairs": int(sel.sum()),
+                        "jaccard": float(jac[sel, layer].mean()),
+                        "cosine": float(cos[sel, layer].mean()),
+                    }
+                )
+    # random routing: same sequence lengths, uniform routing
+    layers, experts = f.shape[1], f.shape[2]
+    sample = pairs[: min(len(pairs), 500)]
+    rj, rc = [], []
+    for i, j in sample:
+        fa = _freq(
+            counts(
+                random_routing(max(profiles[i].num_rows, 1), layers, experts, top_k, rng), experts
+            ).astype(np.float64)
+        )
+        fb = _freq(
+            counts(
+                random_routing(max(profiles[j].num_rows, 1), layers, experts, top_k, rng), experts
+            ).astype(np.float64)
+        )
+        rj.append(um.top_p_jaccard(fa, fb, params.top_p))
+        rc.append(um.cosine(fa, fb))
+    for layer in range(layers):
+        rows.append(
+            {
+                "store": store,
+                "baseline": "random routing",
+                "condition": "any",
+                "layer": layer,
+                "pairs": len(sample),
+                "jaccard": float(np.mean([r[layer] for r in rj])),
+                "cosine": float(np.mean([r[layer] for r in rc])),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def rollout_curve_table(
+    store: str, profiles: list[SequenceProfile], params: Params
+) -> pl.DataFrame:
+    """Usage similarity of sample pairs through the rollout (paper (a) A6), both scopes.
+
+    Pairs: samples of the same prompt, and (as contrast) first samples of different
+    prompts. Checkpoint 0 of the cumulative scope is the prompt boundary.
+    """
+    rng = np.random.default_rng(params.seed)
+    by_prompt: dict[int, list[int]] = {}
+    for i, p in enumerate(profiles):
+        by_prompt.setdefault(p.prompt_index, []).append(i)
+    same = [pair for idx in by_prompt.values() for pair in itertools.combinations(idx, 2)]
+    firsts = [idx[0] for idx in by_prompt.values()]
+    other = list(itertools.combinations(firsts, 2))
+    rows = []
+    for relation, pairs in (("same prompt", same), ("other prompt", other)):
+        if len(pairs) > params.max_pairs:
+            pairs = [pairs[i] for i in rng.choice(len(pairs), params.max_pairs, replace=False)]
+        for scope in ("cumulative", "generated"):
+            if not pairs:
+                continue
+            a = np.stack([profiles[i].checkpoint_counts[scope] for i, _ in pairs])
+            b = np.stack([profiles[j].checkpoint_counts[scope] for _, j in pairs])
+            fa, fb = _freq(a.astype(np.float64)), _freq(b.astype(np.float64))
+            cos = um.cosine(fa, fb).mean(0)  # (checkpoints, layers)
+            jac = um.top_p_jaccard(fa, fb, params.top_p).mean(0)
+            for ci, g in enumerate(CHECKPOINTS):
+                if scope == "generated" and g == 0:
+                    continue
+                for layer in range(cos.shape[1]):
+                    rows.append(
+                        {
+                            "store": store,
+                            "relation": relation,
+                            "scope": scope,
+                            "rollout_tokens": g,
+                            "layer": layer,
+                            "pairs": len(pairs),
+                            "cosine": float(cos[ci, layer]),
+                            "jaccard": float(jac[ci, layer]),
+                        }
+                    )
+    return pl.DataFrame(rows)
+
+
+def domain_contributions(
+    profiles: list[SequenceProfile], variant: str, num_experts: int
+) -> tuple[list[str], np.ndarray]:
+    """(domains, c) with c of shape (layers, domains, experts) from last prompt tokens."""
+    groups: dict[str, list[SequenceProfile]] = {}
+    for p in profiles:
+        if "domain" in p.labels and p.last_ids is not None:
+            groups.setdefault(str(p.labels["domain"]), []).append(p)
+    domains = sorted(groups)
+    if not domains:
+        return [], np.zeros((0, 0, num_experts))
+    layers = groups[domains[0]][0].last_ids.shape[0]
+    c = np.zeros((layers, len(domains), num_experts))
+    for d, name in enumerate(domains):
+        members = groups[name]
+        ids = np.stack([p.last_ids for p in members])  # (N, layers, k)
+        for layer in range(layers):
+            if variant == "frequency":
+                c[layer, d] = cm.eci_frequency(ids[:, layer], num_experts)
+            elif variant == "frequency_weight":
+                w = np.stack([p.last_weights for p in members])[:, layer]
+                c[layer, d] = cm.eci_frequency_weight(ids[:, layer], w, num_experts)
+            elif variant == "softmax":
+                if any(p.last_probs is None for p in members):
+                    raise ValueError("committee_variant=softmax needs stored router logits")
+                c[layer, d] = np.stack([p.last_probs[layer] for p in members]).mean(0)
+            else:
+                raise ValueError(
+                    f"committee_variant: expected softmax, frequency or "
+                    f"frequency_weight, got {variant!r}"
+                )
+    return domains, c
+
+
+def committee_table(
+    store: str, profiles: list[SequenceProfile], params: Params, top_k: int, num_experts: int
+) -> pl.DataFrame:
+    """Standing committee per layer across `domain` labels (paper (b) Stage III, B1-B5)."""
+    domains, c = domain_contributions(profiles, params.committee_variant, num_experts)
+    rows = []
+    for layer in range(c.shape[0]):
+        com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
+        jac = cm.cross_domain_jaccard(c[layer], top_k)
+        off = jac[~np.eye(len(domains), dtype=bool)] if len(domains) > 1 else np.array([1.0])
+        rows.append(
+            {
+                "store": store,
+                "layer": layer,
+                "domains": len(domains),
+                "variant": params.committee_variant,
+                "members": com.members,
+                "size": len(com.members),
+                "avg_mean_rank": float(np.mean(com.mean_rank)),
+                "avg_rank_var": float(np.mean(com.rank_var)),
+                "coverage": com.coverage,
+                "ratio": com.ratio,
+                "gini": float(um.gini(c[layer].mean(0))),
+                "jaccard_min": float(off.min()),
+                "jaccard_mean": float(off.mean()),
+            }
+        )
+    return pl.DataFrame(rows)

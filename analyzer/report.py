@@ -1,0 +1,155 @@
+"""Plots in the spirit of the papers' figures, and a self-contained HTML report."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def plot_usage_heatmaps(usage: pl.DataFrame, out: Path) -> list[Path]:
+    paths = []
+    for store in usage["store"].unique().sort().to_list():
+        u = usage.filter(pl.col("store") == store)
+        layers, experts = u["layer"].max() + 1, u["expert"].max() + 1
+        grid = np.zeros((layers, experts))
+        grid[u["layer"].to_numpy(), u["expert"].to_numpy()] = u["share"].to_numpy()
+        fig, ax = plt.subplots(figsize=(max(4, experts * 0.25), max(2.5, layers * 0.3)))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{store}: share of top-k slots")
+        fig.colorbar(im, ax=ax)
+        path = out / f"usage_{store}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_rollout_curves(curve: pl.DataFrame, out: Path) -> list[Path]:
+    paths = []
+    for store in curve["store"].unique().sort().to_list():
+        c = curve.filter((pl.col("store") == store) & (pl.col("scope") == "cumulative"))
+        layers = sorted(c["layer"].unique().to_list())
+        fig, axes = plt.subplots(
+            1, len(layers), figsize=(3.2 * len(layers), 3), sharey=True, squeeze=False
+        )
+        for ax, layer in zip(axes[0], layers, strict=True):
+            for relation in sorted(c["relation"].unique().to_list()):
+                s = c.filter((pl.col("layer") == layer) & (pl.col("relation") == relation))
+                s = s.sort("rollout_tokens")
+                ax.plot(s["rollout_tokens"], s["cosine"], marker="o", label=relation)
+            ax.axvline(0, color="gray", linestyle="--", label="prompt boundary")
+            ax.set(title=f"layer {layer}", xlabel="rollout tokens", xscale="symlog")
+        axes[0][0].set_ylabel("usage cosine (prompt + rollout)")
+        axes[0][-1].legend(fontsize=7)
+        path = out / f"rollout_{store}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_conditions(cond: pl.DataFrame, out: Path) -> list[Path]:
+    paths = []
+    for store in cond["store"].unique().sort().to_list():
+        c = cond.filter(pl.col("store") == store)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for (baseline, condition), s in c.group_by(["baseline", "condition"]):
+            s = s.sort("layer")
+            style = "-" if baseline == "observed" else ":"
+            ax.plot(s["layer"], s["jaccard"], style, marker="o", label=f"{condition} ({baseline})")
+        ax.set(
+            xlabel="MoE layer",
+            ylabel="top-p Jaccard (P=0.8)",
+            title=f"{store}: expert overlap by condition",
+        )
+        ax.legend(fontsize=6)
+        path = out / f"conditions_{store}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_committee(com: pl.DataFrame, out: Path) -> list[Path]:
+    paths = []
+    for store in com["store"].unique().sort().to_list():
+        c = com.filter(pl.col("store") == store).sort("layer")
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(c["layer"], c["coverage"], color="tab:blue", label="coverage")
+        ax.set(xlabel="MoE layer", ylabel="committee coverage", ylim=(0, 1))
+        ax2 = ax.twinx()
+        ax2.plot(c["layer"], c["ratio"], color="tab:red", marker="o", label="ratio")
+        ax2.set_ylabel("influence density ratio (x)")
+        ax.set_title(f"{store}: standing committee")
+        path = out / f"committee_{store}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _table_html(frame: pl.DataFrame, limit: int = 30) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = []
+    for row in frame.head(limit).iter_rows():
+        cells = []
+        for v in row:
+            text = f"{v:.4g}" if isinstance(v, float) else str(v)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = (
+        f"<p>{len(frame) - limit} more rows in the parquet file.</p>" if len(frame) > limit else ""
+    )
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
+
+
+def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[str]) -> Path:
+    """Plots for the tables present and one HTML page linking everything."""
+    frames = {name: pl.read_parquet(path) for name, path in tables.items()}
+    plots: list[Path] = []
+    if "usage" in frames:
+        plots += plot_usage_heatmaps(frames["usage"], out)
+    if "rollout_curve" in frames:
+        plots += plot_rollout_curves(frames["rollout_curve"], out)
+    if "conditions" in frames:
+        plots += plot_conditions(frames["conditions"], out)
+    if "committee" in frames:
+        plots += plot_committee(frames["committee"], out)
+    sections = [
+        "<h1>moetrace routing report</h1>",
+        f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",
+        "<h2>Parameters</h2>",
+        f"<pre>{html.escape(json.dumps(params, indent=2, default=str))}</pre>",
+        "<h2>Plots</h2>",
+        *[
+            f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
+            for p in plots
+        ],
+        "<h2>Tables</h2>",
+    ]
+    for name, path in tables.items():
+        frame = frames[name]
+        if name == "committee":
+            frame = frame.with_columns(pl.col("members").cast(pl.List(pl.String)).list.join(","))
+        sections.append(f'<h3>{name} (<a href="{path.name}">{path.name}</a>)</h3>')
+        sections.append(_table_html(frame))
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px}img{max-width:100%}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>moetrace report</title>"
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    )
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,111 @@
+"""Capture -> store -> analyzer on the planted specimen recovers the planted truth exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from analyzer import pipeline, reduce
+from analyzer.metrics import usage as um
+from capture_server.specimens.planted import planted_topk
+
+DOMAINS = ["math", "code", "law"]
+LAST = 77  # every prompt ends with this token: the committee's token (paper (b) uses the last)
+
+
+@pytest.fixture(scope="module")
+def planted_store(specimen, tmp_path_factory):
+    from capture_server.capture.api import CaptureEngine
+
+    rng = np.random.default_rng(11)
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe", planted=True)), dtype="float32", max_model_len=512
+    )
+    vocab = len(engine.tokenizer)
+    prompts, labels = [], []
+    for q in range(12):
+        prompts.append(rng.integers(1, vocab, size=rng.integers(5, 40)).tolist() + [LAST])
+        labels.append({"domain": DOMAINS[q % 3], "question": q // 2, "author": f"m{q % 2}"})
+    path = tmp_path_factory.mktemp("planted") / "store"
+    try:
+        engine.generate_to_store(
+            prompts,
+            str(path),
+            labels=labels,
+            max_tokens=16,
+            temperature=0.0,
+            ignore_eos=True,
+            store_options={"logits_dtype": "float32"},
+        )
+    finally:
+        engine.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def analysis(planted_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    params = reduce.Params(committee_variant="softmax")
+    tables = pipeline.run([planted_store], list(pipeline.ANALYSES), out, params, block_tokens=128)
+    return {name: pl.read_parquet(path) for name, path in tables.items()}
+
+
+def _planted_counts(store_path: str) -> dict[int, np.ndarray]:
+    """Per sequence: (layers, experts) counts from the planted rule on the stored tokens."""
+    from capture_server.store import open_store
+
+    store = open_store(store_path)
+    out = {}
+    for sid in store.index["sequence_id"].to_list():
+        tokens = store.sequence(sid, ("token_ids",))["token_ids"]
+        c = np.zeros((4, 8))
+        for layer in range(4):
+            c[layer] = np.bincount(planted_topk(tokens, layer).ravel(), minlength=8)
+        out[sid] = c
+    return out
+
+
+def test_usage_equals_planted(planted_store, analysis):
+    truth = sum(_planted_counts(planted_store).values())
+    truth = truth / truth.sum(1, keepdims=True)
+    got = analysis["usage"].sort(["layer", "expert"])["share"].to_numpy().reshape(4, 8)
+    np.testing.assert_allclose(got, truth, atol=1e-12)
+
+
+def test_overlaps_equal_planted(planted_store, analysis):
+    truth = _planted_counts(planted_store)
+    ids = sorted(truth)
+    f = {s: truth[s] / truth[s].sum(1, keepdims=True) for s in ids}
+    want = np.mean(
+        [um.top_p_jaccard(f[a], f[b]) for i, a in enumerate(ids) for b in ids[i + 1 :]], axis=0
+    )
+    observed = analysis["conditions"].filter(pl.col("baseline") == "observed")
+    weighted = (
+        observed.group_by("layer")
+        .agg(((pl.col("jaccard") * pl.col("pairs")).sum() / pl.col("pairs").sum()).alias("j"))
+        .sort("layer")
+    )
+    np.testing.assert_allclose(weighted["j"].to_numpy(), want, atol=1e-12)
+    assert set(analysis["conditions"]["baseline"]) == {
+        "observed",
+        "label shuffle",
+        "random routing",
+    }
+
+
+def test_committee_is_the_planted_expert_of_the_shared_last_token(analysis):
+    com = analysis["committee"].sort("layer")
+    for row in com.iter_rows(named=True):
+        first, _ = planted_topk(np.array([LAST]), row["layer"])[0]
+        assert row["members"] == [first]
+        assert row["domains"] == 3
+        assert row["coverage"] > 0.99
+        assert row["jaccard_min"] == 1.0  # every domain has the same top-2
+
+
+def test_rollout_curve_starts_at_the_prompt_boundary(analysis):
+    curve = analysis["rollout_curve"]
+    assert curve.filter(pl.col("scope") == "cumulative")["rollout_tokens"].min() == 0
+    assert set(curve["relation"]) == {"other prompt"}  # one sample per prompt
+    assert curve["cosine"].is_between(0, 1 + 1e-9).all()
