@@ -20,9 +20,7 @@ from analyzer.profiles import CHECKPOINTS, SequenceProfile, counts
 @dataclass(frozen=True)
 class Params:
     top_p: float = um.TOP_P  # top-p set mass, paper (a) Fig. 6
-    scope: str = (
-        "cumulative"  # token scope of pairwise overlaps: prompt|generated|cumulative|last_token
-    )
+    scope: str = "cumulative"  # pair overlap scope: prompt|generated|cumulative|last_token
     max_pairs: int = 20000  # pairs sampled per store (bounded memory and time)
     committee_variant: str = "frequency_weight"  # softmax | frequency | frequency_weight
     gamma: float = cm.GAMMA  # committee presence threshold
