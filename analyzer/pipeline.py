@@ -2,8 +2,8 @@
 
 Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
 its rows once and returns only small profiles; memory stays bounded whatever the store
-size. `ray.init()` joins a cluster when ``RAY_ADDRESS`` is set (as under
-``ray job submit``), and starts a local one otherwise.
+size. Ray joins the cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and
+starts a local one otherwise.
 """
 
 from __future__ import annotations
@@ -97,8 +97,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=False)
     else:
+        # "local": never attach to a cluster that an earlier `ray start` left registered
         ray.init(
-            num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=False,
         )
 
 

@@ -1,4 +1,4 @@
-"""End-to-end demo: build a tiny MoE, capture a rollout into a routing store, summarise it.
+"""End-to-end demo: build a tiny MoE, capture a rollout into a routing store, analyse it.
 
 python -m capture_server.demo [--out demo-out]
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 PROMPTS = [
@@ -34,7 +36,7 @@ def main() -> None:
     from capture_server.specimens import build_specimen
 
     model = build_specimen("qwen3_moe", out / "model")
-    print(f"[1/3] built tiny Qwen3-MoE specimen at {model}")
+    print(f"[1/4] built tiny Qwen3-MoE specimen at {model}")
 
     from capture_server.capture.api import CaptureEngine
 
@@ -52,22 +54,8 @@ def main() -> None:
         ignore_eos=True,
     )
     engine.close()
-    print(
-        f"[2/3] captured {len(store.index)} sequences, {store.num_tokens} token rows "
-        f"into {store_path}"
-    )
-
-    import numpy as np
-
-    usage = np.zeros((len(store.model["moe_layers"]), store.model["num_experts"]))
-    for block in store.blocks():
-        ids = store.read_rows(block.start, block.stop, ("topk_ids",))["topk_ids"]
-        for layer in range(usage.shape[0]):
-            usage[layer] += np.bincount(ids[:, layer].ravel(), minlength=usage.shape[1])
-    usage /= usage.sum(axis=1, keepdims=True)
-    print("[3/3] expert usage per MoE layer (share of top-k slots):")
-    for layer, row in enumerate(usage):
-        print(f"  layer {layer}: " + " ".join(f"{x:4.2f}" for x in row))
+    print(f"[2/4] captured {len(store.index)} sequences, {store.num_tokens} token rows")
+    print(f"[3/4] routing store at {store_path}:")
     print(
         store.index.select(
             "sequence_id",
@@ -76,8 +64,25 @@ def main() -> None:
             "num_rows",
             "label_domain",
             "finish_reason",
-        ).head(8)
+        ).head(6)
     )
+
+    analysis = out / "analysis"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analyzer",
+            "run",
+            str(store_path),
+            "--out",
+            str(analysis),
+            "--committee-variant",
+            "softmax",
+        ],
+        check=True,
+    )
+    print(f"[4/4] analysis tables, plots and report: {analysis / 'report.html'}")
 
 
 if __name__ == "__main__":

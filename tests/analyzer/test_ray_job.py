@@ -40,10 +40,29 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--dashboard-host", "127.0.0.1", "--port", str(port), "--dashboard-port", str(dash),
-         "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -73,10 +92,29 @@ def test_ray_job_submit_runs_the_analyzer(ray_head, tmp_path):
     write_all(store, [f"seq-{i}" for i in range(30)])
     out = tmp_path / "out"
     done = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "-m", "analyzer", "run", str(store), "--out", str(out),
-         "--analyses", "usage,overlap,committee"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "-m",
+            "analyzer",
+            "run",
+            str(store),
+            "--out",
+            str(out),
+            "--analyses",
+            "usage,overlap,committee",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
