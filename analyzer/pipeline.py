@@ -46,9 +46,22 @@ def map_profiles(
     from capture_server.store import open_store
 
     store = open_store(url)
+    if block_tokens is None:  # about four tasks per CPU, whole chunks at least
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        block_tokens = max(store.chunk_tokens, -(-store.num_tokens // (4 * cpus)))
     blocks = list(store.blocks(block_tokens))
     task = ray.remote(profile_block)
-    pending = [task.remote(url, b.start, b.stop, list(b.sequence_ids)) for b in blocks]
+    columns = (
+        "sequence_id",
+        "prompt_index",
+        "sample_index",
+        "prompt_len",
+        "token_offset",
+        "num_rows",
+        "labels",
+    )
+    rows = {r["sequence_id"]: r for r in store.index.select(columns).iter_rows(named=True)}
+    pending = [task.remote(url, b.start, b.stop, [rows[s] for s in b.sequence_ids]) for b in blocks]
     profiles: list[SequenceProfile] = []
     done = 0
     while pending:

@@ -43,61 +43,91 @@ class SequenceProfile:
     confidence: np.ndarray | None = None  # (layers,) mean max-softmax over all rows
 
 
-def profile_sequence(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> SequenceProfile:
-    """Profile of one sequence from its index row `meta` and its arrays."""
-    e = int(meta["num_experts"])
-    ids = arrays["topk_ids"]
-    positions = arrays["positions"]
-    p = int(np.searchsorted(positions, meta["prompt_len"]))  # rows before the boundary
-    scope = {
-        "prompt": counts(ids[:p], e),
-        "generated": counts(ids[p:], e),
-        "cumulative": counts(ids, e),
-        "last_token": counts(ids[max(p - 1, 0) : p], e),
-    }
-    cps = {}
-    for name, base in (("cumulative", 0), ("generated", p)):
-        # windows grow with g; past the end of the sequence they stop growing
-        cps[name] = np.stack([counts(ids[base : p + g], e) for g in CHECKPOINTS])
-    profile = SequenceProfile(
-        sequence_id=int(meta["sequence_id"]),
-        prompt_index=int(meta["prompt_index"]),
-        sample_index=int(meta["sample_index"]),
-        prompt_len=int(meta["prompt_len"]),
-        num_rows=len(ids),
-        labels=dict(meta["labels"]),
-        scope_counts=scope,
-        checkpoint_counts=cps,
-    )
-    if p > 0:
-        profile.last_ids = ids[p - 1]
-        profile.last_weights = arrays["topk_weights"][p - 1].astype(np.float64)
-    logits = arrays.get("router_logits")
-    if logits is not None and len(logits) and not np.isnan(logits[0, 0, 0]):
-        probs = softmax(logits.astype(np.float64))
-        profile.confidence = probs.max(-1).mean(0)
-        if p > 0:
-            profile.last_probs = probs[p - 1]
-    return profile
+def profile_rows(
+    sequences: list[dict[str, Any]], rows: dict[str, np.ndarray], start: int, num_experts: int
+) -> list[SequenceProfile]:
+    """Profiles of `sequences` from the block's rows (which begin at token `start`).
+
+    Vectorised over the whole block: one bincount over (sequence, window increment,
+    layer, expert) gives every scope and every rollout checkpoint at once.
+    """
+    ids = rows["topk_ids"]  # (R, L, k)
+    positions = rows["positions"]
+    n_rows, layers, _ = ids.shape
+    e, nb = num_experts, len(CHECKPOINTS) + 1
+    seq_of_row = np.full(n_rows, -1, dtype=np.int64)
+    rollout_index = np.zeros(n_rows, dtype=np.int64)  # rows after the prompt boundary
+    prompt_rows = np.zeros(len(sequences), dtype=np.int64)
+    for i, row in enumerate(sequences):
+        a = row["token_offset"] - start
+        b = a + row["num_rows"]
+        seq_of_row[a:b] = i
+        prompt_rows[i] = np.searchsorted(positions[a:b], row["prompt_len"])
+        rollout_index[a:b] = np.arange(b - a) - prompt_rows[i]
+    valid = seq_of_row >= 0
+    # bucket 0: prompt rows; bucket j: rollout rows in [CHECKPOINTS[j-1], CHECKPOINTS[j])
+    bucket = np.searchsorted(np.array(CHECKPOINTS), rollout_index, side="right")
+    base = (seq_of_row * nb + bucket)[valid] * (layers * e)
+    keys = base[:, None, None] + (np.arange(layers) * e)[None, :, None] + ids[valid]
+    grid = np.bincount(keys.ravel(), minlength=len(sequences) * nb * layers * e)
+    grid = grid.reshape(len(sequences), nb, layers, e)  # (S, buckets, L, E)
+    cumulative_cp = np.cumsum(grid[:, : nb - 1], axis=1)  # windows at each checkpoint
+
+    logits = rows.get("router_logits")
+    has_logits = logits is not None and n_rows and not np.isnan(logits[0, 0, 0])
+    profiles = []
+    for i, row in enumerate(sequences):
+        a = row["token_offset"] - start
+        p = int(prompt_rows[i])
+        prompt = grid[i, 0]
+        everything = grid[i].sum(0)
+        last = ids[a + p - 1] if p > 0 else None
+        scope = {
+            "prompt": prompt,
+            "generated": everything - prompt,
+            "cumulative": everything,
+            "last_token": counts(last[None], e) if last is not None else np.zeros_like(prompt),
+        }
+        profile = SequenceProfile(
+            sequence_id=int(row["sequence_id"]),
+            prompt_index=int(row["prompt_index"]),
+            sample_index=int(row["sample_index"]),
+            prompt_len=int(row["prompt_len"]),
+            num_rows=int(row["num_rows"]),
+            labels=dict(row["labels"]),
+            scope_counts=scope,
+            checkpoint_counts={
+                "cumulative": cumulative_cp[i],
+                "generated": cumulative_cp[i] - prompt[None],
+            },
+        )
+        if last is not None:
+            profile.last_ids = last
+            profile.last_weights = rows["topk_weights"][a + p - 1].astype(np.float64)
+        if has_logits:
+            seq_logits = logits[a : a + row["num_rows"]].astype(np.float64)
+            probs = softmax(seq_logits)
+            profile.confidence = probs.max(-1).mean(0)
+            if p > 0:
+                profile.last_probs = probs[p - 1]
+        profiles.append(profile)
+    return profiles
 
 
 def profile_block(
-    url: str, start: int, stop: int, sequence_ids: list[int]
+    url: str, start: int, stop: int, sequences: list[dict[str, Any]]
 ) -> list[SequenceProfile]:
-    """Map task: read rows ``[start, stop)`` once and profile each listed sequence."""
+    """Map task: read rows ``[start, stop)`` once and profile each sequence in it.
+
+    `sequences` are the block's index rows, sent by the driver so that tasks never read
+    the index themselves.
+    """
     import json
 
     from capture_server.store import open_store
 
-    store = open_store(url)
-    rows = store.read_rows(start, stop, ("topk_ids", "topk_weights", "positions", "router_logits"))
-    index = store.index.filter(store.index["sequence_id"].is_in(sequence_ids))
-    out = []
-    for row in index.iter_rows(named=True):
-        a = row["token_offset"] - start
-        b = a + row["num_rows"]
-        meta = dict(
-            row, num_experts=store.model["num_experts"], labels=json.loads(row["labels"] or "{}")
-        )
-        out.append(profile_sequence(meta, {k: v[a:b] for k, v in rows.items()}))
-    return out
+    store = open_store(url, read_index=False)
+    names = ("topk_ids", "topk_weights", "positions", "router_logits")
+    rows = store.read_rows(start, stop, names)
+    metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
+    return profile_rows(metas, rows, start, int(store.model["num_experts"]))

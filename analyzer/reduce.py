@@ -205,9 +205,10 @@ def rollout_curve_table(
             fa, fb = _freq(a.astype(np.float64)), _freq(b.astype(np.float64))
             cos = um.cosine(fa, fb).mean(0)  # (checkpoints, layers)
             jac = um.top_p_jaccard(fa, fb, params.top_p).mean(0)
+            longest = max(profiles[i].num_rows - profiles[i].prompt_len for i, _ in pairs)
             for ci, g in enumerate(CHECKPOINTS):
-                if scope == "generated" and g == 0:
-                    continue
+                if (scope == "generated" and g == 0) or (ci > 0 and CHECKPOINTS[ci - 1] >= longest):
+                    continue  # windows past the longest rollout repeat the last point
                 for layer in range(cos.shape[1]):
                     rows.append(
                         {

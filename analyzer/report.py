@@ -46,7 +46,8 @@ def plot_rollout_curves(curve: pl.DataFrame, out: Path) -> list[Path]:
                 s = s.sort("rollout_tokens")
                 ax.plot(s["rollout_tokens"], s["cosine"], marker="o", label=relation)
             ax.axvline(0, color="gray", linestyle="--", label="prompt boundary")
-            ax.set(title=f"layer {layer}", xlabel="rollout tokens", xscale="symlog")
+            ax.set_xscale("symlog", linthresh=4)
+            ax.set(title=f"layer {layer}", xlabel="rollout tokens", xlim=(0, None))
         axes[0][0].set_ylabel("usage cosine (prompt + rollout)")
         axes[0][-1].legend(fontsize=7)
         path = out / f"rollout_{store}.png"

@@ -137,8 +137,10 @@ class RoutingStore:
             i = j
 
 
-def open_store(path_or_url: str | Path) -> RoutingStore:
+def open_store(path_or_url: str | Path, *, read_index: bool = True) -> RoutingStore:
     """Open a routing store for reading.
+
+    `read_index=False` leaves `index` empty: for workers that are told which rows to read.
 
     Raises:
         StoreNotFoundError: nothing at the path.
@@ -161,13 +163,13 @@ def open_store(path_or_url: str | Path) -> RoutingStore:
             f"{url}: format version {attrs.get('format_version')}, this moetrace reads "
             f"version {FORMAT_VERSION}"
         )
-    index = read_index_parts(store)
+    index = read_index_parts(store) if read_index else None
     if index is None:
         from capture_server.store.writer import INDEX_SCHEMA
 
         index = pl.DataFrame(schema=INDEX_SCHEMA)
     index = index.unique("sequence_id", keep="first").sort("sequence_id")
-    info = read_index_parts(store, INFO_PREFIX)
+    info = read_index_parts(store, INFO_PREFIX) if read_index else None
     if info is not None and len(info):
         info = info.unique(["request_id", "sample_index"], keep="last")
         index = index.join(info, on=["request_id", "sample_index"], how="left")
