@@ -37,6 +37,23 @@ class StoreResult:
     tables: dict[str, pl.DataFrame]
 
 
+CURVE_PROMPTS = 64  # first samples of this many prompts form the "other prompt" curves
+
+
+def curve_sequences(index: pl.DataFrame) -> set[int]:
+    """Sequences the rollout curves need: every sample of prompts sampled more than once,
+    and the first sample of the first `CURVE_PROMPTS` prompts."""
+    multi = index.group_by("prompt_index").len().filter(pl.col("len") > 1)["prompt_index"]
+    same = index.filter(pl.col("prompt_index").is_in(multi.implode()))["sequence_id"]
+    firsts = (
+        index.sort("prompt_index", "sample_index")
+        .group_by("prompt_index", maintain_order=True)
+        .first()
+        .head(CURVE_PROMPTS)["sequence_id"]
+    )
+    return set(same.to_list()) | set(firsts.to_list())
+
+
 def map_profiles(
     url: str, block_tokens: int | None, on_progress: Callable[[int, int], None]
 ) -> list[SequenceProfile]:
@@ -61,6 +78,9 @@ def map_profiles(
         "labels",
     )
     rows = {r["sequence_id"]: r for r in store.index.select(columns).iter_rows(named=True)}
+    curve = curve_sequences(store.index)
+    for sid, row in rows.items():
+        row["curve"] = sid in curve
     pending = [task.remote(url, b.start, b.stop, [rows[s] for s in b.sequence_ids]) for b in blocks]
     profiles: list[SequenceProfile] = []
     done = 0

@@ -7,7 +7,7 @@ are small (scopes x layers x experts), so the reduce step never touches token ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,10 @@ class SequenceProfile:
     prompt_len: int
     num_rows: int
     labels: dict[str, Any]
-    scope_counts: dict[str, np.ndarray]  # scope -> (layers, experts) int
-    checkpoint_counts: dict[str, np.ndarray] = field(default_factory=dict)
-    """``cumulative``/``generated`` -> (checkpoints, layers, experts) int."""
+    scope_counts: dict[str, np.ndarray]  # scope -> (layers, experts) int32
+    checkpoints: np.ndarray | None = None
+    """(checkpoints, layers, experts) int32 counts of the cumulative windows; only for
+    sequences the rollout curves pair up (see `pipeline.curve_sequences`)."""
     last_ids: np.ndarray | None = None  # (layers, k) of the last prompt token
     last_weights: np.ndarray | None = None
     last_probs: np.ndarray | None = None  # (layers, experts) full softmax, when logits exist
@@ -70,7 +71,7 @@ def profile_rows(
     base = (seq_of_row * nb + bucket)[valid] * (layers * e)
     keys = base[:, None, None] + (np.arange(layers) * e)[None, :, None] + ids[valid]
     grid = np.bincount(keys.ravel(), minlength=len(sequences) * nb * layers * e)
-    grid = grid.reshape(len(sequences), nb, layers, e)  # (S, buckets, L, E)
+    grid = grid.reshape(len(sequences), nb, layers, e).astype(np.int32)  # (S, buckets, L, E)
     cumulative_cp = np.cumsum(grid[:, : nb - 1], axis=1)  # windows at each checkpoint
 
     logits = rows.get("router_logits")
@@ -96,10 +97,7 @@ def profile_rows(
             num_rows=int(row["num_rows"]),
             labels=dict(row["labels"]),
             scope_counts=scope,
-            checkpoint_counts={
-                "cumulative": cumulative_cp[i],
-                "generated": cumulative_cp[i] - prompt[None],
-            },
+            checkpoints=cumulative_cp[i] if row.get("curve", True) else None,
         )
         if last is not None:
             profile.last_ids = last

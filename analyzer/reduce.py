@@ -178,6 +178,12 @@ def condition_table(
     return pl.DataFrame(rows)
 
 
+def _windows(p: SequenceProfile, scope: str) -> np.ndarray:
+    """Checkpoint window counts of one sequence: cumulative, or without the prompt."""
+    assert p.checkpoints is not None
+    return p.checkpoints if scope == "cumulative" else p.checkpoints - p.scope_counts["prompt"]
+
+
 def rollout_curve_table(
     store: str, profiles: list[SequenceProfile], params: Params
 ) -> pl.DataFrame:
@@ -189,7 +195,8 @@ def rollout_curve_table(
     rng = np.random.default_rng(params.seed)
     by_prompt: dict[int, list[int]] = {}
     for i, p in enumerate(profiles):
-        by_prompt.setdefault(p.prompt_index, []).append(i)
+        if p.checkpoints is not None:
+            by_prompt.setdefault(p.prompt_index, []).append(i)
     same = [pair for idx in by_prompt.values() for pair in itertools.combinations(idx, 2)]
     firsts = [idx[0] for idx in by_prompt.values()]
     other = list(itertools.combinations(firsts, 2))
@@ -200,8 +207,8 @@ def rollout_curve_table(
         for scope in ("cumulative", "generated"):
             if not pairs:
                 continue
-            a = np.stack([profiles[i].checkpoint_counts[scope] for i, _ in pairs])
-            b = np.stack([profiles[j].checkpoint_counts[scope] for _, j in pairs])
+            a = np.stack([_windows(profiles[i], scope) for i, _ in pairs])
+            b = np.stack([_windows(profiles[j], scope) for _, j in pairs])
             fa, fb = _freq(a.astype(np.float64)), _freq(b.astype(np.float64))
             cos = um.cosine(fa, fb).mean(0)  # (checkpoints, layers)
             jac = um.top_p_jaccard(fa, fb, params.top_p).mean(0)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run every benchmark on an otherwise idle machine; JSON results go to docs/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+mkdir -p docs/results
+export RAY_AUTH_MODE=disabled
+.venv/bin/python bench/capture_throughput.py --rounds 3 --out docs/results/capture.json
+.venv/bin/python bench/store_throughput.py --rows 20000 --out docs/results/store.json
+.venv/bin/python bench/analyzer_throughput.py --tokens 3200000 --out docs/results/analyzer.json
