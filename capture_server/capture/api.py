@@ -157,7 +157,8 @@ class CaptureEngine:
 
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
-        outputs = self._run(prompts, sampling, labels, sink=store, store=store_options or {})
+        options = {"hidden_layers": list(self.hidden_layers), **(store_options or {})}
+        outputs = self._run(prompts, sampling, labels, sink=store, store=options)
         write_annotations(
             store,
             [
@@ -197,6 +198,7 @@ class CaptureEngine:
                 sink=sink,
                 sequence=key,
                 n=p.n,
+                hidden_layers=self.hidden_layers,
                 prompt_index=i,
                 labels=dict(labels[i]) if labels else {},
                 store=dict(store or {}),

@@ -20,14 +20,12 @@ class CaptureOptions:
     """Sink URL in the worker, e.g. ``memory://name`` (one-process mode) or a store path."""
     sequence: str = ""
     """Caller's sequence key; the request id is used when empty."""
-    ids: bool = True
-    """Top-k expert ids."""
-    weights: bool = True
-    """Top-k gate weights as the model multiplies the expert outputs by them."""
     logits: bool = True
-    """Full router logits, before softmax/sigmoid and before any correction bias."""
+    """Keep the full router logits (when the engine captures them). Top-k ids and
+    weights are always kept."""
     hidden_layers: tuple[int, ...] = ()
-    """MoE-layer indices (0-based among MoE layers) whose router input to keep."""
+    """MoE-layer indices (0-based among MoE layers) whose router input to keep; each must
+    be one the engine captures (`additional_config["moetrace"]["hidden_layers"]`)."""
     n: int = 1
     """Samples per prompt; the worker parses the sample index from child request ids."""
     prompt_index: int = -1

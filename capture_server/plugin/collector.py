@@ -68,6 +68,24 @@ def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int
     return options.sequence or external, sample
 
 
+def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
+    """The rows with only the optional arrays the request asked for (views, no copy)."""
+    wanted = set(options.hidden_layers)
+    if options.logits and wanted >= set(rows.hidden_states):
+        return rows
+    return RoutingRows(
+        request_ids=rows.request_ids,
+        sample_index=rows.sample_index,
+        positions=rows.positions,
+        token_ids=rows.token_ids,
+        is_prompt=rows.is_prompt,
+        topk_ids=rows.topk_ids,
+        topk_weights=rows.topk_weights,
+        router_logits=rows.router_logits if options.logits else None,
+        hidden_states={k: v for k, v in rows.hidden_states.items() if k in wanted},
+    )
+
+
 class StepCollector:
     """Attributes buffer rows to requests and streams them to each request's sink."""
 
@@ -216,6 +234,7 @@ class StepCollector:
         for mine in by_sink.values():
             part = rows if len(by_sink) == 1 else rows.select(np.isin(kept_req, mine))
             options = states[mine[0]].options  # type: ignore[union-attr]
+            part = _as_requested(part, options)
             self._deliver(options, lambda sink, p=part: sink.write(p))
 
     def _build_rows(

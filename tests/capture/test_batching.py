@@ -87,3 +87,26 @@ def test_uncaptured_requests_have_no_rows(qwen_engine):
     qwen_engine.llm.generate(["plain request without capture"], use_tqdm=False)
     assert qwen_engine.stats()["rows"] == before
     assert memory_sink(qwen_engine._sink_name).keys() == []
+
+
+def test_per_request_options_choose_the_optional_arrays(qwen_engine):
+    """Two requests in one batch: one keeps logits and layer-1 inputs, one keeps neither."""
+    from vllm import SamplingParams
+
+    from capture_server.capture.options import CaptureOptions
+    from capture_server.capture.sink import memory_sink
+    from capture_server.plugin import flush
+
+    full = CaptureOptions(sink="memory://per-request", sequence="full", hidden_layers=(1,))
+    lean = CaptureOptions(sink="memory://per-request-lean", sequence="lean", logits=False)
+    params = [
+        SamplingParams(max_tokens=4, temperature=0.0, extra_args=o.to_extra_args())
+        for o in (full, lean)
+    ]
+    outs = qwen_engine.llm.generate(["the cell divides", "the bank raised"], params, use_tqdm=False)
+    qwen_engine.llm.collective_rpc(flush, args=([o.request_id for o in outs],))
+    rich = memory_sink("per-request").sequence("full")
+    bare = memory_sink("per-request-lean").sequence("lean")
+    assert rich.router_logits is not None and set(rich.hidden_states) == {1}
+    assert bare.router_logits is None and bare.hidden_states == {}
+    assert bare.topk_ids.shape[1:] == rich.topk_ids.shape[1:]

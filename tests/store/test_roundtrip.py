@@ -131,3 +131,15 @@ def test_annotations_join_the_index(tmp_path, options):
     store = open_store(tmp_path / "s")
     row = store.index.filter(store.index["request_id"] == "seq-1").row(0, named=True)
     assert row["finish_reason"] == "stop" and row["completion_text"] == "hello"
+
+
+def test_any_fsspec_url_round_trips(tmp_path):
+    """Stores go through zarr's storage layer: an fsspec URL (here fsspec's in-memory
+    filesystem, standing in for s3:// and friends) works like a directory."""
+    url = f"memory://moetrace-test/{tmp_path.name}"
+    keys = [f"seq-{i}" for i in range(6)]
+    write_all(url, keys)
+    store = open_store(url)
+    assert sorted(store.index["request_id"]) == sorted(keys)
+    for row in store.index.iter_rows(named=True):
+        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
