@@ -93,7 +93,9 @@ def test_forward_level_matches_transformers(captured):
         )
         decisive = np.ones(rows.topk_ids.shape[:2], dtype=bool)
         if arch in ENGINE_DIFFERS:
-            decisive = _selection_margin(want.logits, result.meta) > 2 * tol
+            # sigmoid' <= 1/4: a logit error of tol moves a selection score by tol / 4
+            slope = 0.25 if result.meta.scoring_func == "sigmoid" else 1.0
+            decisive = _selection_margin(want.logits, result.meta) > 2 * tol * slope
             assert decisive.mean() > 0.5, "too few decisive tokens to compare"
         np.testing.assert_array_equal(
             rows.topk_ids[decisive], want.ids[decisive], err_msg=f"{arch}: top-k ids"
