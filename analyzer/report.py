@@ -14,6 +14,12 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_usage_heatmaps(usage: pl.DataFrame, out: Path) -> list[Path]:
     paths = []
     for store in usage["store"].unique().sort().to_list():
@@ -25,10 +31,7 @@ def plot_usage_heatmaps(usage: pl.DataFrame, out: Path) -> list[Path]:
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set(xlabel="expert", ylabel="MoE layer", title=f"{store}: share of top-k slots")
         fig.colorbar(im, ax=ax)
-        path = out / f"usage_{store}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"usage_{store}.png"))
     return paths
 
 
@@ -50,10 +53,7 @@ def plot_rollout_curves(curve: pl.DataFrame, out: Path) -> list[Path]:
             ax.set(title=f"layer {layer}", xlabel="rollout tokens", xlim=(0, None))
         axes[0][0].set_ylabel("usage cosine (prompt + rollout)")
         axes[0][-1].legend(fontsize=7)
-        path = out / f"rollout_{store}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"rollout_{store}.png"))
     return paths
 
 
@@ -72,10 +72,7 @@ def plot_conditions(cond: pl.DataFrame, out: Path) -> list[Path]:
             title=f"{store}: expert overlap by condition",
         )
         ax.legend(fontsize=6)
-        path = out / f"conditions_{store}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"conditions_{store}.png"))
     return paths
 
 
@@ -90,10 +87,7 @@ def plot_committee(com: pl.DataFrame, out: Path) -> list[Path]:
         ax2.plot(c["layer"], c["ratio"], color="tab:red", marker="o", label="ratio")
         ax2.set_ylabel("influence density ratio (x)")
         ax.set_title(f"{store}: standing committee")
-        path = out / f"committee_{store}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"committee_{store}.png"))
     return paths
 
 
