@@ -26,6 +26,9 @@ ANALYSES = {
     "overlap": "Top-p (P=0.8) Jaccard and usage cosine of sequence pairs by label "
     "condition (question / author / seed), with label-shuffle and "
     "random-routing baselines.",
+    "geometry": "Layers with captured router inputs: pooled hidden-state similarity vs usage "
+    "similarity, Lipschitz ratio vs the router's operator norm, shared-direction energy, "
+    "same-token overlap across contexts.",
     "committee": "Standing committee per layer across `domain` labels: members, coverage, "
     "influence density ratio, Gini, cross-domain Jaccard.",
 }
@@ -114,6 +117,8 @@ def analyse_store(
         tables.setdefault("sequences", reduce.sequence_table(name, profiles, params))
     if "overlap" in analyses:
         tables["conditions"] = reduce.condition_table(name, profiles, params, k)
+    if "geometry" in analyses:
+        tables["geometry"], tables["triangle"] = reduce.geometry_tables(url, name, profiles, params)
     if "committee" in analyses:
         tables["committee"] = reduce.committee_table(name, profiles, params, k, e)
     return StoreResult(name=name, tables=tables)

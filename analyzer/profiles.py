@@ -42,6 +42,7 @@ class SequenceProfile:
     last_weights: np.ndarray | None = None
     last_probs: np.ndarray | None = None  # (layers, experts) full softmax, when logits exist
     confidence: np.ndarray | None = None  # (layers,) mean max-softmax over all rows
+    pooled_hidden: dict[int, np.ndarray] | None = None  # MoE layer -> mean router input
 
 
 def profile_rows(
@@ -108,6 +109,12 @@ def profile_rows(
             profile.confidence = probs.max(-1).mean(0)
             if p > 0:
                 profile.last_probs = probs[p - 1]
+        hidden = {int(k.rsplit("_", 1)[1]): v for k, v in rows.items() if k.startswith("hidden")}
+        if hidden:
+            span = slice(a, a + row["num_rows"])
+            profile.pooled_hidden = {
+                layer: v[span].astype(np.float64).mean(0) for layer, v in hidden.items()
+            }
         profiles.append(profile)
     return profiles
 
@@ -125,7 +132,8 @@ def profile_block(
     from capture_server.store import open_store
 
     store = open_store(url, read_index=False)
-    names = ("topk_ids", "topk_weights", "positions", "router_logits")
+    hidden = tuple(n for n in store.array_names if n.startswith("hidden_states_"))
+    names = ("topk_ids", "topk_weights", "positions", "router_logits", *hidden)
     rows = store.read_rows(start, stop, names)
     metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
     return profile_rows(metas, rows, start, int(store.model["num_experts"]))

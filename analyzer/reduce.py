@@ -25,6 +25,7 @@ class Params:
     committee_variant: str = "frequency_weight"  # softmax | frequency | frequency_weight
     gamma: float = cm.GAMMA  # committee presence threshold
     coverage_denominator: str = "topk_table"  # topk_table | all_experts
+    retention_ks: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)  # audit k sweep (paper (b) B7)
     seed: int = 0
 
 
@@ -276,6 +277,8 @@ def committee_table(
         com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
         jac = cm.cross_domain_jaccard(c[layer], top_k)
         off = jac[~np.eye(len(domains), dtype=bool)] if len(domains) > 1 else np.array([1.0])
+        mass = cm.topk_mass(c[layer], top_k)
+        sweep = cm.retention(c[layer], top_k, params.retention_ks, params.gamma)
         rows.append(
             {
                 "store": store,
@@ -289,8 +292,94 @@ def committee_table(
                 "coverage": com.coverage,
                 "ratio": com.ratio,
                 "gini": float(um.gini(c[layer].mean(0))),
+                "topk_mass_mean": float(mass.mean()),
+                "topk_mass_std": float(mass.std()),
+                **{f"retention_k{k}": v for k, v in sweep.items()},
                 "jaccard_min": float(off.min()),
                 "jaccard_mean": float(off.mean()),
             }
         )
     return pl.DataFrame(rows)
+
+
+def geometry_tables(
+    store_url: str,
+    store: str,
+    profiles: list[SequenceProfile],
+    params: Params,
+    sample_tokens: int = 1024,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Paper (a) A8-A11 per MoE layer with captured router inputs: (summary, triangle).
+
+    A8 compares pooled router inputs of sequence pairs with their usage similarity
+    (the correlation across pairs); A9-A11 use the first `sample_tokens` rows of the
+    store. The triangle table holds sampled (hidden distance, logit distance) pairs.
+    """
+    from analyzer.metrics import geometry as gm
+    from capture_server.store import open_store
+
+    routing = open_store(store_url)
+    layers = sorted(
+        int(n.rsplit("_", 1)[1]) for n in routing.array_names if n.startswith("hidden_states_")
+    )
+    if not layers:
+        return pl.DataFrame(), pl.DataFrame()
+    n = min(sample_tokens, routing.num_tokens)
+    names = ("topk_ids", "token_ids", "router_logits", *(f"hidden_states_{x}" for x in layers))
+    rows_ = routing.read_rows(0, n, names)
+    weights = routing.router_weights()["router_weights"]
+    same_token = gm.same_token_overlap(rows_["token_ids"], rows_["topk_ids"])
+    rng = np.random.default_rng(params.seed)
+    pairs = _pairs(len(profiles), min(params.max_pairs, 2000), rng)
+    out, triangle_rows = [], []
+    for layer in layers:
+        h = rows_[f"hidden_states_{layer}"].astype(np.float64)
+        if "router_logits" in rows_:
+            z = rows_["router_logits"][:, layer].astype(np.float64)
+        else:  # the router is linear: its logits follow from its input and weights
+            z = h @ weights[layer].T.astype(np.float64)
+        lip = gm.lipschitz_ratio(h[:256], z[:256], weights[layer])
+        energy = gm.shared_direction(h, weights[layer])
+        dh, dz = gm.triangle(h[:256], z[:256])
+        slope = float((dz / np.maximum(dh, 1e-12)).max()) if len(dh) else 0.0
+        keep = rng.choice(len(dh), min(len(dh), 3000), replace=False)
+        triangle_rows.append(
+            pl.DataFrame(
+                {
+                    "store": store,
+                    "layer": layer,
+                    "hidden_distance": dh[keep],
+                    "logit_distance": dz[keep],
+                }
+            )
+        )
+        pooled, usage_cos = [], []
+        mean = np.mean([p.pooled_hidden[layer] for p in profiles if p.pooled_hidden], axis=0)
+        for i, j in pairs:
+            a, b = profiles[i], profiles[j]
+            if a.pooled_hidden and b.pooled_hidden:
+                ha = a.pooled_hidden[layer][None]
+                hb = b.pooled_hidden[layer][None]
+                pooled.append(gm.pooled_similarity(ha, hb, mean))
+                fa = _freq(a.scope_counts[params.scope][layer].astype(np.float64))
+                fb = _freq(b.scope_counts[params.scope][layer].astype(np.float64))
+                usage_cos.append(float(um.cosine(fa, fb)))
+        corr = float(np.corrcoef(pooled, usage_cos)[0, 1]) if len(pooled) > 2 else float("nan")
+        out.append(
+            {
+                "store": store,
+                "layer": layer,
+                "tokens": n,
+                "lipschitz_empirical": lip["empirical"],
+                "router_operator_norm": lip["operator_norm"],
+                "lipschitz_fraction": lip["fraction"],
+                "triangle_max_slope": slope,
+                "hidden_energy_v1": energy["hidden_energy"],
+                "router_energy_v1": energy["router_energy"],
+                "retained_logit_energy": energy["retained_logit_energy"],
+                "same_token_overlap": float(same_token[layer]),
+                "pooled_vs_usage_corr": corr,
+                "pairs": len(pooled),
+            }
+        )
+    return pl.DataFrame(out), pl.concat(triangle_rows)

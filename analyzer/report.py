@@ -91,6 +91,21 @@ def plot_committee(com: pl.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def plot_triangle(tri: pl.DataFrame, out: Path) -> list[Path]:
+    paths = []
+    for store in tri["store"].unique().sort().to_list():
+        t = tri.filter(pl.col("store") == store)
+        layers = sorted(t["layer"].unique().to_list())
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+        for ax, layer in zip(axes[0], layers, strict=True):
+            s = t.filter(pl.col("layer") == layer)
+            ax.scatter(s["hidden_distance"], s["logit_distance"], s=3, alpha=0.4)
+            ax.set(title=f"MoE layer {layer}", xlabel="hidden RMS distance")
+        axes[0][0].set_ylabel("router-logit RMS distance")
+        paths.append(_save(fig, out / f"triangle_{store}.png"))
+    return paths
+
+
 def _table_html(frame: pl.DataFrame, limit: int = 30) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
     body = []
@@ -118,6 +133,8 @@ def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[
         plots += plot_conditions(frames["conditions"], out)
     if "committee" in frames:
         plots += plot_committee(frames["committee"], out)
+    if "triangle" in frames:
+        plots += plot_triangle(frames["triangle"], out)
     sections = [
         "<h1>moetrace routing report</h1>",
         f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",
@@ -131,6 +148,8 @@ def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[
         "<h2>Tables</h2>",
     ]
     for name, path in tables.items():
+        if name == "triangle":
+            continue  # plotted; the pairs themselves are in the parquet file
         frame = frames[name]
         if name == "committee":
             frame = frame.with_columns(pl.col("members").cast(pl.List(pl.String)).list.join(","))

@@ -143,3 +143,23 @@ def cross_domain_jaccard(c: np.ndarray, k: int) -> np.ndarray:
     inter = (in_top[:, None] & in_top[None]).sum(-1)
     union = (in_top[:, None] | in_top[None]).sum(-1)
     return inter / np.maximum(union, 1)
+
+
+def topk_mass(c: np.ndarray, k: int) -> np.ndarray:
+    """B6: share of each domain's contribution held by its top-k experts, (domains,)."""
+    top = -np.sort(-c, axis=-1)[:, :k].sum(-1)
+    total = c.sum(-1)
+    return np.divide(top, total, out=np.zeros_like(total), where=total > 0)
+
+
+def retention(c: np.ndarray, k_ref: int, ks: list[int], gamma: float = GAMMA) -> dict[int, float]:
+    """B7: |C_k ∩ C_ref| / |C_ref| when the audit's k changes (the routing does not).
+
+    Values of k above the number of experts are skipped.
+    """
+    ref = set(standing_committee(c, k_ref, gamma).members)
+    out = {}
+    for k in (k for k in ks if k < c.shape[1]):
+        members = set(standing_committee(c, k, gamma).members)
+        out[k] = len(members & ref) / len(ref) if ref else 0.0
+    return out

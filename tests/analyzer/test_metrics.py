@@ -125,3 +125,11 @@ def test_similarity_through_rollout_scopes():
     assert gen["cosine"][0, 0] == 0 and gen["jaccard"][0, 0] == 0
     pv = rollout.prompt_vs_rollout(a, 2, 6)
     assert pv["cosine"][0] == 0
+
+
+def test_topk_mass_and_retention():
+    c = np.array([[0.5, 0.3, 0.2, 0.0], [0.6, 0.1, 0.1, 0.2]])
+    np.testing.assert_allclose(committee.topk_mass(c, 2), [0.8, 0.8])
+    # native k = 2 committee is {0}; at k = 1 expert 0 is still first everywhere
+    got = committee.retention(c, 2, [1, 2])
+    assert got == {1: 1.0, 2: 1.0}

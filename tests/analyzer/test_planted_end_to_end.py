@@ -20,7 +20,10 @@ def planted_store(specimen, tmp_path_factory):
 
     rng = np.random.default_rng(11)
     engine = CaptureEngine(
-        str(specimen("qwen3_moe", planted=True)), dtype="float32", max_model_len=512
+        str(specimen("qwen3_moe", planted=True)),
+        hidden_layers=[0, 2],
+        dtype="float32",
+        max_model_len=512,
     )
     vocab = len(engine.tokenizer)
     prompts, labels = [], []
@@ -109,3 +112,17 @@ def test_rollout_curve_starts_at_the_prompt_boundary(analysis):
     assert curve.filter(pl.col("scope") == "cumulative")["rollout_tokens"].min() == 0
     assert set(curve["relation"]) == {"other prompt"}  # one sample per prompt
     assert curve["cosine"].is_between(0, 1 + 1e-9).all()
+
+
+def test_geometry_on_the_planted_residual_stream(analysis):
+    """Router inputs are the normalised embedding: a token routes the same in every context."""
+    geo = analysis["geometry"].sort("layer")
+    assert geo["layer"].to_list() == [0, 2]
+    np.testing.assert_allclose(geo["same_token_overlap"].to_numpy(), 1.0)
+    assert (geo["lipschitz_fraction"] <= 1 + 1e-9).all()
+    assert geo["hidden_energy_v1"].is_between(0, 1).all()
+    tri = analysis["triangle"]
+    assert len(tri) > 100 and (tri["hidden_distance"] >= 0).all()
+    # identical router inputs give identical logits: zero hidden distance, zero logit distance
+    same = tri.filter(pl.col("hidden_distance") < 1e-6)
+    assert (same["logit_distance"] < 1e-4).all()
