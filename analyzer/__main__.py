@@ -24,7 +24,7 @@ def run(
         Path("analysis"), help="Directory for parquet tables, plots and report.html."
     ),
     analyses: str = typer.Option(
-        "usage,rollout,overlap,committee", help="Comma-separated analyses; see --list."
+        "usage,rollout,overlap,committee,geometry", help="Comma-separated analyses; see --list."
     ),
     top_p: float = typer.Option(0.8, help="Mass of the top-p expert sets."),
     scope: str = typer.Option(
