@@ -74,7 +74,6 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
         def generate() -> None:
             if config.get("store"):  # the service's path: rows stream to a store writer thread
                 from capture_server.capture.options import CaptureOptions
-                from capture_server.plugin import flush
 
                 call = next(calls)
                 batch = []
@@ -87,7 +86,7 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 outs = engine.llm.generate(
                     [TokensPrompt(prompt_token_ids=p) for p in token_prompts], batch, use_tqdm=False
                 )
-                engine.llm.collective_rpc(flush, args=([o.request_id for o in outs],))
+                engine.llm.collective_rpc("moetrace_flush", args=([o.request_id for o in outs],))
             elif config.get("record", True):
                 engine.generate(token_prompts, params)
             else:  # requests without capture options: only the in-forward copies run

@@ -245,15 +245,11 @@ class CaptureEngine:
         return result
 
     def _flush(self, request_ids: list[str]) -> None:
-        from capture_server.plugin import flush
+        self.llm.collective_rpc("moetrace_flush", args=(request_ids,))
 
-        self.llm.collective_rpc(flush, args=(request_ids,))
-
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         """Capture counters of the worker: steps, rows, preempted requests, dropped recomputes."""
-        from capture_server.plugin import stats
-
-        return self.llm.collective_rpc(stats)[0]
+        return self.llm.collective_rpc("moetrace_stats")[0]
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

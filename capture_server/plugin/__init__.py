@@ -26,6 +26,11 @@ def register() -> None:
         )
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    # Reachable by name through collective_rpc from any process ("moetrace_flush").
+    WorkerBase.moetrace_flush = flush
+    WorkerBase.moetrace_stats = stats
 
     patch_model_runner(GPUModelRunner)
     if current_platform.is_cpu():
@@ -35,7 +40,8 @@ def register() -> None:
 
 
 def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
-    """`collective_rpc` target: complete the in-flight step and end finished requests.
+    """``collective_rpc("moetrace_flush", args=(ids,))``: complete the in-flight step, end
+    the named finished requests and commit every open store.
 
     Returns the number of requests still tracked by the worker's collector.
     """
@@ -46,7 +52,9 @@ def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
     return len(collector._requests)
 
 
-def stats(worker: Any) -> dict[str, float]:
-    """`collective_rpc` target: the collector's counters (steps, rows, preempted, ...)."""
+def stats(worker: Any) -> dict[str, Any]:
+    """``collective_rpc("moetrace_stats")``: the collector's counters and sink errors."""
     collector = getattr(worker.model_runner, "_moetrace", None)
-    return {} if collector is None else dict(collector.stats)
+    if collector is None:
+        return {}
+    return {**collector.stats, "sink_errors": dict(collector.sink_errors)}

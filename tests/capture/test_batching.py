@@ -95,7 +95,6 @@ def test_per_request_options_choose_the_optional_arrays(qwen_engine):
 
     from capture_server.capture.options import CaptureOptions
     from capture_server.capture.sink import memory_sink
-    from capture_server.plugin import flush
 
     full = CaptureOptions(sink="memory://per-request", sequence="full", hidden_layers=(1,))
     lean = CaptureOptions(sink="memory://per-request-lean", sequence="lean", logits=False)
@@ -104,7 +103,7 @@ def test_per_request_options_choose_the_optional_arrays(qwen_engine):
         for o in (full, lean)
     ]
     outs = qwen_engine.llm.generate(["the cell divides", "the bank raised"], params, use_tqdm=False)
-    qwen_engine.llm.collective_rpc(flush, args=([o.request_id for o in outs],))
+    qwen_engine.llm.collective_rpc("moetrace_flush", args=([o.request_id for o in outs],))
     rich = memory_sink("per-request").sequence("full")
     bare = memory_sink("per-request-lean").sequence("lean")
     assert rich.router_logits is not None and set(rich.hidden_states) == {1}
