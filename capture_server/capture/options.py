@@ -30,6 +30,9 @@ class CaptureOptions:
     """Samples per prompt; the worker parses the sample index from child request ids."""
     prompt_index: int = -1
     """Caller's index of the prompt, stored in the sequence index."""
+    prompt_len: int = -1
+    """Prompt length to record when it differs from the engine's: a scored text is all
+    prompt to the engine, but only its first `prompt_len` tokens are the prompt."""
     labels: dict[str, Any] = field(default_factory=dict)
     """Free labels stored with the sequence (domain, question id, author model, seed...)."""
     store: dict[str, Any] = field(default_factory=dict)

@@ -148,11 +148,12 @@ class StepCollector:
                 self._requests[req_id] = None
             else:
                 key, sample = _sequence_key(req_id, options)
+                engine_prompt = int(cached.num_prompt_tokens)
                 self._requests[req_id] = _RequestState(
                     options=options,
                     key=key,
                     sample_index=sample,
-                    prompt_len=int(cached.num_prompt_tokens),
+                    prompt_len=options.prompt_len if options.prompt_len >= 0 else engine_prompt,
                 )
         return self._requests[req_id]
 

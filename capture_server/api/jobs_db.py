@@ -1,0 +1,105 @@
+"""Job records in SQLite under the data dir: they survive restarts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    sequences_total INTEGER NOT NULL,
+    sequences_done INTEGER NOT NULL DEFAULT 0,
+    sequences_failed INTEGER NOT NULL DEFAULT 0,
+    tokens_done INTEGER NOT NULL DEFAULT 0,
+    tokens_per_s REAL NOT NULL DEFAULT 0,
+    errors TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+UNFINISHED = ("queued", "running")
+
+
+class JobsDB:
+    """Thread-safe access to the jobs table."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(SCHEMA)
+        self._lock = threading.Lock()
+
+    def create(self, request: dict[str, Any], sequences_total: int) -> str:
+        job_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO jobs (id, name, kind, model, state, request, sequences_total, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (
+                    job_id,
+                    request.get("name"),
+                    request["kind"],
+                    request["model"],
+                    json.dumps(request),
+                    sequences_total,
+                    now,
+                    now,
+                ),
+            )
+        return job_id
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if "errors" in fields:
+            fields["errors"] = json.dumps(fields["errors"])
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._conn.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            cur = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description]
+        return None if row is None else self._decode(dict(zip(names, row, strict=True)))
+
+    def list(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT * FROM jobs ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
+            )
+            names = [d[0] for d in cur.description]
+            rows = [self._decode(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+            count = self._conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return rows, count
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY created_at", UNFINISHED
+            )
+            names = [d[0] for d in cur.description]
+            return [self._decode(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
+    @staticmethod
+    def _decode(row: dict[str, Any]) -> dict[str, Any]:
+        row["errors"] = json.loads(row["errors"])
+        row["request"] = json.loads(row["request"])
+        return row

@@ -1,0 +1,138 @@
+"""HTTP routes: jobs, models, health and metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+
+from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic
+
+router = APIRouter()
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    token = request.app.state.settings.token
+    if token and authorization != f"Bearer {token}":
+        raise HTTPException(
+            401, detail="Missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+Auth = Depends(require_token)
+
+
+def _public(job: dict, store: str) -> JobPublic:
+    return JobPublic(**{k: job[k] for k in JobPublic.model_fields if k in job}, store=store)
+
+
+@router.post(
+    "/v1/jobs", response_model=JobPublic, status_code=201, dependencies=[Auth], tags=["jobs"]
+)
+async def create_job(job: JobCreate, request: Request) -> JobPublic:
+    """Create a rollout or score job; it starts at once."""
+    app = _state(request)
+    if job.model not in app.engines.engines:
+        raise HTTPException(404, detail="Model not found")
+    if len(job.prompts) > app.settings.max_prompts:
+        raise HTTPException(422, detail=f"prompts: at most {app.settings.max_prompts}")
+    if job.sampling.max_tokens > app.settings.max_tokens_limit:
+        raise HTTPException(
+            422, detail=f"sampling.max_tokens: at most {app.settings.max_tokens_limit}"
+        )
+    layers = set(app.settings.hidden_layers)
+    if not set(job.capture.hidden_layers) <= layers:
+        raise HTTPException(
+            422, detail=f"capture.hidden_layers: the server captures only {sorted(layers)}"
+        )
+    n = 1 if job.kind == "score" else job.sampling.n
+    job_id = app.db.create(job.model_dump(mode="json"), len(job.prompts) * n)
+    app.runner.submit(job_id)
+    return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
+
+
+@router.get("/v1/jobs", response_model=JobsPublic, dependencies=[Auth], tags=["jobs"])
+def list_jobs(
+    request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)
+) -> JobsPublic:
+    """List jobs, newest first."""
+    app = _state(request)
+    rows, count = app.db.list(offset, limit)
+    return JobsPublic(
+        data=[_public(r, str(app.runner.store_path(r["id"]))) for r in rows], count=count
+    )
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
+def get_job(job_id: str, request: Request) -> JobPublic:
+    """Get a job's state and progress."""
+    app = _state(request)
+    job = app.db.get(job_id)
+    if job is None:
+        raise HTTPException(404, detail="Job not found")
+    return _public(job, str(app.runner.store_path(job_id)))
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
+async def cancel_job(job_id: str, request: Request) -> JobPublic:
+    """Cancel a job; sequences already committed stay in its store."""
+    app = _state(request)
+    job = app.db.get(job_id)
+    if job is None:
+        raise HTTPException(404, detail="Job not found")
+    app.runner.cancel(job_id)
+    return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
+
+
+@router.get("/v1/jobs/{job_id}/sequences", dependencies=[Auth], tags=["jobs"])
+def job_sequences(
+    job_id: str,
+    request: Request,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+) -> dict:
+    """The committed sequence index of a job's store, paged."""
+    app = _state(request)
+    if app.db.get(job_id) is None:
+        raise HTTPException(404, detail="Job not found")
+    from capture_server.errors import StoreError
+    from capture_server.store import open_store
+
+    try:
+        index = open_store(app.runner.store_path(job_id)).index
+    except StoreError:
+        return {"data": [], "count": 0}
+    page = index.slice(offset, limit).drop("labels", strict=False)
+    return {"data": page.to_dicts(), "count": len(index)}
+
+
+@router.get("/v1/models", dependencies=[Auth], tags=["models"])
+def models(request: Request) -> dict:
+    """Served models."""
+    app = _state(request)
+    return {"data": [{"id": name, "path": path} for name, path in app.engines.paths.items()]}
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+def readyz(request: Request) -> dict:
+    if not _state(request).engines.engines:
+        raise HTTPException(503, detail="Engines not ready")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", tags=["health"])
+def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    app = _state(request)
+    app.metrics.refresh(app)
+    return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)

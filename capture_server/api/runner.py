@@ -1,0 +1,274 @@
+"""vLLM async engines with capture on, and the execution of jobs on them.
+
+The engines' workers write routing straight into each job's store (the plugin's store
+sink); this process only submits requests, tracks progress and writes the texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from capture_server.api.config import Settings
+from capture_server.api.jobs_db import JobsDB
+from capture_server.api.schemas import JobCreate, PromptItem
+from capture_server.capture.options import CaptureOptions
+
+logger = logging.getLogger("moetrace.service")
+
+
+class Engines:
+    """One `AsyncLLM` per served model, named by the checkpoint directory's name."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engines: dict[str, Any] = {}
+        self.paths: dict[str, str] = {}
+
+    def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        for path in self.settings.models:
+            name = self.settings.model_name(path)
+            args = AsyncEngineArgs(
+                model=path,
+                dtype=self.settings.dtype,
+                max_model_len=self.settings.max_model_len,
+                enforce_eager=True,
+                enable_prefix_caching=False,
+                max_num_seqs=self.settings.max_num_seqs,
+                additional_config={"moetrace": {"hidden_layers": self.settings.hidden_layers}},
+            )
+            logger.info(
+                "starting engine %s from %s (hidden layers %s)",
+                name,
+                path,
+                self.settings.hidden_layers,
+            )
+            self.engines[name] = AsyncLLM.from_engine_args(args)
+            self.paths[name] = path
+
+    def shutdown(self) -> None:
+        for engine in self.engines.values():
+            engine.shutdown()
+        self.engines.clear()
+
+
+class JobRunner:
+    """Runs jobs as asyncio tasks; resumes unfinished ones after a restart."""
+
+    def __init__(self, settings: Settings, db: JobsDB, engines: Engines) -> None:
+        self.settings = settings
+        self.db = db
+        self.engines = engines
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.tokens_generated = 0
+
+    def store_path(self, job_id: str) -> Path:
+        return (self.settings.data_dir / "stores" / job_id).resolve()
+
+    def submit(self, job_id: str) -> None:
+        task = asyncio.create_task(self._run(job_id))
+        task.add_done_callback(lambda t: self._finished(job_id, t))
+        self.tasks[job_id] = task
+
+    def _finished(self, job_id: str, task: asyncio.Task) -> None:
+        """A job whose task raised is failed with the error, never left 'running'."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        logger.error("job %s failed: %s", job_id, exc, exc_info=exc)
+        job = self.db.get(job_id) or {"errors": []}
+        self.db.update(
+            job_id, state="failed", errors=[*job["errors"], f"{type(exc).__name__}: {exc}"]
+        )
+
+    def resume_unfinished(self) -> int:
+        jobs = self.db.unfinished()
+        for job in jobs:
+            logger.info("resuming job %s", job["id"])
+            self.submit(job["id"])
+        return len(jobs)
+
+    def cancel(self, job_id: str) -> bool:
+        task = self.tasks.get(job_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def _run(self, job_id: str) -> None:
+        job = self.db.get(job_id)
+        assert job is not None
+        request = JobCreate(**job["request"])
+        engine = self.engines.engines[request.model]
+        store = self.store_path(job_id)
+        committed = _committed_keys(store)
+        n = 1 if request.kind == "score" else request.sampling.n
+        progress = {
+            "done": n
+            * sum(
+                all((f"p{i}", s) in committed for s in range(n))
+                for i in range(len(request.prompts))
+            ),
+            "failed": 0,
+            "tokens": 0,
+            "errors": [],
+            "last": 0.0,
+        }
+        started = time.monotonic()
+        self.db.update(job_id, state="running", sequences_done=progress["done"])
+        tokenizer = engine.get_tokenizer()
+        limit = asyncio.Semaphore(self.settings.concurrency)
+        request_ids: list[str] = []
+        annotations: list[dict[str, Any]] = []
+
+        def report(force: bool = False) -> None:
+            now = time.monotonic()
+            if force or now - progress["last"] > 0.5:
+                progress["last"] = now
+                self.db.update(
+                    job_id,
+                    sequences_done=progress["done"],
+                    sequences_failed=progress["failed"],
+                    tokens_done=progress["tokens"],
+                    errors=progress["errors"][-50:],
+                    tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
+                )
+
+        async def one(i: int, item: PromptItem) -> None:
+            rid = f"{job_id}-p{i}"
+            async with limit:
+                try:
+                    prompt, params = self._request(request, i, item, tokenizer, str(store))
+                    request_ids.append(rid)
+                    final = None
+                    async for out in engine.generate(prompt, params, rid):
+                        final = out
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one bad prompt fails its sequences, not the job
+                    progress["failed"] += n
+                    progress["errors"].append(f"prompt {i}: {exc}")
+                    report()
+                    return
+            assert final is not None
+            for c in final.outputs:
+                annotations.append(
+                    {
+                        "request_id": f"p{i}",
+                        "sample_index": c.index,
+                        "completion_text": c.text if request.kind == "rollout" else item.completion,
+                        "finish_reason": (c.finish_reason or "")
+                        if request.kind == "rollout"
+                        else "scored",
+                        "generated_len": len(c.token_ids) if request.kind == "rollout" else 0,
+                        "completion_token_ids": list(c.token_ids)
+                        if request.kind == "rollout"
+                        else [],
+                    }
+                )
+                progress["tokens"] += len(c.token_ids)
+            self.tokens_generated += sum(len(c.token_ids) for c in final.outputs)
+            progress["done"] += n
+            report()
+
+        todo = [
+            (i, p)
+            for i, p in enumerate(request.prompts)
+            if not all((f"p{i}", s) in committed for s in range(n))
+        ]
+        state = "done"
+        try:
+            await asyncio.gather(*(one(i, p) for i, p in todo))
+        except asyncio.CancelledError:
+            state = "cancelled"
+            await engine.abort(request_ids)
+        finally:
+            await engine.collective_rpc("moetrace_flush", args=(request_ids,))
+            if annotations:
+                from capture_server.store.writer import write_annotations
+
+                write_annotations(str(store), annotations)
+            stats = (await engine.collective_rpc("moetrace_stats"))[0]
+            sink_error = stats.get("sink_errors", {}).get(str(store))
+            if sink_error:
+                state = "failed"
+                progress["errors"].append(f"store: {sink_error}")
+            if state == "done" and progress["done"] == 0 and progress["failed"]:
+                state = "failed"
+            report(force=True)
+            self.db.update(job_id, state=state)
+
+    def _request(
+        self, request: JobCreate, i: int, item: PromptItem, tokenizer: Any, store: str
+    ) -> tuple[Any, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if item.prompt_token_ids is not None:
+            prompt_ids = list(item.prompt_token_ids)
+        else:
+            text = item.prompt
+            if item.messages is not None or request.chat_template:
+                messages = item.messages or [{"role": "user", "content": item.prompt or ""}]
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        s = request.sampling
+        options = CaptureOptions(
+            sink=store,
+            sequence=f"p{i}",
+            prompt_index=i,
+            labels=dict(item.labels),
+            n=1 if request.kind == "score" else s.n,
+            logits=request.capture.logits,
+            hidden_layers=tuple(request.capture.hidden_layers),
+            store={
+                "logits": request.capture.logits,
+                "hidden_layers": list(request.capture.hidden_layers),
+                "weights_dtype": request.capture.weights_dtype,
+                "logits_dtype": request.capture.logits_dtype,
+            },
+        )
+        if request.kind == "score":
+            completion = (
+                list(item.completion_token_ids)
+                if item.completion_token_ids is not None
+                else tokenizer.encode(item.completion or "", add_special_tokens=False)
+            )
+            options = replace(options, prompt_len=len(prompt_ids))
+            params = SamplingParams(
+                max_tokens=1, temperature=0.0, extra_args=options.to_extra_args()
+            )
+            return TokensPrompt(prompt_token_ids=prompt_ids + completion), params
+        params = SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            ignore_eos=s.ignore_eos,
+            extra_args=options.to_extra_args(),
+        )
+        return TokensPrompt(prompt_token_ids=prompt_ids), params
+
+
+def _committed_keys(store: Path) -> set[tuple[str, int]]:
+    """(sequence key, sample) pairs already committed in a job's store (resume)."""
+    if not store.exists():
+        return set()
+    from capture_server.errors import StoreError
+    from capture_server.store import open_store
+
+    try:
+        index = open_store(store).index
+    except StoreError:
+        return set()
+    return set(zip(index["request_id"].to_list(), index["sample_index"].to_list(), strict=True))

@@ -1,0 +1,115 @@
+"""Request and response models of the jobs API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LABEL_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class PromptItem(BaseModel):
+    """One prompt (text or chat messages) of a rollout job, with free labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt_token_ids: list[int] | None = None
+    completion: str | None = None
+    """Score jobs: the text to teacher-force after the prompt."""
+    completion_token_ids: list[int] | None = None
+    """Score jobs: the tokens to teacher-force (exact, no re-tokenisation)."""
+    labels: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def one_input(self) -> PromptItem:
+        given = [x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return self
+
+    @field_validator("labels")
+    @classmethod
+    def label_keys(cls, labels: dict[str, Any]) -> dict[str, Any]:
+        import re
+
+        for key in labels:
+            if not re.match(LABEL_KEY, key):
+                raise ValueError(f"label key {key!r} must match {LABEL_KEY}")
+        return labels
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, ge=1, le=64)
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def samples_need_temperature(self) -> Sampling:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 needs temperature > 0 (greedy samples are identical)")
+        return self
+
+
+class Capture(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    logits: bool = True
+    hidden_layers: list[int] = Field(default_factory=list)
+    weights_dtype: Literal["float16", "float32"] = "float32"
+    logits_dtype: Literal["float16", "float32"] = "float16"
+
+
+class JobCreate(BaseModel):
+    """A rollout (generate) or score (teacher-force) job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["rollout", "score"]
+    model: str = Field(min_length=1, max_length=200)
+    prompts: list[PromptItem] = Field(min_length=1)
+    sampling: Sampling = Field(default_factory=Sampling)
+    capture: Capture = Field(default_factory=Capture)
+    chat_template: bool = False
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @model_validator(mode="after")
+    def score_needs_completions(self) -> JobCreate:
+        if self.kind == "score" and any(
+            p.completion is None and p.completion_token_ids is None for p in self.prompts
+        ):
+            raise ValueError("score jobs need a completion or completion_token_ids per prompt")
+        return self
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str | None
+    kind: str
+    model: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    sequences_total: int
+    sequences_done: int
+    sequences_failed: int
+    tokens_done: int
+    tokens_per_s: float
+    store: str
+    errors: list[str]
+    created_at: float
+    updated_at: float
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int

@@ -1,0 +1,120 @@
+"""Rollout and score jobs through the REST service, checked against independent captures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capture_server.specimens.planted import planted_topk
+from capture_server.store import open_store
+
+PROMPTS = [f"the bank raised interest rates {i} and" for i in range(64)]
+
+
+@pytest.fixture(scope="module")
+def greedy_job(server):
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe",
+        "prompts": [{"prompt": p, "labels": {"question": i}} for i, p in enumerate(PROMPTS)],
+        "sampling": {"max_tokens": 10, "temperature": 0, "ignore_eos": True},
+        "capture": {"hidden_layers": [1], "logits_dtype": "float32"},
+    }
+    created = server.client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = server.wait_job(created.json()["id"])
+    assert job["state"] == "done", job
+    return job
+
+
+def test_rollout_store_matches_in_process_capture(greedy_job, specimen):
+    from capture_server.capture.api import CaptureEngine
+
+    store = open_store(greedy_job["store"])
+    assert len(store.index) == 64 and greedy_job["sequences_done"] == 64
+    engine = CaptureEngine(
+        str(specimen("qwen3_moe")), hidden_layers=[1], dtype="float32", max_model_len=512
+    )
+    try:
+        direct = engine.generate(PROMPTS, max_tokens=10, temperature=0.0, ignore_eos=True)
+    finally:
+        engine.close()
+    for seq in direct.sequences:
+        row = store.index.filter(store.index["prompt_index"] == seq.prompt_index).row(0, named=True)
+        got = store.sequence(row["sequence_id"])
+        np.testing.assert_array_equal(got["token_ids"], seq.rows.token_ids)
+        np.testing.assert_array_equal(got["topk_ids"], seq.rows.topk_ids)
+        np.testing.assert_allclose(got["topk_weights"], seq.rows.topk_weights, atol=1e-5)
+        np.testing.assert_allclose(got["router_logits"], seq.rows.router_logits, atol=1e-4)
+        np.testing.assert_allclose(got["hidden_states_1"], seq.rows.hidden_states[1], atol=1e-2)
+        assert row["completion_text"] == seq.text
+        assert row["label_question"] == seq.prompt_index
+
+
+def test_sampled_rollout_follows_the_plant(server):
+    """64 prompts x n=2 on the planted model: every stored row routes as planted."""
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe-planted",
+        "prompts": [{"prompt": p} for p in PROMPTS],
+        "sampling": {"n": 2, "max_tokens": 8, "temperature": 1.0, "ignore_eos": True},
+    }
+    job = server.wait_job(server.client.post("/v1/jobs", json=body).json()["id"])
+    assert job["state"] == "done" and job["sequences_done"] == 128
+    store = open_store(job["store"])
+    assert len(store.index) == 128
+    assert sorted(set(store.index["sample_index"].to_list())) == [0, 1]
+    for sid in store.index["sequence_id"].to_list():
+        arrays = store.sequence(sid, ("token_ids", "topk_ids"))
+        for layer in range(4):
+            want = planted_topk(arrays["token_ids"], layer)
+            np.testing.assert_array_equal(arrays["topk_ids"][:, layer], want)
+
+
+def test_score_job_reproduces_the_rollout(server, greedy_job):
+    rollout = open_store(greedy_job["store"])
+    rows = rollout.index.sort("prompt_index").head(16)
+    body = {
+        "kind": "score",
+        "model": "qwen3_moe",
+        "prompts": [
+            {
+                "prompt": PROMPTS[r["prompt_index"]],
+                "completion_token_ids": r["completion_token_ids"],
+            }
+            for r in rows.iter_rows(named=True)
+        ],
+        "capture": {"logits_dtype": "float32"},
+    }
+    job = server.wait_job(server.client.post("/v1/jobs", json=body).json()["id"])
+    assert job["state"] == "done", job
+    scored = open_store(job["store"])
+    compared = 0
+    for i, r in enumerate(rows.iter_rows(named=True)):
+        s = scored.index.filter(scored.index["prompt_index"] == i).row(0, named=True)
+        a = rollout.sequence(r["sequence_id"])
+        b = scored.sequence(s["sequence_id"])
+        assert s["prompt_len"] == r["prompt_len"]
+        n = len(a["token_ids"])  # the scored text has one more row: the last sampled token
+        assert len(b["token_ids"]) == n + 1
+        np.testing.assert_array_equal(b["token_ids"][:n], a["token_ids"])
+        np.testing.assert_array_equal(b["topk_ids"][:n], a["topk_ids"])
+        np.testing.assert_allclose(b["router_logits"][:n], a["router_logits"], atol=1e-4)
+        np.testing.assert_array_equal(
+            b["is_prompt"], np.arange(len(b["is_prompt"])) < s["prompt_len"]
+        )
+        compared += 1
+    assert compared == 16
+
+
+def test_list_metrics_and_models(server, greedy_job):
+    listed = server.client.get("/v1/jobs", params={"limit": 2}).json()
+    assert listed["count"] >= 1 and len(listed["data"]) <= 2
+    models = {m["id"] for m in server.client.get("/v1/models").json()["data"]}
+    assert models == {"qwen3_moe", "qwen3_moe-planted"}
+    metrics = server.client.get("/metrics").text
+    assert 'moetrace_jobs{state="done"}' in metrics
+    seqs = server.client.get(
+        f"/v1/jobs/{greedy_job['id']}/sequences", params={"offset": 60, "limit": 10}
+    ).json()
+    assert seqs["count"] == 64 and len(seqs["data"]) == 4
