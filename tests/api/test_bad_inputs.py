@@ -1,0 +1,163 @@
+"""Bad requests get a clear 4xx naming the problem, and change nothing stored.
+
+Each case is one row of docs/api-bad-inputs.md.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+GOOD = {
+    "kind": "rollout",
+    "model": "qwen3_moe",
+    "prompts": [{"prompt": "the king"}],
+    "sampling": {"max_tokens": 4},
+}
+
+
+def with_(**changes):
+    body = {**GOOD, **changes}
+    return body
+
+
+CASES = [
+    # (name, method, path, kwargs, status, text expected in the response)
+    (
+        "malformed JSON",
+        "post",
+        "/v1/jobs",
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        422,
+        "JSON decode error",
+    ),
+    (
+        "wrong type for n",
+        "post",
+        "/v1/jobs",
+        {"json": with_(sampling={"n": "two"})},
+        422,
+        "sampling",
+    ),
+    ("negative n", "post", "/v1/jobs", {"json": with_(sampling={"n": -1})}, 422, "n"),
+    (
+        "huge max_tokens",
+        "post",
+        "/v1/jobs",
+        {"json": with_(sampling={"max_tokens": 10**9})},
+        422,
+        "sampling.max_tokens",
+    ),
+    ("empty prompt list", "post", "/v1/jobs", {"json": with_(prompts=[])}, 422, "prompts"),
+    (
+        "empty prompt text",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts=[{"prompt": "  "}])},
+        422,
+        "prompt must not be empty",
+    ),
+    (
+        "prompt and messages both",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts=[{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}])},
+        422,
+        "exactly one of",
+    ),
+    ("unknown field", "post", "/v1/jobs", {"json": with_(temperature=0.5)}, 422, "temperature"),
+    ("unknown kind", "post", "/v1/jobs", {"json": with_(kind="train")}, 422, "kind"),
+    (
+        "greedy with n > 1",
+        "post",
+        "/v1/jobs",
+        {"json": with_(sampling={"n": 2, "temperature": 0})},
+        422,
+        "needs temperature > 0",
+    ),
+    (
+        "score without completion",
+        "post",
+        "/v1/jobs",
+        {"json": with_(kind="score")},
+        422,
+        "completion",
+    ),
+    (
+        "hidden layer the server does not capture",
+        "post",
+        "/v1/jobs",
+        {"json": with_(capture={"hidden_layers": [3]})},
+        422,
+        "capture.hidden_layers",
+    ),
+    (
+        "path traversal in the job name",
+        "post",
+        "/v1/jobs",
+        {"json": with_(name="../../etc/passwd")},
+        422,
+        "name",
+    ),
+    (
+        "bad label key",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts=[{"prompt": "a", "labels": {"../x": 1}}])},
+        422,
+        "label key",
+    ),
+    ("unknown model", "post", "/v1/jobs", {"json": with_(model="gpt-17")}, 404, "Model not found"),
+    (
+        "oversize body",
+        "post",
+        "/v1/jobs",
+        {"content": b"x" * (9 * 2**20), "headers": {"content-type": "application/json"}},
+        413,
+        "request body too large",
+    ),
+    ("unknown job", "get", "/v1/jobs/doesnotexist", {}, 404, "Job not found"),
+    ("cancel unknown job", "delete", "/v1/jobs/doesnotexist", {}, 404, "Job not found"),
+    ("negative page offset", "get", "/v1/jobs", {"params": {"offset": -1}}, 422, "offset"),
+    (
+        "missing token",
+        "post",
+        "/v1/jobs",
+        {"json": GOOD, "headers": {"Authorization": ""}},
+        401,
+        "bearer token",
+    ),
+    (
+        "wrong token",
+        "get",
+        "/v1/jobs",
+        {"headers": {"Authorization": "Bearer nope"}},
+        401,
+        "bearer token",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "path", "kwargs", "status", "text"), CASES, ids=[c[0] for c in CASES]
+)
+def test_bad_input(server, name, method, path, kwargs, status, text):
+    before = server.client.get("/v1/jobs").json()["count"]
+    response = getattr(server.client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert text in response.text
+    assert server.client.get("/v1/jobs").json()["count"] == before, "nothing was created"
+
+
+def test_too_long_prompt_fails_that_sequence_only(server):
+    long_prompt = " ".join(["the bank raised interest rates"] * 200)
+    body = with_(prompts=[{"prompt": "the king"}, {"prompt": long_prompt}])
+    job = server.wait_job(server.client.post("/v1/jobs", json=body).json()["id"])
+    assert job["state"] == "done"
+    assert job["sequences_done"] == 1 and job["sequences_failed"] == 1
+    assert any(e.startswith("prompt 1:") for e in job["errors"])
+
+
+def test_openapi_documents_the_jobs_api(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/sequences"} <= set(spec["paths"])
