@@ -17,6 +17,7 @@ from capture_server.api.config import Settings
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
 from capture_server.capture.options import CaptureOptions
+from capture_server.store.writer import write_annotations
 
 logger = logging.getLogger("moetrace.service")
 
@@ -140,6 +141,9 @@ class JobRunner:
                     errors=progress["errors"][-50:],
                     tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
                 )
+                if annotations:  # texts go out as they come, not only at the end
+                    write_annotations(str(store), annotations[:])
+                    annotations.clear()
 
         async def one(i: int, item: PromptItem) -> None:
             rid = f"{job_id}-p{i}"
@@ -191,10 +195,6 @@ class JobRunner:
             await engine.abort(request_ids)
         finally:
             await engine.collective_rpc("moetrace_flush", args=(request_ids,))
-            if annotations:
-                from capture_server.store.writer import write_annotations
-
-                write_annotations(str(store), annotations)
             stats = (await engine.collective_rpc("moetrace_stats"))[0]
             sink_error = stats.get("sink_errors", {}).get(str(store))
             if sink_error:
