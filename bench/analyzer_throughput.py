@@ -34,18 +34,7 @@ def build_store(path: str, tokens: int) -> None:
     from capture_server.store.writer import StoreWriter
 
     rng = np.random.default_rng(SEED)
-    meta = ModelMeta(
-        architecture="Synthetic",
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=K,
-        scoring_func="softmax",
-        renormalize=True,
-        routed_scaling_factor=1.0,
-        num_shared_experts=0,
-        hidden_size=8,
-        router_weights=np.zeros((L, E, 8), np.float32),
-    )
+    meta = ModelMeta.synthetic(list(range(L)), E, K, 8)
     writer = StoreWriter(path, StoreOptions(logits=False, weights_dtype="float16"))
     writer.open(meta)
     pool = []

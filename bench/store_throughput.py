@@ -34,18 +34,7 @@ SEED = 0
 def _meta():
     from capture_server.capture.records import ModelMeta
 
-    return ModelMeta(
-        architecture="Qwen3MoeShaped",
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=K,
-        scoring_func="softmax",
-        renormalize=True,
-        routed_scaling_factor=1.0,
-        num_shared_experts=0,
-        hidden_size=D,
-        router_weights=np.zeros((L, E, D), np.float32),
-    )
+    return ModelMeta.synthetic(list(range(L)), E, K, D)
 
 
 def _pool():

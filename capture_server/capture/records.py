@@ -38,6 +38,31 @@ class ModelMeta:
     correction_bias: np.ndarray | None = field(default=None, repr=False)
     """(moe_layers, experts) selection-only score bias (DeepSeek-V3 noaux_tc), or None."""
 
+    @classmethod
+    def synthetic(
+        cls,
+        moe_layers: list[int],
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        router_weights: np.ndarray | None = None,
+    ) -> ModelMeta:
+        """A softmax top-k model description for synthetic data (benchmarks, tests)."""
+        if router_weights is None:
+            router_weights = np.zeros((len(moe_layers), num_experts, hidden_size), np.float32)
+        return cls(
+            architecture="Synthetic",
+            moe_layers=list(moe_layers),
+            num_experts=num_experts,
+            top_k=top_k,
+            scoring_func="softmax",
+            renormalize=True,
+            routed_scaling_factor=1.0,
+            num_shared_experts=0,
+            hidden_size=hidden_size,
+            router_weights=router_weights,
+        )
+
     def summary(self) -> dict[str, Any]:
         """JSON-able facts without the weight matrices."""
         return {

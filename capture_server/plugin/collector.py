@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,14 +73,8 @@ def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
     wanted = set(options.hidden_layers)
     if options.logits and wanted >= set(rows.hidden_states):
         return rows
-    return RoutingRows(
-        request_ids=rows.request_ids,
-        sample_index=rows.sample_index,
-        positions=rows.positions,
-        token_ids=rows.token_ids,
-        is_prompt=rows.is_prompt,
-        topk_ids=rows.topk_ids,
-        topk_weights=rows.topk_weights,
+    return replace(
+        rows,
         router_logits=rows.router_logits if options.logits else None,
         hidden_states={k: v for k, v in rows.hidden_states.items() if k in wanted},
     )

@@ -13,18 +13,7 @@ L, E, K, D = 3, 16, 2, 8
 
 def meta() -> ModelMeta:
     rng = np.random.default_rng(0)
-    return ModelMeta(
-        architecture="SyntheticMoe",
-        moe_layers=[1, 2, 3],
-        num_experts=E,
-        top_k=K,
-        scoring_func="softmax",
-        renormalize=True,
-        routed_scaling_factor=1.0,
-        num_shared_experts=0,
-        hidden_size=D,
-        router_weights=rng.normal(size=(L, E, D)).astype(np.float32),
-    )
+    return ModelMeta.synthetic([1, 2, 3], E, K, D, rng.normal(size=(L, E, D)).astype(np.float32))
 
 
 def sequence_rows(key: str, n: int, hidden_layers: tuple[int, ...] = (0,)) -> RoutingRows:
