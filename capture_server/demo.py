@@ -1,4 +1,4 @@
-"""End-to-end demo: build a tiny MoE, capture a rollout into a routing store, analyse it.
+"""End-to-end demo: tiny MoE -> capture server -> rollout job via the CLI -> analyzer -> report.
 
 python -m capture_server.demo [--out demo-out]
 """
@@ -6,10 +6,14 @@ python -m capture_server.demo [--out demo-out]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PROMPTS = [
@@ -24,38 +28,117 @@ PROMPTS = [
 ]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "capture_server.api",
+            "serve",
+            "--model",
+            str(model),
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--hidden-layer",
+            "1",
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(1)
+        if server.poll() is not None:
+            break
+    raise SystemExit(f"the capture server did not start; see {log}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="Output directory.")
     parser.add_argument("--samples", type=int, default=4, help="Samples per prompt.")
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     out = Path(args.out).resolve()
+    shutil.rmtree(out / "data", ignore_errors=True)  # a rerun starts fresh
 
     from capture_server.specimens import build_specimen
 
     model = build_specimen("qwen3_moe", out / "model")
-    print(f"[1/4] built tiny Qwen3-MoE specimen at {model}")
+    print(f"[1/5] built a tiny Qwen3-MoE specimen at {model}")
 
-    from capture_server.capture.api import CaptureEngine
+    port = _free_port()
+    server = _start_server(model, out / "data", port, out / "server.log")
+    print(f"[2/5] capture server ready on http://127.0.0.1:{port} (log: {out / 'server.log'})")
+    try:
+        prompts = out / "prompts.jsonl"
+        prompts.write_text(
+            "\n".join(
+                json.dumps({"prompt": p, "labels": {"domain": d, "question": i}})
+                for i, (d, p) in enumerate(PROMPTS)
+            )
+        )
+        print("[3/5] submitting a rollout job with the CLI:")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "clients",
+                "submit",
+                "--model",
+                "model",
+                "--prompts",
+                str(prompts),
+                "--n",
+                str(args.samples),
+                "--max-tokens",
+                "48",
+                "--temperature",
+                "0.8",
+                "--wait",
+                "--url",
+                f"http://127.0.0.1:{port}",
+            ],
+            check=True,
+            stdout=subprocess.PIPE,  # the progress bar shows on stderr
+            text=True,
+        )
+        job = json.loads(done.stdout[done.stdout.index("{") :])
+        print(
+            f"      job {job['id']}: {job['state']}, {job['sequences_done']} sequences, "
+            f"{job['tokens_done']} tokens at {job['tokens_per_s']:.0f} tok/s"
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
-    engine = CaptureEngine(str(model), hidden_layers=[1], dtype="float32", max_model_len=512)
-    store_path = out / "store"
-    shutil.rmtree(store_path, ignore_errors=True)  # a rerun starts a fresh job
-    store = engine.generate_to_store(
-        [p for _, p in PROMPTS],
-        str(store_path),
-        labels=[{"domain": d, "question": i} for i, (d, _) in enumerate(PROMPTS)],
-        store_options={"hidden_layers": [1]},
-        n=args.samples,
-        max_tokens=48,
-        temperature=0.8,
-        ignore_eos=True,
+    from capture_server.store import open_store
+
+    store = open_store(job["store"])
+    print(
+        f"[4/5] routing store {job['store']}: {len(store.index)} sequences, "
+        f"{store.num_tokens} token rows"
     )
-    engine.close()
-    print(f"[2/4] captured {len(store.index)} sequences, {store.num_tokens} token rows")
-    print(f"[3/4] routing store at {store_path}:")
     print(
         store.index.select(
             "sequence_id",
@@ -66,7 +149,6 @@ def main() -> None:
             "finish_reason",
         ).head(6)
     )
-
     analysis = out / "analysis"
     subprocess.run(
         [
@@ -74,7 +156,7 @@ def main() -> None:
             "-m",
             "analyzer",
             "run",
-            str(store_path),
+            job["store"],
             "--out",
             str(analysis),
             "--committee-variant",
@@ -82,7 +164,7 @@ def main() -> None:
         ],
         check=True,
     )
-    print(f"[4/4] analysis tables, plots and report: {analysis / 'report.html'}")
+    print(f"[5/5] analysis tables, plots and report: {analysis / 'report.html'}")
 
 
 if __name__ == "__main__":

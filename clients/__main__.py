@@ -46,9 +46,11 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def _wait_with_progress(client: Client, job: dict[str, Any]) -> dict[str, Any]:
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as progress:
+    # progress on stderr, so stdout stays the job id and record for scripts
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"job {job['id']}", total=job["sequences_total"])
 
         def update(j: dict[str, Any]) -> None:
