@@ -10,10 +10,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 PROMPTS = [
@@ -26,52 +24,6 @@ PROMPTS = [
     ("biology", "the cell divides and the protein"),
     ("finance", "the bank raised interest rates and"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(model: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "capture_server.api",
-            "serve",
-            "--model",
-            str(model),
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "512",
-            "--hidden-layer",
-            "1",
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(1)
-        if server.poll() is not None:
-            break
-    raise SystemExit(f"the capture server did not start; see {log}")
 
 
 def main() -> None:
@@ -87,9 +39,10 @@ def main() -> None:
     model = build_specimen("qwen3_moe", out / "model")
     print(f"[1/5] built a tiny Qwen3-MoE specimen at {model}")
 
-    port = _free_port()
-    server = _start_server(model, out / "data", port, out / "server.log")
-    print(f"[2/5] capture server ready on http://127.0.0.1:{port} (log: {out / 'server.log'})")
+    from capture_server.api.launch import launch
+
+    server, url = launch([model], out / "data", out / "server.log")
+    print(f"[2/5] capture server ready on {url} (log: {out / 'server.log'})")
     try:
         prompts = out / "prompts.jsonl"
         prompts.write_text(
@@ -117,7 +70,7 @@ def main() -> None:
                 "0.8",
                 "--wait",
                 "--url",
-                f"http://127.0.0.1:{port}",
+                url,
             ],
             check=True,
             stdout=subprocess.PIPE,  # the progress bar shows on stderr

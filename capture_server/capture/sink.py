@@ -112,18 +112,3 @@ def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingS
                     opts["hidden_layers"] = tuple(opts["hidden_layers"])
                 _registry[url] = StoreSink(url, StoreOptions(**opts))
         return _registry[url]
-
-
-def registered_sink(url: str) -> RoutingSink | None:
-    """The sink already open for `url` in this process, if any."""
-    with _registry_lock:
-        return _registry.get(url)
-
-
-def close_sinks() -> None:
-    """Close every sink of this process (at engine shutdown)."""
-    with _registry_lock:
-        sinks = list(_registry.values())
-        _registry.clear()
-    for sink in sinks:
-        sink.close()

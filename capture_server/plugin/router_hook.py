@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from capture_server.capture.records import ModelMeta
+from capture_server.errors import CaptureError
 from capture_server.plugin.buffers import CaptureBuffers
 
 logger = logging.getLogger(__name__)
 
 
-class CaptureUnsupportedError(ValueError):
+class CaptureUnsupportedError(CaptureError, ValueError):
     """The model runs a routing path whose capture could not be right."""
 
 

@@ -40,7 +40,3 @@ def list_keys(store: Store, prefix: str) -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
     return sorted(sync(collect()))
-
-
-def delete_key(store: Store, key: str) -> None:
-    sync(store.delete(key))

@@ -437,10 +437,6 @@ class StoreSink(RoutingSink):
             self._thread.join()
         self._raise_if_failed()
 
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
     def committed_keys(self) -> set[tuple[str, int]]:
         return self.writer.committed_keys()
 

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from capture_server.api.launch import launch
+
 TOKEN = "test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -39,49 +33,8 @@ class Server:
 
 
 def start_server(models: list[Path], data_dir: Path, log: Path) -> Server:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "capture_server.api",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--hidden-layer",
-        "1",
-        "--token",
-        TOKEN,
-    ]
-    for m in models:
-        cmd += ["--model", str(m)]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the service runs its engine apart
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return Server(url, data_dir, proc)
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server did not become ready; log: {log.read_text()[-3000:]}")
+    proc, url = launch(models, data_dir, log, token=TOKEN)
+    return Server(url, data_dir, proc)
 
 
 def stop_server(server: Server) -> None:

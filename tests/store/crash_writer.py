@@ -8,20 +8,12 @@ from __future__ import annotations
 import sys
 import time
 
-from capture_server.store import StoreOptions
 from capture_server.store.writer import StoreSink
 from tests.store import synthetic
 
 
 def main(path: str, count: int) -> None:
-    options = StoreOptions(
-        weights_dtype="float32",
-        logits_dtype="float32",
-        hidden_dtype="float32",
-        hidden_layers=(0,),
-        chunk_tokens=64,
-    )
-    sink = StoreSink(path, options, flush_interval=0.02)
+    sink = StoreSink(path, synthetic.EXACT, flush_interval=0.02)
     sink.open(synthetic.meta())
     keys = [f"seq-{i}" for i in range(count)]
     for start in range(0, count, 16):

@@ -7,8 +7,17 @@ import zlib
 import numpy as np
 
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+from capture_server.store import StoreOptions
 
 L, E, K, D = 3, 16, 2, 8
+EXACT = StoreOptions(
+    weights_dtype="float32",
+    logits_dtype="float32",
+    hidden_dtype="float32",
+    hidden_layers=(0,),
+    chunk_tokens=64,
+)
+"""Lossless dtypes and small chunks: stored values compare exactly, over many chunks."""
 
 
 def meta() -> ModelMeta:

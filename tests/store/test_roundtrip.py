@@ -8,14 +8,7 @@ import pytest
 from capture_server.store import StoreOptions, open_store
 from capture_server.store.writer import StoreSink
 from tests.store import synthetic
-
-EXACT = StoreOptions(
-    weights_dtype="float32",
-    logits_dtype="float32",
-    hidden_dtype="float32",
-    hidden_layers=(0,),
-    chunk_tokens=64,
-)
+from tests.store.synthetic import EXACT
 
 
 def write_all(path, keys, options=EXACT, **sink_kwargs):

@@ -1,0 +1,76 @@
+"""Start the capture service as a subprocess on loopback and wait until it is ready.
+
+Used by the demo and the tests; the tiny-model settings (fp32, short context, hidden
+states of MoE layer 1, a 1 GiB CPU KV cache) suit the specimen models.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    models: list[Path],
+    data_dir: Path,
+    log: Path,
+    *,
+    port: int | None = None,
+    token: str | None = None,
+    timeout: float = 180,
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m capture_server.api serve`` in its own process group.
+
+    Returns the process and its base URL once ``/readyz`` answers 200. Raises
+    `RuntimeError` with the end of the log when the server dies or times out.
+    """
+    import httpx
+
+    port = port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "capture_server.api",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--hidden-layer",
+        "1",
+    ]
+    for model in models:
+        cmd += ["--model", str(model)]
+    if token:
+        cmd += ["--token", token]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the service runs its engine apart
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"the capture server did not become ready; log: {log.read_text()[-3000:]}")
