@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 
 from capture_server.api.config import Settings
 from capture_server.api.jobs_db import JobsDB
+from capture_server.api.online import OnlineRecorder
+from capture_server.api.openai_routes import router as openai_router
 from capture_server.api.routes import router
 from capture_server.api.runner import Engines, JobRunner
 
@@ -55,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db = db
     app.state.engines = engines
     app.state.runner = JobRunner(settings, db, engines)
+    app.state.online = OnlineRecorder(db, app.state.runner.store_path)
     app.state.metrics = Metrics()
 
     @app.middleware("http")
@@ -70,4 +73,5 @@ def create_app(settings: Settings) -> FastAPI:
         return await call_next(request)
 
     app.include_router(router)
+    app.include_router(openai_router)
     return app

@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     request TEXT NOT NULL,
     sequences_total INTEGER NOT NULL,
+    prompts_total INTEGER NOT NULL DEFAULT 0,
     sequences_done INTEGER NOT NULL DEFAULT 0,
     sequences_failed INTEGER NOT NULL DEFAULT 0,
     tokens_done INTEGER NOT NULL DEFAULT 0,
@@ -41,18 +42,19 @@ class JobsDB:
         self._conn.execute(SCHEMA)
         self._lock = threading.Lock()
 
-    def create(self, request: dict[str, Any], sequences_total: int) -> str:
+    def create(self, request: dict[str, Any], sequences_total: int, state: str = "queued") -> str:
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         with self._lock:
             self._conn.execute(
                 "INSERT INTO jobs (id, name, kind, model, state, request, sequences_total, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     request.get("name"),
                     request["kind"],
                     request["model"],
+                    state,
                     json.dumps(request),
                     sequences_total,
                     now,
@@ -60,6 +62,40 @@ class JobsDB:
                 ),
             )
         return job_id
+
+    def find_open(self, name: str, model: str) -> dict[str, Any] | None:
+        """The open online job of this name and model, if any."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT * FROM jobs WHERE name = ? AND model = ? AND kind = 'online' "
+                "AND state = 'open' ORDER BY created_at DESC LIMIT 1",
+                (name, model),
+            )
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description]
+        return None if row is None else self._decode(dict(zip(names, row, strict=True)))
+
+    def reserve(self, job_id: str, prompts: int, n: int) -> int:
+        """Add `prompts` prompts of `n` samples to a job; returns the first prompt's index."""
+        with self._lock:
+            (first,) = self._conn.execute(
+                "UPDATE jobs SET prompts_total = prompts_total + ?, "
+                "sequences_total = sequences_total + ?, updated_at = ? "
+                "WHERE id = ? RETURNING prompts_total - ?",
+                (prompts, prompts * n, time.time(), job_id, prompts),
+            ).fetchone()
+        return first
+
+    def add_progress(
+        self, job_id: str, *, done: int = 0, failed: int = 0, tokens: int = 0
+    ) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE jobs SET sequences_done = sequences_done + ?, "
+                "sequences_failed = sequences_failed + ?, tokens_done = tokens_done + ?, "
+                "updated_at = ? WHERE id = ?",
+                (done, failed, tokens, time.time(), job_id),
+            )
 
     def update(self, job_id: str, **fields: Any) -> None:
         if "errors" in fields:

@@ -79,11 +79,13 @@ def get_job(job_id: str, request: Request) -> JobPublic:
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
 async def cancel_job(job_id: str, request: Request) -> JobPublic:
-    """Cancel a job; sequences already committed stay in its store."""
+    """Cancel a job, or close an open online job; committed sequences stay in its store."""
     app = _state(request)
     job = app.db.get(job_id)
     if job is None:
         raise HTTPException(404, detail="Job not found")
+    if job["state"] == "open":
+        app.db.update(job_id, state="done")
     app.runner.cancel(job_id)
     return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
 

@@ -16,7 +16,6 @@ from typing import Any
 from capture_server.api.config import Settings
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
-from capture_server.capture.options import CaptureOptions
 from capture_server.store.writer import write_annotations
 
 logger = logging.getLogger("moetrace.service")
@@ -210,6 +209,7 @@ class JobRunner:
     ) -> tuple[Any, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         if item.prompt_token_ids is not None:
             prompt_ids = list(item.prompt_token_ids)
@@ -222,21 +222,8 @@ class JobRunner:
                 )
             prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         s = request.sampling
-        options = CaptureOptions(
-            sink=store,
-            sequence=f"p{i}",
-            prompt_index=i,
-            labels=dict(item.labels),
-            n=1 if request.kind == "score" else s.n,
-            logits=request.capture.logits,
-            hidden_layers=tuple(request.capture.hidden_layers),
-            store={
-                "logits": request.capture.logits,
-                "hidden_layers": list(request.capture.hidden_layers),
-                "weights_dtype": request.capture.weights_dtype,
-                "logits_dtype": request.capture.logits_dtype,
-            },
-        )
+        n = 1 if request.kind == "score" else s.n
+        options = request.capture.options(store, f"p{i}", i, item.labels, n)
         if request.kind == "score":
             completion = (
                 list(item.completion_token_ids)
@@ -256,6 +243,7 @@ class JobRunner:
             seed=s.seed,
             ignore_eos=s.ignore_eos,
             extra_args=options.to_extra_args(),
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples
         )
         return TokensPrompt(prompt_token_ids=prompt_ids), params
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from capture_server.capture.options import CaptureOptions
+
 LABEL_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
@@ -70,6 +72,26 @@ class Capture(BaseModel):
     weights_dtype: Literal["float16", "float32"] = "float32"
     logits_dtype: Literal["float16", "float32"] = "float16"
 
+    def options(
+        self, store: str, sequence: str, prompt_index: int, labels: dict[str, Any], n: int
+    ) -> CaptureOptions:
+        """The per-request options that send one sequence's routing to `store`."""
+        return CaptureOptions(
+            sink=store,
+            sequence=sequence,
+            prompt_index=prompt_index,
+            labels=dict(labels),
+            n=n,
+            logits=self.logits,
+            hidden_layers=tuple(self.hidden_layers),
+            store={
+                "logits": self.logits,
+                "hidden_layers": list(self.hidden_layers),
+                "weights_dtype": self.weights_dtype,
+                "logits_dtype": self.logits_dtype,
+            },
+        )
+
 
 class JobCreate(BaseModel):
     """A rollout (generate) or score (teacher-force) job."""
@@ -98,7 +120,7 @@ class JobPublic(BaseModel):
     name: str | None
     kind: str
     model: str
-    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    state: Literal["queued", "running", "open", "done", "failed", "cancelled"]
     sequences_total: int
     sequences_done: int
     sequences_failed: int

@@ -47,7 +47,7 @@ def stop_server(server: Server) -> None:
         os.killpg(server.proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def server(specimen, tmp_path_factory):
     root = tmp_path_factory.mktemp("service")
     srv = start_server(

@@ -64,6 +64,7 @@ def test_sampled_rollout_follows_the_plant(server):
     store = open_store(job["store"])
     assert len(store.index) == 128
     assert sorted(set(store.index["sample_index"].to_list())) == [0, 1]
+    assert store.index["generated_len"].to_list() == [8] * 128, "every sample has its text"
     for sid in store.index["sequence_id"].to_list():
         arrays = store.sequence(sid, ("token_ids", "topk_ids"))
         for layer in range(4):

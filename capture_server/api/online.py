@@ -1,0 +1,86 @@
+"""Named job stores for OpenAI-compatible requests ("online" jobs).
+
+A request carrying ``moetrace: {"job": NAME, ...}`` records into the open online job of
+that name (created on first use, closed by ``DELETE /v1/jobs/{id}``). Each prompt of a
+request becomes one sequence ``c{k}``, numbered in arrival order. Commits are batched:
+concurrent requests that finish together share one worker flush, and a response returns
+only after its routing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from capture_server.api.jobs_db import JobsDB
+from capture_server.api.schemas import Capture
+from capture_server.store.writer import write_annotations
+
+
+class CaptureConflictError(ValueError):
+    """A request's capture options differ from those its named job store was made with."""
+
+
+@dataclass
+class _Pending:
+    request_ids: list[str] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class OnlineRecorder:
+    def __init__(self, db: JobsDB, store_path: Any) -> None:
+        self.db = db
+        self.store_path = store_path
+        self._pending: dict[str, _Pending] = {}
+        self._create_lock = asyncio.Lock()
+
+    async def job_for(self, name: str, model: str, capture: Capture) -> str:
+        """The open online job `name` on `model`, created with `capture` if absent."""
+        async with self._create_lock:
+            job = self.db.find_open(name, model)
+            if job is None:
+                request = {
+                    "kind": "online",
+                    "model": model,
+                    "name": name,
+                    "capture": capture.model_dump(mode="json"),
+                }
+                return self.db.create(request, 0, state="open")
+        made_with = Capture(**job["request"]["capture"])
+        for key in Capture.model_fields:
+            if getattr(made_with, key) != getattr(capture, key):
+                raise CaptureConflictError(
+                    f"moetrace.{key}: job {name!r} records {getattr(made_with, key)!r}; "
+                    "use another job name for other capture options"
+                )
+        return job["id"]
+
+    def reserve(self, job_id: str, prompts: int, n: int) -> int:
+        return self.db.reserve(job_id, prompts, n)
+
+    async def commit(
+        self,
+        job_id: str,
+        engine: Any,
+        request_ids: list[str],
+        annotations: list[dict[str, Any]],
+        tokens: int,
+    ) -> None:
+        """End the requests in the worker, commit the store, write the texts."""
+        pending = self._pending.setdefault(job_id, _Pending())
+        pending.request_ids += request_ids
+        pending.annotations += annotations
+        async with pending.lock:  # whoever gets the lock commits everyone's so far
+            ids, pending.request_ids = pending.request_ids, []
+            rows, pending.annotations = pending.annotations, []
+            if ids:
+                await engine.collective_rpc("moetrace_flush", args=(ids,))
+            if rows:
+                write_annotations(str(self.store_path(job_id)), rows)
+        self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
+
+    async def store_error(self, job_id: str, engine: Any) -> str | None:
+        stats = (await engine.collective_rpc("moetrace_stats"))[0]
+        return stats.get("sink_errors", {}).get(str(self.store_path(job_id)))
