@@ -86,9 +86,7 @@ class JobsDB:
             ).fetchone()
         return first
 
-    def add_progress(
-        self, job_id: str, *, done: int = 0, failed: int = 0, tokens: int = 0
-    ) -> None:
+    def add_progress(self, job_id: str, *, done: int = 0, failed: int = 0, tokens: int = 0) -> None:
         with self._lock:
             self._conn.execute(
                 "UPDATE jobs SET sequences_done = sequences_done + ?, "

@@ -115,7 +115,9 @@ async def _generate(
     job_id = first = None
     if body.moetrace:
         try:
-            job_id = await app.online.job_for(body.moetrace.job, body.model, body.moetrace.capture())
+            job_id = await app.online.job_for(
+                body.moetrace.job, body.model, body.moetrace.capture()
+            )
         except CaptureConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from None
         first = app.online.reserve(job_id, len(prompts), body.n)

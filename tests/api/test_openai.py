@@ -75,7 +75,7 @@ def test_chat_completions_accumulate_in_a_named_job(server, sdk):
     assert job["sequences_total"] == 4 and job["sequences_done"] == 4
 
     store = open_store(job["store"])
-    assert sorted(zip(store.index["request_id"], store.index["sample_index"])) == [
+    assert sorted(store.index.select("request_id", "sample_index").iter_rows()) == [
         ("c0", 0),
         ("c0", 1),
         ("c1", 0),
