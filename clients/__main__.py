@@ -74,18 +74,24 @@ def submit(
     max_tokens: int = typer.Option(64, help="Tokens to generate per sample."),
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
     wait: bool = typer.Option(False, help="Wait for the job with a progress bar."),
+    upload: bool = typer.Option(
+        False, help="Upload the file (streamed, checked by the server) instead of inlining it."
+    ),
     url: str = URL,
     token: str | None = TOKEN,
 ) -> None:
     """Submit a job from a JSONL file of prompts; print the job id."""
-    body = {
+    body: dict[str, Any] = {
         "kind": kind,
         "model": model,
-        "prompts": _read_prompts(prompts),
         "sampling": {"n": n, "max_tokens": max_tokens, "temperature": temperature},
     }
+    if not upload:
+        body["prompts"] = _read_prompts(prompts)
     try:
         with Client(url, token) as client:
+            if upload:
+                body["prompts_file"] = client.upload(prompts)["id"]
             job = client.submit(body)
             typer.echo(job["id"])
             if wait:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ import httpx
 from clients.errors import MoetraceHTTPError
 
 FINISHED = ("done", "failed", "cancelled")
+JSONL = {"content-type": "application/jsonl"}
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -58,6 +60,12 @@ class Client:
     def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         """Create a job (`JobCreate` body); returns the job record."""
         return _check(self._http.post("/v1/jobs", json=job))
+
+    def upload(self, path: str | Path) -> dict[str, Any]:
+        """Upload a JSONL file of prompts (streamed); returns ``{"id", "prompts", "bytes"}``.
+        A job then names it: ``{"prompts_file": id, ...}`` instead of ``prompts``."""
+        with open(path, "rb") as body:
+            return _check(self._http.post("/v1/files", content=body, headers=JSONL))
 
     def status(self, job_id: str) -> dict[str, Any]:
         return _check(self._http.get(f"/v1/jobs/{job_id}"))
@@ -120,6 +128,10 @@ class AsyncClient:
 
     async def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         return _check(await self._http.post("/v1/jobs", json=job))
+
+    async def upload(self, path: str | Path) -> dict[str, Any]:
+        body = await asyncio.to_thread(Path(path).read_bytes)
+        return _check(await self._http.post("/v1/files", content=body, headers=JSONL))
 
     async def status(self, job_id: str) -> dict[str, Any]:
         return _check(await self._http.get(f"/v1/jobs/{job_id}"))

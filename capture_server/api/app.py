@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from capture_server.api.config import Settings
+from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.online import OnlineRecorder
 from capture_server.api.openai_routes import router as openai_router
@@ -39,12 +40,8 @@ class Metrics:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        logger.info(
-            "moetrace service: models %s, data dir %s, hidden layers %s",
-            settings.models,
-            settings.data_dir,
-            settings.hidden_layers,
-        )
+        shown = settings.model_dump(exclude={"token"})
+        logger.info("moetrace service settings: %s (token %s)", shown, bool(settings.token))
         app.state.engines.start()
         app.state.runner.resume_unfinished()
         yield
@@ -56,19 +53,19 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.engines = engines
-    app.state.runner = JobRunner(settings, db, engines)
+    app.state.files = PromptFiles(settings.data_dir, settings.max_upload_bytes)
+    app.state.runner = JobRunner(settings, db, engines, app.state.files)
     app.state.online = OnlineRecorder(db, app.state.runner.store_path)
     app.state.metrics = Metrics()
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        limit = settings.max_upload_bytes if request.url.path == "/v1/files" else None
+        limit = limit or settings.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and int(length) > settings.max_body_bytes:
+        if length is not None and int(length) > limit:
             return JSONResponse(
-                status_code=413,
-                content={
-                    "detail": f"request body too large (limit {settings.max_body_bytes} bytes)"
-                },
+                status_code=413, content={"detail": f"request body too large (limit {limit} bytes)"}
             )
         return await call_next(request)
 

@@ -1,11 +1,26 @@
-"""Service settings: flags, environment (``MOETRACE_*``) and an optional ``.env`` file."""
+"""Service settings: flags, environment (``MOETRACE_*``), ``.env`` and a TOML file.
+
+Precedence, highest first: command-line flags, environment, ``.env``, the ``--config``
+file, defaults. The file uses the field names below::
+
+    models = ["/models/Qwen3-30B-A3B"]
+    data_dir = "/data"
+    hidden_layers = [0, 24]
+    token = "..."
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 
 class Settings(BaseSettings):
@@ -22,7 +37,9 @@ class Settings(BaseSettings):
     """Bearer token required on every /v1 route when set."""
     max_body_bytes: int = 8 * 2**20
     """Requests with a larger body are refused with 413."""
-    max_prompts: int = 100_000
+    max_upload_bytes: int = 1024 * 2**20
+    """Uploaded prompt files (``POST /v1/files``) may be this large."""
+    max_prompts: int = 1_000_000
     max_tokens_limit: int = 32_768
     hidden_layers: list[int] = Field(default_factory=list)
     """MoE layers whose router inputs the engines capture (jobs may keep a subset)."""
@@ -34,3 +51,34 @@ class Settings(BaseSettings):
 
     def model_name(self, path: str) -> str:
         return Path(path.rstrip("/")).name
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> Settings:
+    """Settings from flags given (None means not given), environment and `config`."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if config is None:
+        return Settings(**given)
+    if not config.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config)
+
+    return Settings(**FromFile(**given).model_dump())

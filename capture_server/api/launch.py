@@ -27,11 +27,12 @@ def launch(
     *,
     port: int | None = None,
     token: str | None = None,
+    env: dict[str, str] | None = None,
     timeout: float = 180,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``python -m capture_server.api serve`` in its own process group.
 
-    Returns the process and its base URL once ``/readyz`` answers 200. Raises
+    `env` adds environment settings (``MOETRACE_*``). Returns the process and its base URL once ``/readyz`` answers 200. Raises
     `RuntimeError` with the end of the log when the server dies or times out.
     """
     import httpx
@@ -57,7 +58,9 @@ def launch(
         cmd += ["--model", str(model)]
     if token:
         cmd += ["--token", token]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    env = dict(
+        os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **(env or {})
+    )
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the service runs its engine apart
     with log.open("w") as out:
         proc = subprocess.Popen(

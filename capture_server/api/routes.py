@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 
-from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic
+from capture_server.api.files import UploadError, UploadTooLargeError
+from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic, check_score_prompts
 
 router = APIRouter()
 
@@ -38,7 +39,16 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
     app = _state(request)
     if job.model not in app.engines.engines:
         raise HTTPException(404, detail="Model not found")
-    if len(job.prompts) > app.settings.max_prompts:
+    prompts = job.prompts
+    if job.prompts_file is not None:
+        if not app.files.exists(job.prompts_file):
+            raise HTTPException(422, detail="prompts_file: no uploaded file with this id")
+        prompts = app.files.load(job.prompts_file)
+        try:
+            check_score_prompts(job.kind, prompts)
+        except ValueError as exc:
+            raise HTTPException(422, detail=f"prompts_file: {exc}") from None
+    if len(prompts) > app.settings.max_prompts:
         raise HTTPException(422, detail=f"prompts: at most {app.settings.max_prompts}")
     if job.sampling.max_tokens > app.settings.max_tokens_limit:
         raise HTTPException(
@@ -50,9 +60,21 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
             422, detail=f"capture.hidden_layers: the server captures only {sorted(layers)}"
         )
     n = 1 if job.kind == "score" else job.sampling.n
-    job_id = app.db.create(job.model_dump(mode="json"), len(job.prompts) * n)
+    job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)
     return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
+
+
+@router.post("/v1/files", status_code=201, dependencies=[Auth], tags=["jobs"])
+async def upload_prompts(request: Request) -> dict:
+    """Upload a JSONL file of prompts (one `PromptItem` per line) as the raw body; a job
+    then names it by ``prompts_file``. Every line is validated; errors name the line."""
+    try:
+        return await request.app.state.files.save(request.stream())
+    except UploadTooLargeError as exc:
+        raise HTTPException(413, detail=str(exc)) from None
+    except UploadError as exc:
+        raise HTTPException(422, detail=f"file: {exc}") from None
 
 
 @router.get("/v1/jobs", response_model=JobsPublic, dependencies=[Auth], tags=["jobs"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from capture_server.api.config import Settings
+from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
 from capture_server.store.writer import write_annotations
@@ -62,8 +63,11 @@ class Engines:
 class JobRunner:
     """Runs jobs as asyncio tasks; resumes unfinished ones after a restart."""
 
-    def __init__(self, settings: Settings, db: JobsDB, engines: Engines) -> None:
+    def __init__(
+        self, settings: Settings, db: JobsDB, engines: Engines, files: PromptFiles
+    ) -> None:
         self.settings = settings
+        self.files = files
         self.db = db
         self.engines = engines
         self.tasks: dict[str, asyncio.Task] = {}
@@ -106,6 +110,7 @@ class JobRunner:
         job = self.db.get(job_id)
         assert job is not None
         request = JobCreate(**job["request"])
+        prompts = request.prompts or self.files.load(request.prompts_file)
         engine = self.engines.engines[request.model]
         store = self.store_path(job_id)
         committed = _committed_keys(store)
@@ -114,7 +119,7 @@ class JobRunner:
             "done": n
             * sum(
                 all((f"p{i}", s) in committed for s in range(n))
-                for i in range(len(request.prompts))
+                for i in range(len(prompts))
             ),
             "failed": 0,
             "tokens": 0,
@@ -183,7 +188,7 @@ class JobRunner:
 
         todo = [
             (i, p)
-            for i, p in enumerate(request.prompts)
+            for i, p in enumerate(prompts)
             if not all((f"p{i}", s) in committed for s in range(n))
         ]
         state = "done"

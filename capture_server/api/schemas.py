@@ -100,19 +100,28 @@ class JobCreate(BaseModel):
 
     kind: Literal["rollout", "score"]
     model: str = Field(min_length=1, max_length=200)
-    prompts: list[PromptItem] = Field(min_length=1)
+    prompts: list[PromptItem] | None = Field(None, min_length=1)
+    prompts_file: str | None = Field(None, pattern=r"^file-[0-9a-f]{16}$")
+    """An uploaded JSONL file (``POST /v1/files``) instead of inline prompts."""
     sampling: Sampling = Field(default_factory=Sampling)
     capture: Capture = Field(default_factory=Capture)
     chat_template: bool = False
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @model_validator(mode="after")
-    def score_needs_completions(self) -> JobCreate:
-        if self.kind == "score" and any(
-            p.completion is None and p.completion_token_ids is None for p in self.prompts
-        ):
-            raise ValueError("score jobs need a completion or completion_token_ids per prompt")
+    def prompts_inline_or_uploaded(self) -> JobCreate:
+        if (self.prompts is None) == (self.prompts_file is None):
+            raise ValueError("give exactly one of prompts or prompts_file")
+        if self.prompts is not None:
+            check_score_prompts(self.kind, self.prompts)
         return self
+
+
+def check_score_prompts(kind: str, prompts: list[PromptItem]) -> None:
+    if kind == "score" and any(
+        p.completion is None and p.completion_token_ids is None for p in prompts
+    ):
+        raise ValueError("score jobs need a completion or completion_token_ids per prompt")
 
 
 class JobPublic(BaseModel):

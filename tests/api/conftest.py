@@ -13,6 +13,7 @@ import pytest
 from capture_server.api.launch import launch
 
 TOKEN = "test-token"
+UPLOAD_LIMIT = 2**20
 
 
 class Server:
@@ -33,7 +34,8 @@ class Server:
 
 
 def start_server(models: list[Path], data_dir: Path, log: Path) -> Server:
-    proc, url = launch(models, data_dir, log, token=TOKEN)
+    env = {"MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
+    proc, url = launch(models, data_dir, log, token=TOKEN, env=env)
     return Server(url, data_dir, proc)
 
 

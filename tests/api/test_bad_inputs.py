@@ -8,6 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.api.conftest import UPLOAD_LIMIT
+
 GOOD = {
     "kind": "rollout",
     "model": "qwen3_moe",
@@ -19,6 +21,10 @@ GOOD = {
 def with_(**changes):
     body = {**GOOD, **changes}
     return body
+
+
+def without_prompts(**changes):
+    return {k: v for k, v in with_(**changes).items() if k != "prompts"}
 
 
 CASES = [
@@ -135,6 +141,40 @@ CASES = [
         401,
         "bearer token",
     ),
+    (
+        "upload with a bad line",
+        "post",
+        "/v1/files",
+        {"content": b'{"prompt": "a"}\n{"prompt": 3}\n'},
+        422,
+        "line 2: prompt",
+    ),
+    ("upload that is not JSONL", "post", "/v1/files", {"content": b"hello"}, 422, "line 1"),
+    ("empty upload", "post", "/v1/files", {"content": b"\n"}, 422, "no prompts"),
+    (
+        "oversize upload",
+        "post",
+        "/v1/files",
+        {"content": b"x" * (UPLOAD_LIMIT + 1)},
+        413,
+        "request body too large",
+    ),
+    (
+        "unknown prompts file",
+        "post",
+        "/v1/jobs",
+        {"json": without_prompts(prompts_file="file-0123456789abcdef")},
+        422,
+        "prompts_file",
+    ),
+    (
+        "prompts and prompts_file both",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts_file="file-0123456789abcdef")},
+        422,
+        "exactly one of prompts or prompts_file",
+    ),
 ]
 
 
@@ -142,11 +182,13 @@ CASES = [
     ("name", "method", "path", "kwargs", "status", "text"), CASES, ids=[c[0] for c in CASES]
 )
 def test_bad_input(server, name, method, path, kwargs, status, text):
-    before = server.client.get("/v1/jobs").json()["count"]
+    files = server.data_dir / "files"
+    before = server.client.get("/v1/jobs").json()["count"], sorted(files.glob("*"))
     response = getattr(server.client, method)(path, **kwargs)
     assert response.status_code == status, response.text
     assert text in response.text
-    assert server.client.get("/v1/jobs").json()["count"] == before, "nothing was created"
+    after = server.client.get("/v1/jobs").json()["count"], sorted(files.glob("*"))
+    assert after == before, "nothing was created"
 
 
 def test_too_long_prompt_fails_that_sequence_only(server):

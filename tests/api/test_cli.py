@@ -74,3 +74,23 @@ def test_service_errors_print_one_line_and_exit_1(server, tmp_path):
     )
     wrong = runner.invoke(app, ["status", "x", "--url", server.url, "--token", "bad"])
     assert wrong.exit_code == 1 and "401" in wrong.output
+
+
+def test_submit_an_uploaded_file(server, tmp_path):
+    from capture_server.store import open_store
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": f"a fish {i}", "labels": {"q": i}}) for i in range(5))
+    )
+    args = ["submit", "--model", "qwen3_moe", "--prompts", str(prompts), "--upload"]
+    done = runner.invoke(app, _args(server, *args, "--max-tokens", "3", "--wait"))
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.output[done.output.index("{") :])
+    index = open_store(record["store"]).index.sort("prompt_index")
+    assert index["label_q"].to_list() == list(range(5))
+    assert index["generated_len"].to_list() == [3] * 5
+
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    refused = runner.invoke(app, _args(server, *args))
+    assert refused.exit_code == 1 and "line 2" in refused.output
