@@ -32,8 +32,9 @@ def launch(
 ) -> tuple[subprocess.Popen, str]:
     """Start ``python -m capture_server.api serve`` in its own process group.
 
-    `env` adds environment settings (``MOETRACE_*``). Returns the process and its base URL once ``/readyz`` answers 200. Raises
-    `RuntimeError` with the end of the log when the server dies or times out.
+    `env` adds environment settings (``MOETRACE_*``). Returns the process and its base
+    URL once ``/readyz`` answers 200. Raises `RuntimeError` with the end of the log when
+    the server dies or times out.
     """
     import httpx
 
