@@ -108,6 +108,11 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
         raise HTTPException(404, detail="Job not found")
     if job["state"] == "open":
         app.db.update(job_id, state="done")
+        engine = app.engines.engines.get(job["model"])
+        if engine is not None:
+            await engine.collective_rpc(
+                "moetrace_close", args=([str(app.runner.store_path(job_id))],)
+            )
     app.runner.cancel(job_id)
     return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
 
@@ -154,9 +159,10 @@ def readyz(request: Request) -> dict:
 
 
 @router.get("/metrics", tags=["health"])
-def metrics(request: Request) -> Response:
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: jobs, tokens, expert load, store writers."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = _state(request)
-    app.metrics.refresh(app)
+    await app.metrics.refresh(app)
     return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)

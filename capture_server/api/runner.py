@@ -117,10 +117,7 @@ class JobRunner:
         n = 1 if request.kind == "score" else request.sampling.n
         progress = {
             "done": n
-            * sum(
-                all((f"p{i}", s) in committed for s in range(n))
-                for i in range(len(prompts))
-            ),
+            * sum(all((f"p{i}", s) in committed for s in range(n)) for i in range(len(prompts))),
             "failed": 0,
             "tokens": 0,
             "errors": [],
@@ -199,6 +196,7 @@ class JobRunner:
             await engine.abort(request_ids)
         finally:
             await engine.collective_rpc("moetrace_flush", args=(request_ids,))
+            await engine.collective_rpc("moetrace_close", args=([str(store)],))
             stats = (await engine.collective_rpc("moetrace_stats"))[0]
             sink_error = stats.get("sink_errors", {}).get(str(store))
             if sink_error:

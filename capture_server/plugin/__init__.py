@@ -31,6 +31,7 @@ def register() -> None:
     # Reachable by name through collective_rpc from any process ("moetrace_flush").
     WorkerBase.moetrace_flush = flush
     WorkerBase.moetrace_stats = stats
+    WorkerBase.moetrace_close = close
 
     patch_model_runner(GPUModelRunner)
     if current_platform.is_cpu():
@@ -53,8 +54,22 @@ def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
 
 
 def stats(worker: Any) -> dict[str, Any]:
-    """``collective_rpc("moetrace_stats")``: the collector's counters and sink errors."""
+    """``collective_rpc("moetrace_stats")``: the collector's counters, expert load per
+    layer (captured tokens), each open store's writer metrics, and sink errors."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:
         return {}
-    return {**collector.stats, "sink_errors": dict(collector.sink_errors)}
+    return {
+        **collector.stats,
+        "expert_load": collector.expert_load.tolist(),
+        "sinks": collector.sink_metrics(),
+        "sink_errors": dict(collector.sink_errors),
+    }
+
+
+def close(worker: Any, sink_urls: list[str]) -> None:
+    """``collective_rpc("moetrace_close", args=(urls,))``: commit and close finished jobs'
+    stores, ending their writer threads (a later row for one reopens it)."""
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    if collector is not None:
+        collector.close_sinks(sink_urls)

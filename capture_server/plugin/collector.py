@@ -91,12 +91,16 @@ class StepCollector:
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
         self.sink_errors: dict[str, str] = {}
+        self.expert_load = np.zeros((len(meta.moe_layers), meta.num_experts), dtype=np.int64)
+        """Top-k selections per (MoE layer, expert) over every captured token."""
         self.stats: dict[str, float] = {
             "steps": 0,
             "rows": 0,
             "preempted": 0,
             "recomputed_rows_dropped": 0,
             "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
+            "closed_bytes_written": 0,  # writer totals of stores closed so far
+            "closed_sequences_committed": 0,
         }
 
     # -- called by the model runner wrapper -------------------------------------------
@@ -130,6 +134,26 @@ class StepCollector:
                     sink.flush()
                 except (MoetraceError, OSError) as exc:
                     self.sink_errors[url] = str(exc)
+
+    def close_sinks(self, urls: list[str]) -> None:
+        """Commit and close the named sinks (their jobs are over)."""
+        self._complete_pending()
+        for url in urls:
+            sink = self._sinks.pop(url, None)
+            if sink is None:
+                continue
+            try:
+                sink.close()
+            except (MoetraceError, OSError) as exc:
+                self.sink_errors[url] = str(exc)
+            if hasattr(sink, "metrics"):
+                final = sink.metrics()
+                self.stats["closed_bytes_written"] += final["bytes_written"]
+                self.stats["closed_sequences_committed"] += final["sequences_committed"]
+
+    def sink_metrics(self) -> dict[str, dict[str, float]]:
+        """Writer metrics of every open store sink, by URL."""
+        return {url: s.metrics() for url, s in self._sinks.items() if hasattr(s, "metrics")}
 
     # -- internals ----------------------------------------------------------------------
 
@@ -222,6 +246,7 @@ class StepCollector:
         if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
+        self._count_load(rows.topk_ids)
         by_sink: dict[str, list[int]] = defaultdict(list)
         for r in reqs.tolist():
             by_sink[states[r].options.sink].append(r)  # type: ignore[union-attr]
@@ -231,6 +256,14 @@ class StepCollector:
             options = states[mine[0]].options  # type: ignore[union-attr]
             part = _as_requested(part, options)
             self._deliver(options, lambda sink, p=part: sink.write(p))
+
+    def _count_load(self, topk_ids: np.ndarray) -> None:
+        num_layers, num_experts = self.expert_load.shape
+        # topk_ids is (rows, layers, k): one bincount over (layer, expert) cells
+        flat = topk_ids.astype(np.int64) + (np.arange(num_layers) * num_experts)[:, None]
+        self.expert_load += np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(
+            num_layers, num_experts
+        )
 
     def _build_rows(
         self,

@@ -240,6 +240,10 @@ class StoreWriter:
         return set(self._committed)
 
     @property
+    def staged_sequences(self) -> int:
+        return len(self._staged)
+
+    @property
     def staged_rows(self) -> int:
         return self._buf_end - self._written_end
 
@@ -393,6 +397,7 @@ class StoreSink(RoutingSink):
         self._error: BaseException | None = None
         self._dropped_keys: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
         self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
 
     # -- RoutingSink -------------------------------------------------------------------
@@ -421,6 +426,8 @@ class StoreSink(RoutingSink):
 
     def end_sequence(self, end: SequenceEnd) -> None:
         self._raise_if_failed()
+        if self._uncommitted_since is None:
+            self._uncommitted_since = time.monotonic()
         self._queue.put(("end", end))
 
     def flush(self) -> None:
@@ -439,6 +446,18 @@ class StoreSink(RoutingSink):
 
     def committed_keys(self) -> set[tuple[str, int]]:
         return self.writer.committed_keys()
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for monitoring; safe to call from any thread."""
+        since = self._uncommitted_since
+        return {
+            "queue_depth": self._queue.qsize(),
+            # how long the oldest finished sequence has waited to be committed
+            "lag_seconds": 0.0 if since is None else time.monotonic() - since,
+            "bytes_written": self.writer.bytes_written,
+            "sequences_committed": self.writer.sequences_committed,
+            **self.stats,
+        }
 
     # -- writer thread -----------------------------------------------------------------
 
@@ -468,8 +487,11 @@ class StoreSink(RoutingSink):
                     if self.writer.staged_rows >= self.writer.chunk:
                         self.writer.flush(partial=False)
                 elif kind in ("tick", "flush", "close"):
+                    pending_before = self._queue.qsize()
                     self.writer.flush(partial=True)
                     last_commit = time.monotonic()
+                    if pending_before == 0 and not self.writer.staged_sequences:
+                        self._uncommitted_since = None
                     if kind == "flush":
                         item.set()
                     if kind == "close":

@@ -125,3 +125,38 @@ def test_sdk_without_token_is_refused(server):
     sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         sdk.completions.create(model="qwen3_moe", prompt="hi", max_tokens=2)
+
+
+def test_metrics_count_expert_load_and_writers(server, sdk):
+    """Per-layer expert load adds up to top-k selections of every captured token."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sdk.completions.create(
+        model="qwen3_moe",
+        prompt="the bank",
+        max_tokens=4,
+        extra_body={"moetrace": {"job": "sdk-metrics"}},
+    )
+    families = {
+        f.name: f.samples
+        for f in text_string_to_metric_families(server.client.get("/metrics").text)
+    }
+
+    def value(family: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family]
+            if not s.name.endswith("_created")
+            and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    captured = value("moetrace_tokens_captured", model="qwen3_moe")
+    assert captured > 0
+    for layer in range(4):
+        load = value("moetrace_expert_load", model="qwen3_moe", layer=str(layer))
+        assert load == captured * 2  # top-2 routing: two selections per token and layer
+    assert value("moetrace_store_bytes_written", model="qwen3_moe") > 0
+    assert value("moetrace_store_sequences_committed", model="qwen3_moe") >= 1
+    open_jobs = {s.labels["job"] for s in families["moetrace_writer_queue_depth"]}
+    assert any(s.labels["job"] in open_jobs for s in families["moetrace_writer_lag_seconds"])
+    assert value("moetrace_jobs", state="open") >= 1
