@@ -32,6 +32,7 @@ class Engines:
 
     def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         for path in self.settings.models:
@@ -42,6 +43,9 @@ class Engines:
                 max_model_len=self.settings.max_model_len,
                 enforce_eager=True,
                 enable_prefix_caching=False,
+                # vLLM rewinds a seeded request's generator when its prompt is split
+                # across steps; CPU generators cannot rewind, so prompts go in whole.
+                enable_chunked_prefill=False if current_platform.is_cpu() else None,
                 max_num_seqs=self.settings.max_num_seqs,
                 additional_config={"moetrace": {"hidden_layers": self.settings.hidden_layers}},
             )

@@ -62,6 +62,9 @@ class CaptureEngine:
         enable_prefix_caching: off by default, so every prompt token is forwarded and
             captured; when on, cached prompt positions have no rows (never invented).
         **llm_kwargs: passed to `vllm.LLM` (dtype, max_model_len, enforce_eager, ...).
+            On CPU, per-request seeds need ``enable_chunked_prefill=False``: vLLM rewinds
+            a seeded request's generator when its prompt is split across steps, which a
+            CPU generator cannot do (the capture service sets this itself).
     """
 
     def __init__(

@@ -119,3 +119,30 @@ def test_list_metrics_and_models(server, greedy_job):
         f"/v1/jobs/{greedy_job['id']}/sequences", params={"offset": 60, "limit": 10}
     ).json()
     assert seqs["count"] == 64 and len(seqs["data"]) == 4
+
+
+def test_seeded_jobs_reproduce(server):
+    """The same seeded sampled job twice gives the same texts and routing, with prompts
+    long enough that a step cannot hold them all."""
+    long = " ".join(["the bank raised interest rates"] * 30)
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe",
+        "prompts": [{"prompt": f"{long} {i}"} for i in range(16)],
+        "sampling": {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7},
+        "capture": {"logits": False},
+    }
+    jobs = [server.client.post("/v1/jobs", json=body).json()["id"] for _ in range(2)]
+    stores = []
+    for job_id in jobs:
+        job = server.wait_job(job_id)
+        assert job["state"] == "done" and job["sequences_done"] == 32, job
+        stores.append(open_store(job["store"]))
+    a, b = (s.index.sort(["prompt_index", "sample_index"]) for s in stores)
+    assert a["completion_text"].to_list() == b["completion_text"].to_list()
+    assert a["completion_text"].n_unique() > 1, "samples differ from each other"
+    for x, y in zip(a["sequence_id"], b["sequence_id"], strict=True):
+        np.testing.assert_array_equal(
+            stores[0].sequence(x, ("topk_ids",))["topk_ids"],
+            stores[1].sequence(y, ("topk_ids",))["topk_ids"],
+        )
