@@ -36,6 +36,9 @@ def run(
     ),
     max_pairs: int = typer.Option(20000, help="Sequence pairs sampled per store."),
     block_tokens: int = typer.Option(0, help="Token rows per Ray task (0: 16 chunks)."),
+    address: str = typer.Option(
+        None, help="Ray cluster to join ('auto' on a cluster node); default RAY_ADDRESS or local."
+    ),
     list_analyses: bool = typer.Option(False, "--list", help="Describe each analysis and exit."),
 ) -> None:
     """Analyse stores and write tables, plots and an HTML report."""
@@ -67,7 +70,9 @@ def run(
                     tasks[store] = progress.add_task(f"profiling {store}", total=total)
                 progress.update(tasks[store], completed=done)
 
-            tables = pipeline.run(stores, chosen, out, params, block_tokens or None, on_progress)
+            tables = pipeline.run(
+                stores, chosen, out, params, block_tokens or None, on_progress, address
+            )
         report = write_report(out, tables, {**asdict(params), "analyses": chosen}, stores)
     except (MoetraceError, ValueError, OSError) as exc:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -124,16 +124,17 @@ def analyse_store(
     return StoreResult(name=name, tables=tables)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray with the machine's cores."""
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Join `address` (``auto``: the cluster this node is part of) or ``RAY_ADDRESS`` if
+    set, else start a local Ray with the machine's cores."""
     import ray
 
     if ray.is_initialized():
         return
     root = str(Path(__file__).resolve().parents[1])
     runtime_env = {"env_vars": {"PYTHONPATH": root}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
         # "local": never attach to a cluster that an earlier `ray start` left registered
         ray.init(
@@ -152,12 +153,13 @@ def run(
     params: reduce.Params,
     block_tokens: int | None = None,
     on_progress: Callable[[str, int, int], None] = lambda s, d, t: None,
+    address: str | None = None,
 ) -> dict[str, Path]:
     """Analyse every store; write one parquet per table (all stores stacked) under `out`."""
     unknown = sorted(set(analyses) - set(ANALYSES))
     if unknown:
         raise ValueError(f"analyses: unknown {unknown}; expected some of {sorted(ANALYSES)}")
-    init_ray()
+    init_ray(address=address)
     results = [
         analyse_store(
             url, analyses, params, block_tokens, lambda d, t, url=url: on_progress(url, d, t)

@@ -12,11 +12,12 @@ file, defaults. The file uses the field names below::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -26,11 +27,15 @@ from pydantic_settings import (
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOETRACE_", env_file=".env", extra="ignore")
 
-    models: list[str] = Field(default_factory=list)
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Checkpoint directories (or cached Hugging Face ids) to serve; named by their last
     path component."""
     data_dir: Path = Path("moetrace-data")
     """Job database and stores live here, whatever a client asks."""
+    store_root: str | None = None
+    """Write job stores under this URL (``s3://bucket/prefix``, any fsspec URL) instead
+    of ``data_dir/stores``; credentials come from the usual environment (for S3:
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``)."""
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -41,13 +46,26 @@ class Settings(BaseSettings):
     """Uploaded prompt files (``POST /v1/files``) may be this large."""
     max_prompts: int = 1_000_000
     max_tokens_limit: int = 32_768
-    hidden_layers: list[int] = Field(default_factory=list)
+    hidden_layers: Annotated[list[int], NoDecode] = Field(default_factory=list)
     """MoE layers whose router inputs the engines capture (jobs may keep a subset)."""
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
     concurrency: int = 512
     """Requests of one job in flight at once."""
+
+    @field_validator("models", "hidden_layers", mode="before")
+    @classmethod
+    def comma_separated(cls, value: Any) -> Any:
+        """``MOETRACE_MODELS=/m/a,/m/b`` (or a JSON list) in the environment."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     def model_name(self, path: str) -> str:
         return Path(path.rstrip("/")).name

@@ -63,6 +63,7 @@ def launch(
         os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **(env or {})
     )
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the service runs its engine apart
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

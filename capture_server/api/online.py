@@ -76,11 +76,12 @@ class OnlineRecorder:
             ids, pending.request_ids = pending.request_ids, []
             rows, pending.annotations = pending.annotations, []
             if ids:
-                await engine.collective_rpc("moetrace_flush", args=(ids,))
+                store = self.store_path(job_id)
+                await engine.collective_rpc("moetrace_flush", args=(ids, [store]))
             if rows:
-                write_annotations(str(self.store_path(job_id)), rows)
+                write_annotations(self.store_path(job_id), rows)
         self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
 
     async def store_error(self, job_id: str, engine: Any) -> str | None:
         stats = (await engine.collective_rpc("moetrace_stats"))[0]
-        return stats.get("sink_errors", {}).get(str(self.store_path(job_id)))
+        return stats.get("sink_errors", {}).get(self.store_path(job_id))

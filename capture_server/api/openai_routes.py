@@ -51,6 +51,8 @@ class _Common(BaseModel):
     stream: Literal[False] = False
     """Streaming is not offered: a response returns once its routing is committed."""
     user: str | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: keep generating past the end-of-sequence token."""
     moetrace: OnlineCapture | None = None
 
 
@@ -121,7 +123,7 @@ async def _generate(
         except CaptureConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from None
         first = app.online.reserve(job_id, len(prompts), body.n)
-    store = str(app.runner.store_path(job_id)) if job_id else ""
+    store = app.runner.store_path(job_id) if job_id else ""
     tag = uuid.uuid4().hex[:12]
 
     async def one(k: int, ids: list[int]) -> Any:
@@ -139,6 +141,7 @@ async def _generate(
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stop,
+            ignore_eos=body.ignore_eos,
             extra_args=extra,
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples
         )

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 
 from capture_server.api.files import UploadError, UploadTooLargeError
+from capture_server.api.runner import close_store
 from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic, check_score_prompts
 
 router = APIRouter()
@@ -62,7 +63,7 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
     n = 1 if job.kind == "score" else job.sampling.n
     job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)
-    return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
+    return _public(app.db.get(job_id), app.runner.store_path(job_id))
 
 
 @router.post("/v1/files", status_code=201, dependencies=[Auth], tags=["jobs"])
@@ -84,9 +85,7 @@ def list_jobs(
     """List jobs, newest first."""
     app = _state(request)
     rows, count = app.db.list(offset, limit)
-    return JobsPublic(
-        data=[_public(r, str(app.runner.store_path(r["id"]))) for r in rows], count=count
-    )
+    return JobsPublic(data=[_public(r, app.runner.store_path(r["id"])) for r in rows], count=count)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
@@ -96,7 +95,7 @@ def get_job(job_id: str, request: Request) -> JobPublic:
     job = app.db.get(job_id)
     if job is None:
         raise HTTPException(404, detail="Job not found")
-    return _public(job, str(app.runner.store_path(job_id)))
+    return _public(job, app.runner.store_path(job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
@@ -110,11 +109,9 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
         app.db.update(job_id, state="done")
         engine = app.engines.engines.get(job["model"])
         if engine is not None:
-            await engine.collective_rpc(
-                "moetrace_close", args=([str(app.runner.store_path(job_id))],)
-            )
+            await close_store(engine, app.runner.store_path(job_id), [])
     app.runner.cancel(job_id)
-    return _public(app.db.get(job_id), str(app.runner.store_path(job_id)))
+    return _public(app.db.get(job_id), app.runner.store_path(job_id))
 
 
 @router.get("/v1/jobs/{job_id}/sequences", dependencies=[Auth], tags=["jobs"])

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from capture_server.api.config import Settings
@@ -77,8 +76,13 @@ class JobRunner:
         self.tasks: dict[str, asyncio.Task] = {}
         self.tokens_generated = 0
 
-    def store_path(self, job_id: str) -> Path:
-        return (self.settings.data_dir / "stores" / job_id).resolve()
+    def store_path(self, job_id: str) -> str:
+        """Where a job's store lives: under the data dir, or under `store_root` (an
+        object-store URL such as ``s3://bucket/stores``). Job ids are generated, so a
+        client cannot steer the path."""
+        if self.settings.store_root:
+            return f"{self.settings.store_root.rstrip('/')}/{job_id}"
+        return str((self.settings.data_dir / "stores" / job_id).resolve())
 
     def submit(self, job_id: str) -> None:
         task = asyncio.create_task(self._run(job_id))
@@ -147,14 +151,14 @@ class JobRunner:
                     tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
                 )
                 if annotations:  # texts go out as they come, not only at the end
-                    write_annotations(str(store), annotations[:])
+                    write_annotations(store, annotations[:])
                     annotations.clear()
 
         async def one(i: int, item: PromptItem) -> None:
             rid = f"{job_id}-p{i}"
             async with limit:
                 try:
-                    prompt, params = self._request(request, i, item, tokenizer, str(store))
+                    prompt, params = self._request(request, i, item, tokenizer, store)
                     request_ids.append(rid)
                     final = None
                     async for out in engine.generate(prompt, params, rid):
@@ -199,10 +203,7 @@ class JobRunner:
             state = "cancelled"
             await engine.abort(request_ids)
         finally:
-            await engine.collective_rpc("moetrace_flush", args=(request_ids,))
-            await engine.collective_rpc("moetrace_close", args=([str(store)],))
-            stats = (await engine.collective_rpc("moetrace_stats"))[0]
-            sink_error = stats.get("sink_errors", {}).get(str(store))
+            sink_error = await close_store(engine, store, request_ids)
             if sink_error:
                 state = "failed"
                 progress["errors"].append(f"store: {sink_error}")
@@ -255,10 +256,19 @@ class JobRunner:
         return TokensPrompt(prompt_token_ids=prompt_ids), params
 
 
-def _committed_keys(store: Path) -> set[tuple[str, int]]:
+async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:
+    """End a job's requests in the worker and wait until its store is committed and
+    closed, polling so the engine never blocks on the commit. Returns the store's error."""
+    await engine.collective_rpc("moetrace_close", args=([store], request_ids))
+    while True:
+        state = (await engine.collective_rpc("moetrace_sink_states", args=([store],)))[0][store]
+        if state != "closing":
+            return state.removeprefix("failed: ") if state.startswith("failed") else None
+        await asyncio.sleep(0.02)
+
+
+def _committed_keys(store: str) -> set[tuple[str, int]]:
     """(sequence key, sample) pairs already committed in a job's store (resume)."""
-    if not store.exists():
-        return set()
     from capture_server.errors import StoreError
     from capture_server.store import open_store
 

@@ -32,6 +32,7 @@ def register() -> None:
     WorkerBase.moetrace_flush = flush
     WorkerBase.moetrace_stats = stats
     WorkerBase.moetrace_close = close
+    WorkerBase.moetrace_sink_states = sink_states
 
     patch_model_runner(GPUModelRunner)
     if current_platform.is_cpu():
@@ -40,16 +41,18 @@ def register() -> None:
         patch_model_runner(CPUModelRunner)
 
 
-def flush(worker: Any, finished_request_ids: list[str] | None = None) -> int:
-    """``collective_rpc("moetrace_flush", args=(ids,))``: complete the in-flight step, end
-    the named finished requests and commit every open store.
+def flush(
+    worker: Any, finished_request_ids: list[str] | None = None, sink_urls: list[str] | None = None
+) -> int:
+    """``collective_rpc("moetrace_flush", args=(ids, urls))``: complete the in-flight step,
+    end the named finished requests and commit the named stores (all open ones if None).
 
     Returns the number of requests still tracked by the worker's collector.
     """
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:
         return -1
-    collector.flush(finished_request_ids)
+    collector.flush(finished_request_ids, sink_urls)
     return len(collector._requests)
 
 
@@ -67,9 +70,19 @@ def stats(worker: Any) -> dict[str, Any]:
     }
 
 
-def close(worker: Any, sink_urls: list[str]) -> None:
-    """``collective_rpc("moetrace_close", args=(urls,))``: commit and close finished jobs'
-    stores, ending their writer threads (a later row for one reopens it)."""
+def close(worker: Any, sink_urls: list[str], finished_request_ids: list[str] | None = None) -> None:
+    """``collective_rpc("moetrace_close", args=(urls, ids))``: end a finished job's
+    requests and have its stores commit and close, without blocking the engine (a later
+    row for one reopens it). ``moetrace_sink_states`` tells when they are closed."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is not None:
-        collector.close_sinks(sink_urls)
+        collector.close_sinks(sink_urls, finished_request_ids)
+
+
+def sink_states(worker: Any, sink_urls: list[str]) -> dict[str, str]:
+    """``collective_rpc("moetrace_sink_states", args=(urls,))``: ``open``, ``closing``,
+    ``closed`` or ``failed: <error>`` per store."""
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    if collector is None:
+        return {}
+    return collector.sink_states(sink_urls)

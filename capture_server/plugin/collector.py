@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -90,6 +89,7 @@ class StepCollector:
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
         self._sinks: dict[str, RoutingSink] = {}
+        self._closing: dict[str, RoutingSink] = {}  # committing their last rows
         self.sink_errors: dict[str, str] = {}
         self.expert_load = np.zeros((len(meta.moe_layers), meta.num_experts), dtype=np.int64)
         """Top-k selections per (MoE layer, expert) over every captured token."""
@@ -119,8 +119,11 @@ class StepCollector:
         self._pending = step
         self.stats["host_seconds"] += time.perf_counter() - start
 
-    def flush(self, finished_external_ids: list[str] | None = None) -> None:
-        """Complete the in-flight step and end the named requests (by external id)."""
+    def flush(
+        self, finished_external_ids: list[str] | None = None, sink_urls: list[str] | None = None
+    ) -> None:
+        """Complete the in-flight step, end the named requests (by external id) and commit
+        the named sinks (every sink when None)."""
         self._complete_pending()
         if finished_external_ids:
             wanted = set(finished_external_ids)
@@ -129,31 +132,52 @@ class StepCollector:
                 if external in wanted or external.split("_", 1)[-1] in wanted:
                     self._end_request(req_id)
         for url, sink in self._sinks.items():
+            if sink_urls is not None and url not in sink_urls:
+                continue
             if url not in self.sink_errors and hasattr(sink, "flush"):
                 try:
                     sink.flush()
                 except (MoetraceError, OSError) as exc:
                     self.sink_errors[url] = str(exc)
 
-    def close_sinks(self, urls: list[str]) -> None:
-        """Commit and close the named sinks (their jobs are over)."""
-        self._complete_pending()
+    def close_sinks(self, urls: list[str], finished_external_ids: list[str] | None = None) -> None:
+        """End the named requests and have the named sinks commit and close (their jobs
+        are over), without waiting: `sink_states` tells when they are closed."""
+        self.flush(finished_external_ids, sink_urls=[])
         for url in urls:
             sink = self._sinks.pop(url, None)
             if sink is None:
                 continue
-            try:
+            if hasattr(sink, "request_close"):
+                sink.request_close()
+                self._closing[url] = sink
+            else:
                 sink.close()
-            except (MoetraceError, OSError) as exc:
-                self.sink_errors[url] = str(exc)
-            if hasattr(sink, "metrics"):
+
+    def sink_states(self, urls: list[str]) -> dict[str, str]:
+        """``open``, ``closing``, ``closed`` or ``failed: <error>`` for each named sink."""
+        states = {}
+        for url in urls:
+            sink = self._closing.get(url)
+            if sink is not None and sink.closed:
+                del self._closing[url]
+                if sink.error:
+                    self.sink_errors[url] = sink.error
                 final = sink.metrics()
                 self.stats["closed_bytes_written"] += final["bytes_written"]
                 self.stats["closed_sequences_committed"] += final["sequences_committed"]
+            if url in self.sink_errors:
+                states[url] = f"failed: {self.sink_errors[url]}"
+            elif url in self._closing:
+                states[url] = "closing"
+            else:
+                states[url] = "open" if url in self._sinks else "closed"
+        return states
 
     def sink_metrics(self) -> dict[str, dict[str, float]]:
-        """Writer metrics of every open store sink, by URL."""
-        return {url: s.metrics() for url, s in self._sinks.items() if hasattr(s, "metrics")}
+        """Writer metrics of every open or closing store sink, by URL."""
+        sinks = {**self._closing, **self._sinks}
+        return {url: s.metrics() for url, s in sinks.items() if hasattr(s, "metrics")}
 
     # -- internals ----------------------------------------------------------------------
 
@@ -247,13 +271,22 @@ class StepCollector:
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
         self._count_load(rows.topk_ids)
-        by_sink: dict[str, list[int]] = defaultdict(list)
+        # One part per sink (job store): group rows by their request's sink in one sort.
+        sinks: dict[str, int] = {}
+        sink_of_req = np.zeros(len(states), dtype=np.int64)
+        first_req: list[int] = []
         for r in reqs.tolist():
-            by_sink[states[r].options.sink].append(r)  # type: ignore[union-attr]
-        kept_req = req_of_row[keep]
-        for mine in by_sink.values():
-            part = rows if len(by_sink) == 1 else rows.select(np.isin(kept_req, mine))
-            options = states[mine[0]].options  # type: ignore[union-attr]
+            url = states[r].options.sink  # type: ignore[union-attr]
+            if url not in sinks:
+                sinks[url] = len(sinks)
+                first_req.append(r)
+            sink_of_req[r] = sinks[url]
+        sink_of_row = sink_of_req[req_of_row[keep]]
+        order = np.argsort(sink_of_row, kind="stable")
+        bounds = np.searchsorted(sink_of_row[order], np.arange(len(sinks) + 1))
+        for s, r in enumerate(first_req):
+            part = rows if len(sinks) == 1 else rows.select(order[bounds[s] : bounds[s + 1]])
+            options = states[r].options  # type: ignore[union-attr]
             part = _as_requested(part, options)
             self._deliver(options, lambda sink, p=part: sink.write(p))
 

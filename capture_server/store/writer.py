@@ -131,6 +131,7 @@ class StoreWriter:
         self._next_id = 0
         self.bytes_written = 0  # uncompressed bytes of rows written
         self.sequences_committed = 0
+        self.is_open = False
 
     # -- opening -----------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class StoreWriter:
             self._create(meta)
         else:
             self._resume(meta, attrs)
+        self.is_open = True
 
     def _create(self, meta: ModelMeta) -> None:
         opts = self.requested
@@ -398,12 +400,16 @@ class StoreSink(RoutingSink):
         self._dropped_keys: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
+        self._meta: ModelMeta | None = None
         self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
 
     # -- RoutingSink -------------------------------------------------------------------
 
     def open(self, meta: ModelMeta) -> None:
-        self.writer.open(meta)
+        """Start the writer thread, which creates or resumes the store first: creating
+        arrays takes milliseconds the engine's step loop should not wait for. An error
+        doing so surfaces on the next call, like any writer error."""
+        self._meta = meta
         self.start()
 
     def start(self) -> None:
@@ -439,10 +445,23 @@ class StoreSink(RoutingSink):
         self._raise_if_failed()
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(("close", None))
+        self.request_close()
+        if self._thread is not None:
             self._thread.join()
         self._raise_if_failed()
+
+    def request_close(self) -> None:
+        """Ask the writer thread to commit everything and stop, without waiting."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(("close", None))
+
+    @property
+    def closed(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    @property
+    def error(self) -> str | None:
+        return None if self._error is None else str(self._error)
 
     def committed_keys(self) -> set[tuple[str, int]]:
         return self.writer.committed_keys()
@@ -472,6 +491,9 @@ class StoreSink(RoutingSink):
         parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
         last_commit = time.monotonic()
         try:
+            if not self.writer.is_open:
+                assert self._meta is not None, "open() the sink, or the writer, first"
+                self.writer.open(self._meta)
             while True:
                 timeout = max(0.0, self.flush_interval - (time.monotonic() - last_commit))
                 try:

@@ -31,3 +31,10 @@ def test_bad_settings_exit_with_a_message(tmp_path: Path):
     assert wrong_type.exit_code == 2 and "port" in wrong_type.output
     no_model = runner.invoke(app, ["serve", "--data-dir", str(tmp_path)])
     assert no_model.exit_code == 2 and "no model to serve" in no_model.output
+
+
+def test_lists_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOETRACE_MODELS", "/m/a, /m/b")
+    monkeypatch.setenv("MOETRACE_HIDDEN_LAYERS", "[0, 3]")
+    settings = load_settings(None)
+    assert settings.models == ["/m/a", "/m/b"] and settings.hidden_layers == [0, 3]

@@ -1,0 +1,291 @@
+"""Capture throughput through the REST service vs the in-process API, one run.
+
+Workload: a tiny Qwen3-MoE specimen, 64 prompts of 32 random tokens x 64 new tokens
+(greedy, eos ignored), ids + weights + logits streamed to a Zarr store. Modes:
+
+- in-process: `CaptureEngine` with a store sink (vLLM's one-process `LLM`);
+- AsyncLLM direct: vLLM's async engine, which the service runs (engine core and worker
+  in their own processes), driven without HTTP;
+- REST job: one ``POST /v1/jobs`` of the 64 prompts, timed until the job is done;
+- concurrent jobs: the same 64 prompts as 8 jobs of 8 and as 32 jobs of 2, submitted
+  at once, timed until all are done;
+- OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job.
+
+Engine settings are the service's (fp32, eager, whole prompts on CPU). Each mode is
+timed `REPEATS` times after a warm-up; rounds interleave the in-process child and a
+fresh server; the report divides each mode's median tokens/s by the in-process one.
+
+    .venv/bin/python bench/service_throughput.py [--rounds 2] [--out docs/results/service.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCH = "qwen3_moe"
+NUM_SEQS = 64
+NEW_TOKENS = 64
+PROMPT_TOKENS = 32
+REPEATS = 3
+ENGINE = dict(dtype="float32", max_model_len=512, enforce_eager=True, max_num_seqs=256)
+
+
+def token_prompts(vocab: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]
+
+
+def run_in_process(model: str) -> list[float]:
+    """Seconds per timed call of the in-process API writing to a store."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
+
+    from capture_server.capture.api import CaptureEngine
+    from capture_server.capture.options import CaptureOptions
+
+    engine = CaptureEngine(
+        model, enable_chunked_prefill=not current_platform.is_cpu(), seed=0, **ENGINE
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(len(engine.tokenizer))]
+    store_dir = tempfile.mkdtemp(prefix="moetrace-bench-inproc-")
+
+    def one(call: int) -> float:
+        params = []
+        for i in range(NUM_SEQS):
+            options = CaptureOptions(sink=f"{store_dir}/run{call}", sequence=f"p{i}")
+            params.append(
+                SamplingParams(
+                    max_tokens=NEW_TOKENS,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    extra_args=options.to_extra_args(),
+                )
+            )
+        t0 = time.perf_counter()
+        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        engine.llm.collective_rpc("moetrace_flush", args=([o.request_id for o in outs],))
+        engine.llm.collective_rpc("moetrace_close", args=([f"{store_dir}/run{call}"], []))
+        while (
+            engine.llm.collective_rpc("moetrace_sink_states", args=([f"{store_dir}/run{call}"],))[
+                0
+            ][f"{store_dir}/run{call}"]
+            == "closing"
+        ):
+            time.sleep(0.005)
+        return time.perf_counter() - t0
+
+    one(0)  # warm-up
+    times = [one(call) for call in range(1, REPEATS + 1)]
+    engine.close()
+    return times
+
+
+def run_async_engine(model: str) -> list[float]:
+    """Seconds per timed call of vLLM's `AsyncLLM` (the service's engine) driven directly:
+    the same processes as the service, without HTTP and jobs."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from capture_server.api.runner import close_store
+    from capture_server.capture.options import CaptureOptions
+
+    args = AsyncEngineArgs(
+        model=model,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+        additional_config={"moetrace": {"hidden_layers": []}},
+        **ENGINE,
+    )
+    engine = AsyncLLM.from_engine_args(args)
+    store_dir = tempfile.mkdtemp(prefix="moetrace-bench-async-")
+
+    async def one(call: int) -> float:
+        from transformers import AutoTokenizer
+
+        prompts = token_prompts(len(AutoTokenizer.from_pretrained(model)))
+        store = f"{store_dir}/run{call}"
+
+        async def request(i: int, prompt: list[int]) -> None:
+            params = SamplingParams(
+                max_tokens=NEW_TOKENS,
+                temperature=0.0,
+                ignore_eos=True,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                extra_args=CaptureOptions(sink=store, sequence=f"p{i}").to_extra_args(),
+            )
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"r{i}"):
+                pass
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(request(i, p) for i, p in enumerate(prompts)))
+        await close_store(engine, store, [f"r{i}" for i in range(len(prompts))])
+        return time.perf_counter() - t0
+
+    async def calls() -> list[float]:
+        await one(0)  # warm-up
+        return [await one(c) for c in range(1, REPEATS + 1)]
+
+    try:
+        return asyncio.run(calls())
+    finally:
+        engine.shutdown()
+
+
+def job_body(prompts: list[list[int]]) -> dict:
+    return {
+        "kind": "rollout",
+        "model": "model",
+        "prompts": [{"prompt_token_ids": p} for p in prompts],
+        "sampling": {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+    }
+
+
+async def timed_jobs(url: str, prompts: list[list[int]], jobs: int) -> float:
+    """Submit the prompts as `jobs` equal jobs at once; seconds until all are done."""
+    import httpx
+
+    size = len(prompts) // jobs
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        created = await asyncio.gather(
+            *(
+                http.post("/v1/jobs", json=job_body(prompts[j * size : (j + 1) * size]))
+                for j in range(jobs)
+            )
+        )
+        ids = {c.json()["id"] for c in created}
+        while True:  # one listing per poll, so polling costs the server little
+            listed = (await http.get("/v1/jobs", params={"limit": jobs})).json()["data"]
+            states = {j["id"]: j["state"] for j in listed if j["id"] in ids}
+            assert not set(states.values()) - {"queued", "running", "done"}, states
+            if len(states) == len(ids) and set(states.values()) == {"done"}:
+                return time.perf_counter() - t0
+            await asyncio.sleep(0.05)
+
+
+async def timed_openai(url: str, prompts: list[list[int]], job: str) -> float:
+    """All prompts as concurrent /v1/completions requests into one named job."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        responses = await asyncio.gather(
+            *(
+                http.post(
+                    "/v1/completions",
+                    json={
+                        "model": "model",
+                        "prompt": p,
+                        "max_tokens": NEW_TOKENS,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "moetrace": {"job": job},
+                    },
+                )
+                for p in prompts
+            )
+        )
+        for r in responses:
+            r.raise_for_status()
+        return time.perf_counter() - t0
+
+
+def run_service(model: str, root: Path) -> dict[str, list[float]]:
+    """Start a server, warm it up, time every REST mode `REPEATS` times."""
+    from capture_server.api.launch import launch
+
+    proc, url = launch([Path(model)], root / "data", root / "server.log")
+    try:
+        from transformers import AutoTokenizer
+
+        prompts = token_prompts(len(AutoTokenizer.from_pretrained(model)))
+        asyncio.run(timed_jobs(url, prompts, 1))  # warm-up
+        modes = {
+            "REST job (1 x 64 prompts)": lambda: asyncio.run(timed_jobs(url, prompts, 1)),
+            "8 concurrent jobs x 8 prompts": lambda: asyncio.run(timed_jobs(url, prompts, 8)),
+            "32 concurrent jobs x 2 prompts": lambda: asyncio.run(timed_jobs(url, prompts, 32)),
+        }
+        calls = iter(range(100))
+        modes["OpenAI /v1/completions, 64 concurrent"] = lambda: asyncio.run(
+            timed_openai(url, prompts, f"bench{next(calls)}")
+        )
+        return {name: [run() for _ in range(REPEATS)] for name, run in modes.items()}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds.")
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--child-async", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if args.child:
+        print(json.dumps(run_in_process(args.child)))
+        return
+    if args.child_async:
+        print(json.dumps(run_async_engine(args.child_async)))
+        return
+
+    from capture_server.specimens import build_specimen
+
+    root = Path(tempfile.mkdtemp(prefix="moetrace-bench-service-"))
+    model = str(build_specimen(ARCH, root / "model"))
+    times: dict[str, list[float]] = {"in-process API": [], "AsyncLLM direct": []}
+    for r in range(args.rounds):
+        for name, flag, multiprocessing in (
+            ("in-process API", "--child", "0"),
+            ("AsyncLLM direct", "--child-async", "1"),
+        ):
+            child = subprocess.run(
+                [sys.executable, __file__, flag, model],
+                env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times[name] += json.loads(child.stdout.strip().splitlines()[-1])
+        for name, t in run_service(model, root / f"round{r}").items():
+            times.setdefault(name, []).extend(t)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    tokens = NUM_SEQS * NEW_TOKENS
+    base = tokens / statistics.median(times["in-process API"])
+    rows = []
+    print(f"{'mode':40s} {'tok/s':>8s} {'vs in-process':>14s}")
+    for name, t in times.items():
+        rate = tokens / statistics.median(t)
+        rows.append({"mode": name, "tokens_per_s": rate, "ratio": rate / base, "seconds": t})
+        print(f"{name:40s} {rate:8.0f} {rate / base:13.2f}x")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"workload": {"sequences": NUM_SEQS, "new_tokens": tokens}, "modes": rows})
+        )
+
+
+if __name__ == "__main__":
+    main()
