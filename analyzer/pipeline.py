@@ -25,7 +25,8 @@ ANALYSES = {
     "pairs through growing rollout windows, cumulative and generated-only.",
     "overlap": "Top-p (P=0.8) Jaccard and usage cosine of sequence pairs by label "
     "condition (question / author / seed), with label-shuffle and "
-    "random-routing baselines.",
+    "random-routing baselines; with several stores, an alignment table pairing their "
+    "sequences by labels / prompt index (do the models find the same pairs alike?).",
     "geometry": "Layers with captured router inputs: pooled hidden-state similarity vs usage "
     "similarity, Lipschitz ratio vs the router's operator norm, shared-direction energy, "
     "same-token overlap across contexts.",
@@ -38,6 +39,7 @@ ANALYSES = {
 class StoreResult:
     name: str
     tables: dict[str, pl.DataFrame]
+    profiles: list[SequenceProfile]
 
 
 CURVE_PROMPTS = 64  # first samples of this many prompts form the "other prompt" curves
@@ -121,7 +123,7 @@ def analyse_store(
         tables["geometry"], tables["triangle"] = reduce.geometry_tables(url, name, profiles, params)
     if "committee" in analyses:
         tables["committee"] = reduce.committee_table(name, profiles, params, k, e)
-    return StoreResult(name=name, tables=tables)
+    return StoreResult(name=name, tables=tables, profiles=profiles)
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
@@ -166,6 +168,12 @@ def run(
         )
         for url in stores
     ]
+    if len({r.name for r in results}) < len(results):  # same last path component
+        for r, url in zip(results, stores, strict=True):
+            r.name = url
+    if len(results) > 1 and "overlap" in analyses:
+        aligned = reduce.alignment_table({r.name: r.profiles for r in results}, params)
+        results.append(StoreResult(name="", tables={"alignment": aligned}, profiles=[]))
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     names = sorted({t for r in results for t in r.tables})

@@ -210,7 +210,7 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
     """Start a server, warm it up, time every REST mode `REPEATS` times."""
     from capture_server.api.launch import launch
 
-    proc, url = launch([Path(model)], root / "data", root / "server.log")
+    proc, url = launch([Path(model)], root / "data", root / "server.log", hidden_layers=())
     try:
         from transformers import AutoTokenizer
 

@@ -53,7 +53,7 @@ case "$role" in
       --dashboard-host="${RAY_DASHBOARD_HOST:-0.0.0.0}" --dashboard-port=8265 "$@"
     ;;
   ray-worker)
-    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS to the head's host:port}"
+    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS to host:port of the Ray head}"
     exec ray start --block --address="$RAY_HEAD_ADDRESS" "$@"
     ;;
   analyze)

@@ -28,6 +28,7 @@ def launch(
     port: int | None = None,
     token: str | None = None,
     env: dict[str, str] | None = None,
+    hidden_layers: tuple[int, ...] = (1,),
     timeout: float = 180,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``python -m capture_server.api serve`` in its own process group.
@@ -52,9 +53,9 @@ def launch(
         "float32",
         "--max-model-len",
         "512",
-        "--hidden-layer",
-        "1",
     ]
+    for layer in hidden_layers:
+        cmd += ["--hidden-layer", str(layer)]
     for model in models:
         cmd += ["--model", str(model)]
     if token:

@@ -223,8 +223,9 @@ class StepCollector:
         if want_logits:
             assert self.buffers.logits is not None
             device_arrays["logits"] = self.buffers.logits.index_select(1, index)
-        for layer, buf in self.buffers.hidden.items():
-            device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
+        for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
+            if any(s is not None and layer in s.options.hidden_layers for s in states):
+                device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
         host = {k: v.to("cpu", non_blocking=True) for k, v in device_arrays.items()}
         event = None
         if self.buffers.ids.is_cuda:

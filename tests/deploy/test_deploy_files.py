@@ -62,6 +62,16 @@ def test_dockerfiles_pass_hadolint_and_run_as_non_root(tmp_path):
     assert lint.returncode != 0 and "DL3002" in lint.stdout  # last user should not be root
 
 
+def test_shell_scripts_pass_shellcheck(tmp_path):
+    scripts = [ROOT / "docker" / "entrypoint.sh", *sorted((ROOT / "scripts").glob("*.sh"))]
+    check = subprocess.run([BIN / "shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    broken = tmp_path / "entrypoint.sh"
+    broken.write_text(scripts[0].read_text().replace('serve "$@"', "serve $@"))
+    check = subprocess.run([BIN / "shellcheck", str(broken)], capture_output=True, text=True)
+    assert check.returncode != 0 and "SC2068" in check.stdout  # unquoted $@
+
+
 def test_ray_cluster_config_passes_rays_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 

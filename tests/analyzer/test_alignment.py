@@ -1,0 +1,74 @@
+"""Cross-store alignment: sequences paired by labels / prompt index, hand-computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analyzer.profiles import SequenceProfile
+from analyzer.reduce import Params, alignment_table, matched_layer
+
+USAGE = [[5, 5, 0, 0], [5, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]]  # top-p sets {01} {01} {23} {02}
+
+
+def _profiles(usage, permutation=None, extra=0):
+    out = []
+    for i, row in enumerate([*usage, *[[1, 1, 1, 1]] * extra]):
+        c = np.array([row], dtype=np.int32)  # one layer, four experts
+        if permutation is not None:
+            c = c[:, np.argsort(permutation)]  # expert e is called permutation[e]
+        out.append(
+            SequenceProfile(
+                sequence_id=i,
+                prompt_index=i,
+                sample_index=0,
+                prompt_len=4,
+                num_rows=10,
+                labels={},
+                scope_counts={"cumulative": c},
+            )
+        )
+    return out
+
+
+def test_relabelled_experts_align_perfectly():
+    """Model B routes like A up to expert names, and saw one prompt A did not."""
+    table = alignment_table(
+        {"a": _profiles(USAGE), "b": _profiles(USAGE, permutation=[2, 3, 0, 1], extra=1)},
+        Params(),
+    )
+    row = table.row(0, named=True)
+    assert row["aligned_sequences"] == 4 and row["pairs"] == 6
+    # pair Jaccards: (0,1)=1, (0,2)=0, (0,3)=1/3, (1,2)=0, (1,3)=1/3, (2,3)=1/3
+    assert row["jaccard_a"] == pytest.approx(1 / 3) and row["jaccard_b"] == pytest.approx(1 / 3)
+    assert row["pearson"] == pytest.approx(1.0)
+
+
+def test_disagreeing_models_correlate_negatively():
+    flipped = [[0, 0, 5, 5], [5, 0, 5, 0], [0, 0, 5, 5], [5, 5, 0, 0]]  # {23} {02} {23} {01}
+    # pair Jaccards in b: (0,1)=1/3, (0,2)=1, (0,3)=0, (1,2)=1/3, (1,3)=1/3, (2,3)=0
+    row = alignment_table({"a": _profiles(USAGE), "b": _profiles(flipped)}, Params()).row(
+        0, named=True
+    )
+    a = np.array([1, 0, 1 / 3, 0, 1 / 3, 1 / 3])
+    b = np.array([1 / 3, 1, 0, 1 / 3, 1 / 3, 0])
+    assert row["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert row["pearson"] < 0
+
+
+def test_labels_take_precedence_over_prompt_index():
+    a = _profiles(USAGE)
+    b = _profiles(USAGE)[::-1]  # same texts, submitted in the other order...
+    for i, p in enumerate(a):
+        p.labels = {"question": f"q{i}"}
+    for i, p in enumerate(b):
+        p.prompt_index = i
+        p.labels = {"question": f"q{3 - i}"}  # ...but labelled with their question
+    row = alignment_table({"a": a, "b": b}, Params()).row(0, named=True)
+    assert row["aligned_sequences"] == 4 and row["pearson"] == pytest.approx(1.0)
+
+
+def test_layers_match_by_relative_depth():
+    assert [matched_layer(layer, 4, 2) for layer in range(4)] == [0, 0, 1, 1]
+    assert [matched_layer(layer, 3, 5) for layer in range(3)] == [0, 2, 4]
+    assert matched_layer(2, 6, 6) == 2
