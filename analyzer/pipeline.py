@@ -42,6 +42,7 @@ class StoreResult:
     profiles: list[SequenceProfile]
 
 
+MAX_BLOCK_CHUNKS = 4  # store chunks per map task, at most
 CURVE_PROMPTS = 64  # first samples of this many prompts form the "other prompt" curves
 
 
@@ -68,9 +69,12 @@ def map_profiles(
     from capture_server.store import open_store
 
     store = open_store(url)
-    if block_tokens is None:  # about four tasks per CPU, whole chunks at least
+    if block_tokens is None:
+        # about four tasks per CPU, whole chunks at least, and at most MAX_BLOCK_CHUNKS
+        # chunks: a task's temporaries grow with its block, and cache-sized work is faster
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        block_tokens = max(store.chunk_tokens, -(-store.num_tokens // (4 * cpus)))
+        per_cpu = -(-store.num_tokens // (4 * cpus))
+        block_tokens = max(store.chunk_tokens, min(per_cpu, MAX_BLOCK_CHUNKS * store.chunk_tokens))
     blocks = list(store.blocks(block_tokens))
     task = ray.remote(profile_block)
     columns = (
