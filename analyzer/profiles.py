@@ -69,11 +69,17 @@ def profile_rows(
     valid = seq_of_row >= 0
     # bucket 0: prompt rows; bucket j: rollout rows in [CHECKPOINTS[j-1], CHECKPOINTS[j])
     bucket = np.searchsorted(np.array(CHECKPOINTS), rollout_index, side="right")
-    base = (seq_of_row * nb + bucket)[valid] * (layers * e)
-    keys = base[:, None, None] + (np.arange(layers) * e)[None, :, None] + ids[valid]
-    grid = np.bincount(keys.ravel(), minlength=len(sequences) * nb * layers * e)
+    # one key per (sequence, bucket, layer, expert); int32 while it fits, to halve traffic
+    cells = len(sequences) * nb * layers * e
+    key_type = np.int32 if cells < 2**31 else np.int64
+    segment = (seq_of_row * nb + bucket).astype(key_type) * (layers * e)
+    layer_offset = (np.arange(layers) * e).astype(key_type)
+    counted = ids
+    if not valid.all():
+        segment, counted = segment[valid], ids[valid]
+    keys = (segment[:, None] + layer_offset[None, :])[:, :, None] + counted
+    grid = np.bincount(keys.ravel(), minlength=cells)
     grid = grid.reshape(len(sequences), nb, layers, e).astype(np.int32)  # (S, buckets, L, E)
-    cumulative_cp = np.cumsum(grid[:, : nb - 1], axis=1)  # windows at each checkpoint
 
     logits = rows.get("router_logits")
     has_logits = logits is not None and n_rows and not np.isnan(logits[0, 0, 0])
@@ -98,7 +104,8 @@ def profile_rows(
             num_rows=int(row["num_rows"]),
             labels=dict(row["labels"]),
             scope_counts=scope,
-            checkpoints=cumulative_cp[i] if row.get("curve", True) else None,
+            # cumulative windows at each checkpoint, only where the rollout curves need them
+            checkpoints=np.cumsum(grid[i, : nb - 1], axis=0) if row.get("curve", True) else None,
         )
         if last is not None:
             profile.last_ids = last
