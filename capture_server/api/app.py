@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -27,7 +28,9 @@ def create_app(settings: Settings) -> FastAPI:
         logger.info("moetrace service settings: %s (token %s)", shown, bool(settings.token))
         app.state.engines.start()
         app.state.runner.resume_unfinished()
+        idle = asyncio.create_task(app.state.online.close_idle(settings.online_idle_seconds))
         yield
+        idle.cancel()
         app.state.engines.shutdown()
 
     app = FastAPI(title="moetrace capture service", version="0.1.0", lifespan=lifespan)

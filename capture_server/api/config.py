@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    online_idle_seconds: float = 60.0
+    """An online (OpenAI-endpoint) job's store writer closes after this long without a
+    request; the job stays open and its next request reopens the store."""
     concurrency: int = 512
     """Requests of one job in flight at once."""
 

@@ -10,6 +10,7 @@ only after its routing is committed.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,21 @@ class OnlineRecorder:
         self.store_path = store_path
         self._pending: dict[str, _Pending] = {}
         self._create_lock = asyncio.Lock()
+        self._last_commit: dict[str, tuple[float, Any]] = {}  # job -> (time, engine)
+
+    async def close_idle(self, idle_seconds: float) -> None:
+        """Close the store writers of online jobs idle for `idle_seconds` (the job stays
+        open; its next request reopens the store). Runs for the server's lifetime: an RL
+        loop naming a job per step would otherwise keep a writer thread per step."""
+        from capture_server.api.runner import close_store
+
+        while True:
+            await asyncio.sleep(max(idle_seconds / 4, 0.5))
+            now = time.monotonic()
+            for job_id, (last, engine) in list(self._last_commit.items()):
+                if now - last >= idle_seconds and not self._pending[job_id].lock.locked():
+                    del self._last_commit[job_id]
+                    await close_store(engine, self.store_path(job_id), [])
 
     async def job_for(self, name: str, model: str, capture: Capture) -> str:
         """The open online job `name` on `model`, created with `capture` if absent."""
@@ -81,6 +97,7 @@ class OnlineRecorder:
             if rows:
                 write_annotations(self.store_path(job_id), rows)
         self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
+        self._last_commit[job_id] = (time.monotonic(), engine)
 
     async def store_error(self, job_id: str, engine: Any) -> str | None:
         stats = (await engine.collective_rpc("moetrace_stats"))[0]

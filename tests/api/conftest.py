@@ -34,7 +34,7 @@ class Server:
 
 
 def start_server(models: list[Path], data_dir: Path, log: Path) -> Server:
-    env = {"MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
+    env = {"MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "MOETRACE_ONLINE_IDLE_SECONDS": "8"}
     proc, url = launch(models, data_dir, log, token=TOKEN, env=env)
     return Server(url, data_dir, proc)
 

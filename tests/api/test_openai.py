@@ -160,3 +160,29 @@ def test_metrics_count_expert_load_and_writers(server, sdk):
     open_jobs = {s.labels["job"] for s in families["moetrace_writer_queue_depth"]}
     assert any(s.labels["job"] in open_jobs for s in families["moetrace_writer_lag_seconds"])
     assert value("moetrace_jobs", state="open") >= 1
+
+
+def test_idle_online_store_closes_and_reopens(server, sdk):
+    """An idle named job's writer closes (the server uses an 8 s idle limit here); the
+    job stays open and the next request appends to the same store."""
+    import time
+
+    def ask():
+        return sdk.completions.create(
+            model="qwen3_moe",
+            prompt="the bank",
+            max_tokens=3,
+            extra_body={"moetrace": {"job": "sdk-idle"}},
+        ).model_extra["moetrace"]
+
+    first = ask()
+    deadline = time.monotonic() + 60
+    while f'job="{first["job"]}"' in server.client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the idle store writer was not closed"
+        time.sleep(1)
+    second = ask()
+    assert second["job"] == first["job"] and second["sequences"] == ["c1"]
+    assert server.client.get(f"/v1/jobs/{first['job']}").json()["state"] == "open"
+    index = open_store(first["store"]).index
+    assert sorted(index["request_id"]) == ["c0", "c1"]
+    assert index["sequence_id"].n_unique() == 2
