@@ -101,6 +101,17 @@ def _limits(body: _Common, app: Any) -> tuple[Any, int | None]:
     return app.engines.engines[body.model], max_tokens
 
 
+def _check_lengths(prompts: list[list[int]], engine: Any) -> None:
+    """Refuse the whole request before anything runs or is recorded (OpenAI's 400)."""
+    limit = engine.model_config.max_model_len
+    for k, ids in enumerate(prompts):
+        if len(ids) >= limit:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{k}]"
+            raise HTTPException(
+                400, detail=f"{where}: {len(ids)} tokens; the model allows fewer than {limit}"
+            )
+
+
 async def _generate(
     body: _Common, app: Any, prompts: list[list[int]], max_tokens: int | None, engine: Any
 ) -> tuple[list[Any], dict[str, Any] | None]:
@@ -111,6 +122,8 @@ async def _generate(
     import asyncio
 
     from vllm import SamplingParams
+
+    _check_lengths(prompts, engine)
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 

@@ -106,12 +106,12 @@ def test_plain_requests_are_not_recorded(server, sdk):
 @pytest.mark.parametrize(
     ("extra", "status", "text"),
     [
-        ({"moetrace": {"job": "sdk-greedy", "logits": False}}, 409, "moetrace.logits"),
         ({"moetrace": {"job": "../escape"}}, 422, "job"),
         ({"moetrace": {"job": "x", "hidden_layers": [3]}}, 422, "moetrace.hidden_layers"),
         ({"stream": True}, 422, "stream"),
         ({"max_tokens": 10**6}, 422, "max_tokens"),
         ({"model": "nope"}, 404, "Model not found"),
+        ({"prompt": ["hi", " ".join(["the bank"] * 400)]}, 400, "prompt[1]"),
     ],
 )
 def test_bad_openai_requests(server, extra, status, text):
@@ -119,6 +119,15 @@ def test_bad_openai_requests(server, extra, status, text):
     response = server.client.post("/v1/completions", json=body)
     assert response.status_code == status, response.text
     assert text in response.text
+
+
+def test_other_capture_options_need_another_job(server):
+    body = {"model": "qwen3_moe", "prompt": "hi", "max_tokens": 2}
+    made = server.client.post("/v1/completions", json={**body, "moetrace": {"job": "sdk-own"}})
+    assert made.status_code == 200, made.text
+    other = {**body, "moetrace": {"job": "sdk-own", "logits": False}}
+    refused = server.client.post("/v1/completions", json=other)
+    assert refused.status_code == 409 and "moetrace.logits" in refused.text
 
 
 def test_sdk_without_token_is_refused(server):
