@@ -8,7 +8,9 @@ starts a local one otherwise.
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,21 @@ class StoreResult:
 
 MAX_BLOCK_CHUNKS = 4  # store chunks per map task, at most
 CURVE_PROMPTS = 64  # first samples of this many prompts form the "other prompt" curves
+CURVE_SAMPLED_PROMPTS = 256  # prompts sampled more than once whose samples are paired
+PAIR_SEQUENCES = 4096  # sequences kept whole for pair statistics (per store)
 
 
 def curve_sequences(index: pl.DataFrame) -> set[int]:
-    """Sequences the rollout curves need: every sample of prompts sampled more than once,
-    and the first sample of the first `CURVE_PROMPTS` prompts."""
-    multi = index.group_by("prompt_index").len().filter(pl.col("len") > 1)["prompt_index"]
+    """Sequences the rollout curves need: every sample of the first
+    `CURVE_SAMPLED_PROMPTS` prompts sampled more than once, and the first sample of the
+    first `CURVE_PROMPTS` prompts."""
+    multi = (
+        index.group_by("prompt_index")
+        .len()
+        .filter(pl.col("len") > 1)
+        .sort("prompt_index")
+        .head(CURVE_SAMPLED_PROMPTS)["prompt_index"]
+    )
     same = index.filter(pl.col("prompt_index").is_in(multi.implode()))["sequence_id"]
     firsts = (
         index.sort("prompt_index", "sample_index")
@@ -60,10 +71,35 @@ def curve_sequences(index: pl.DataFrame) -> set[int]:
     return set(same.to_list()) | set(firsts.to_list())
 
 
+def pair_sequences(index: pl.DataFrame, limit: int = PAIR_SEQUENCES) -> set[int]:
+    """At most `limit` sequences for pair statistics, chosen by a hash of their alignment
+    key (labels or prompt index, and sample): stores of other models over the same prompts
+    choose the same sequences, so their alignment keeps every pair."""
+    if len(index) <= limit:
+        return set(index["sequence_id"].to_list())
+    hashed = []
+    for row in index.select("sequence_id", "prompt_index", "sample_index", "labels").iter_rows(
+        named=True
+    ):
+        labels = json.loads(row["labels"] or "{}")
+        key = (
+            labels.get("question", row["prompt_index"]),
+            labels.get("author"),
+            labels.get("seed", row["sample_index"]),
+            row["sample_index"],
+        )
+        hashed.append((zlib.crc32(repr(key).encode()), row["sequence_id"]))
+    return {sid for _, sid in sorted(hashed)[:limit]}
+
+
 def map_profiles(
-    url: str, block_tokens: int | None, on_progress: Callable[[int, int], None]
-) -> list[SequenceProfile]:
-    """Profile every committed sequence of one store with one Ray task per block."""
+    url: str,
+    block_tokens: int | None,
+    on_progress: Callable[[int, int], None],
+    fold: reduce.StoreFold,
+) -> reduce.StoreFold:
+    """Profile every committed sequence of one store with one Ray task per block, folding
+    each block's profiles into `fold` as it arrives."""
     import ray
 
     from capture_server.store import open_store
@@ -91,14 +127,14 @@ def map_profiles(
     for sid, row in rows.items():
         row["curve"] = sid in curve
     pending = [task.remote(url, b.start, b.stop, [rows[s] for s in b.sequence_ids]) for b in blocks]
-    profiles: list[SequenceProfile] = []
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        profiles.extend(ray.get(ready[0]))
+        for profile in ray.get(ready[0]):
+            fold.add(profile)
         done += 1
         on_progress(done, len(blocks))
-    return sorted(profiles, key=lambda p: p.sequence_id)
+    return fold
 
 
 def analyse_store(
@@ -112,22 +148,26 @@ def analyse_store(
 
     store = open_store(url)
     name = Path(url.rstrip("/")).name
-    profiles = map_profiles(url, block_tokens, on_progress)
+    keep = curve_sequences(store.index) | pair_sequences(store.index)
+    fold = map_profiles(url, block_tokens, on_progress, reduce.StoreFold(name, params, keep))
+    whole = fold.whole()  # pairs, curves and geometry use these; sums use every sequence
     k, e = int(store.model["top_k"]), int(store.model["num_experts"])
     tables: dict[str, pl.DataFrame] = {}
+    if fold.usage is None:
+        return StoreResult(name=name, tables=tables, profiles=[])
+    if "usage" in analyses or "rollout" in analyses:
+        tables["sequences"] = fold.sequence_table()
     if "usage" in analyses:
-        tables["usage"] = reduce.usage_table(name, profiles)
-        tables["sequences"] = reduce.sequence_table(name, profiles, params)
+        tables["usage"] = reduce.usage_table(name, fold.usage)
     if "rollout" in analyses:
-        tables["rollout_curve"] = reduce.rollout_curve_table(name, profiles, params)
-        tables.setdefault("sequences", reduce.sequence_table(name, profiles, params))
+        tables["rollout_curve"] = reduce.rollout_curve_table(name, whole, params)
     if "overlap" in analyses:
-        tables["conditions"] = reduce.condition_table(name, profiles, params, k)
+        tables["conditions"] = reduce.condition_table(name, whole, params, k)
     if "geometry" in analyses:
-        tables["geometry"], tables["triangle"] = reduce.geometry_tables(url, name, profiles, params)
+        tables["geometry"], tables["triangle"] = reduce.geometry_tables(url, name, whole, params)
     if "committee" in analyses:
-        tables["committee"] = reduce.committee_table(name, profiles, params, k, e)
-    return StoreResult(name=name, tables=tables, profiles=profiles)
+        tables["committee"] = reduce.committee_table(name, fold.profiles, params, k, e)
+    return StoreResult(name=name, tables=tables, profiles=whole)
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:

@@ -34,9 +34,9 @@ def _freq(c: np.ndarray) -> np.ndarray:
     return np.divide(c, total, out=np.zeros(c.shape), where=total > 0)
 
 
-def usage_table(store: str, profiles: list[SequenceProfile]) -> pl.DataFrame:
-    """Share of top-k slots taken by each expert, per layer, over all rows."""
-    total = sum(p.scope_counts["cumulative"] for p in profiles)
+def usage_table(store: str, total: np.ndarray) -> pl.DataFrame:
+    """Share of top-k slots taken by each expert, per layer, over all rows (`total`:
+    the (layers, experts) counts summed over every sequence)."""
     share = _freq(total.astype(np.float64))
     layers, experts = share.shape
     return pl.DataFrame(
@@ -49,32 +49,70 @@ def usage_table(store: str, profiles: list[SequenceProfile]) -> pl.DataFrame:
     ).with_columns(pl.col("layer").cast(pl.Int32), pl.col("expert").cast(pl.Int32))
 
 
-def sequence_table(store: str, profiles: list[SequenceProfile], params: Params) -> pl.DataFrame:
-    """Per sequence and layer: load entropy, confidence, prompt-vs-rollout similarity."""
-    rows = []
-    for p in profiles:
-        f_all = _freq(p.scope_counts["cumulative"].astype(np.float64))
-        f_prompt = _freq(p.scope_counts["prompt"].astype(np.float64))
-        f_gen = _freq(p.scope_counts["generated"].astype(np.float64))
-        ent = um.load_entropy(f_all)
-        cos = um.cosine(f_prompt, f_gen)
-        jac = um.top_p_jaccard(f_prompt, f_gen, params.top_p)
-        for layer in range(len(ent)):
-            rows.append(
-                {
-                    "store": store,
-                    "sequence_id": p.sequence_id,
-                    "prompt_index": p.prompt_index,
-                    "sample_index": p.sample_index,
-                    "layer": layer,
-                    "rows": p.num_rows,
-                    "entropy": float(ent[layer]),
-                    "confidence": None if p.confidence is None else float(p.confidence[layer]),
-                    "prompt_vs_rollout_cosine": float(cos[layer]),
-                    "prompt_vs_rollout_jaccard": float(jac[layer]),
-                }
-            )
-    return pl.DataFrame(rows)
+def sequence_stats(p: SequenceProfile, params: Params) -> dict[str, np.ndarray]:
+    """Per layer of one sequence: load entropy, router confidence (NaN without logits),
+    prompt-vs-rollout usage cosine and top-p Jaccard."""
+    f_all = _freq(p.scope_counts["cumulative"].astype(np.float64))
+    f_prompt = _freq(p.scope_counts["prompt"].astype(np.float64))
+    f_gen = _freq(p.scope_counts["generated"].astype(np.float64))
+    ent = um.load_entropy(f_all)
+    return {
+        "entropy": ent,
+        "confidence": np.full(len(ent), np.nan) if p.confidence is None else p.confidence,
+        "prompt_vs_rollout_cosine": um.cosine(f_prompt, f_gen),
+        "prompt_vs_rollout_jaccard": um.top_p_jaccard(f_prompt, f_gen, params.top_p),
+    }
+
+
+class StoreFold:
+    """Folds one store's profiles as they arrive, so the driver's memory does not grow
+    with the store: usage sums and per-sequence table rows take every sequence; whole
+    profiles are kept only for the `keep` set (pair statistics, rollout curves), the
+    others shrink to their last-token routing (the committee audit's input)."""
+
+    def __init__(self, store: str, params: Params, keep: set[int] | None = None) -> None:
+        self.store, self.params, self.keep = store, params, keep
+        self.usage: np.ndarray | None = None
+        self.ids: list[tuple[int, int, int, int]] = []  # sequence, prompt, sample, rows
+        self.stats: list[dict[str, np.ndarray]] = []
+        self.profiles: list[SequenceProfile] = []
+
+    def add(self, p: SequenceProfile) -> None:
+        counts_ = p.scope_counts["cumulative"].astype(np.int64)
+        self.usage = counts_ if self.usage is None else self.usage + counts_
+        self.ids.append((p.sequence_id, p.prompt_index, p.sample_index, p.num_rows))
+        self.stats.append(sequence_stats(p, self.params))
+        if self.keep is not None and p.sequence_id not in self.keep:
+            p.scope_counts, p.checkpoints, p.pooled_hidden = {}, None, None
+        if p.last_probs is not None:
+            p.last_probs = p.last_probs.astype(np.float32)
+        self.profiles.append(p)
+
+    def whole(self) -> list[SequenceProfile]:
+        """The profiles kept whole, by sequence id."""
+        return sorted((p for p in self.profiles if p.scope_counts), key=lambda p: p.sequence_id)
+
+    def sequence_table(self) -> pl.DataFrame:
+        """One row per sequence and layer."""
+        if not self.ids:
+            return pl.DataFrame()
+        layers = len(self.stats[0]["entropy"])
+        ids = np.array(self.ids, dtype=np.int64)
+        table = pl.DataFrame(
+            {
+                "store": self.store,
+                "sequence_id": np.repeat(ids[:, 0], layers),
+                "prompt_index": np.repeat(ids[:, 1], layers),
+                "sample_index": np.repeat(ids[:, 2], layers),
+                "layer": np.tile(np.arange(layers), len(ids)),
+                "rows": np.repeat(ids[:, 3], layers),
+                **{
+                    name: np.concatenate([s[name] for s in self.stats]).astype(np.float64)
+                    for name in self.stats[0]
+                },
+            }
+        )
+        return table.with_columns(pl.col("confidence").fill_nan(None)).sort("sequence_id", "layer")
 
 
 def _keys(p: SequenceProfile) -> tuple[object, object, object]:

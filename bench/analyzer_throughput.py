@@ -81,6 +81,7 @@ def ray_run(path: str, workers: int) -> tuple[int, float]:
     import ray
 
     from analyzer.pipeline import init_ray, map_profiles
+    from analyzer.reduce import Params, StoreFold
 
     init_ray(num_cpus=workers)
     try:
@@ -88,7 +89,8 @@ def ray_run(path: str, workers: int) -> tuple[int, float]:
         warm = ray.remote(lambda: __import__("analyzer.profiles") and None)
         ray.get([warm.remote() for _ in range(workers * 4)])
         t0 = time.perf_counter()
-        n = len(map_profiles(path, None, lambda done, total: None))
+        fold = StoreFold("bench", Params(), keep=set())  # sums only: bounded driver memory
+        n = len(map_profiles(path, None, lambda done, total: None, fold).profiles)
         return n, time.perf_counter() - t0
     finally:
         ray.shutdown()

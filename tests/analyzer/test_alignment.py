@@ -72,3 +72,49 @@ def test_layers_match_by_relative_depth():
     assert [matched_layer(layer, 4, 2) for layer in range(4)] == [0, 0, 1, 1]
     assert [matched_layer(layer, 3, 5) for layer in range(3)] == [0, 2, 4]
     assert matched_layer(2, 6, 6) == 2
+
+
+def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
+    from analyzer.reduce import StoreFold
+
+    profiles = _profiles(USAGE)
+    for p in profiles:
+        p.last_ids = np.zeros((1, 2), dtype=np.uint8)
+        c = p.scope_counts["cumulative"]
+        p.scope_counts.update(prompt=c, generated=c)  # the rollout routes like the prompt
+    fold = StoreFold("s", Params(), keep={1, 3})
+    for p in profiles:
+        fold.add(p)
+    np.testing.assert_array_equal(fold.usage, np.array([[15, 10, 10, 5]]))
+    assert [p.sequence_id for p in fold.whole()] == [1, 3]
+    assert len(fold.profiles) == 4 and all(p.last_ids is not None for p in fold.profiles)
+    table = fold.sequence_table()
+    assert table["sequence_id"].to_list() == [0, 1, 2, 3]
+    assert table["confidence"].null_count() == 4  # no logits: null, not NaN
+    assert table["prompt_vs_rollout_jaccard"].to_list() == pytest.approx([1.0] * 4)
+    assert table["prompt_vs_rollout_cosine"].to_list() == pytest.approx([1.0] * 4)
+
+
+def test_pair_sample_follows_keys_not_sequence_ids():
+    import json
+
+    import polars as pl
+
+    from analyzer.pipeline import pair_sequences
+
+    def index(order):
+        return pl.DataFrame(
+            {
+                "sequence_id": list(range(len(order))),
+                "prompt_index": order,
+                "sample_index": [0] * len(order),
+                "labels": [json.dumps({"question": f"q{q}"}) for q in order],
+            }
+        )
+
+    forward, backward = list(range(50)), list(range(50))[::-1]
+    a = pair_sequences(index(forward), limit=10)
+    b = pair_sequences(index(backward), limit=10)
+    assert len(a) == len(b) == 10
+    assert {forward[s] for s in a} == {backward[s] for s in b}  # the same questions
+    assert pair_sequences(index(forward), limit=100) == set(range(50))
