@@ -1,8 +1,8 @@
 """Ray orchestration: map store blocks to sequence profiles, reduce them to tables.
 
 Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
-its rows once and returns only small profiles; memory stays bounded whatever the store
-size. Ray joins the cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and
+its rows once and returns only small profiles, which the driver folds as they arrive
+(`reduce.StoreFold`): whole profiles are kept for a bounded sample only. Ray joins the cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and
 starts a local one otherwise.
 """
 
