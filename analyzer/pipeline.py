@@ -2,10 +2,10 @@
 
 Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
 its rows once and returns only small profiles, which the driver folds as they arrive
-(`reduce.StoreFold`): whole profiles are kept for a bounded sample only. Ray joins the cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and
-starts a local one otherwise.
+(`reduce.StoreFold`): whole profiles are kept for a bounded sample only. Ray joins the
+cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and starts a local one
+otherwise.
 """
-
 from __future__ import annotations
 
 import json

@@ -84,8 +84,18 @@ class StoreFold:
         self.stats.append(sequence_stats(p, self.params))
         if self.keep is not None and p.sequence_id not in self.keep:
             p.scope_counts, p.checkpoints, p.pooled_hidden = {}, None, None
+        # Copies: arrays that arrive from Ray are views of the whole task result, and a
+        # kept view would keep all of it alive.
+        p.scope_counts = {k: v.copy() for k, v in p.scope_counts.items()}
+        if p.checkpoints is not None:
+            p.checkpoints = p.checkpoints.copy()
+        for name in ("last_ids", "last_weights", "confidence"):
+            if getattr(p, name) is not None:
+                setattr(p, name, getattr(p, name).copy())
         if p.last_probs is not None:
             p.last_probs = p.last_probs.astype(np.float32)
+        if p.pooled_hidden:
+            p.pooled_hidden = {k: v.copy() for k, v in p.pooled_hidden.items()}
         self.profiles.append(p)
 
     def whole(self) -> list[SequenceProfile]:
