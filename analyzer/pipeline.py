@@ -6,6 +6,7 @@ its rows once and returns only small profiles, which the driver folds as they ar
 cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and starts a local one
 otherwise.
 """
+
 from __future__ import annotations
 
 import json

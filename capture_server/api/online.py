@@ -48,7 +48,9 @@ class OnlineRecorder:
             await asyncio.sleep(max(idle_seconds / 4, 0.5))
             now = time.monotonic()
             for job_id, (last, engine) in list(self._last_commit.items()):
-                if now - last >= idle_seconds and not self._pending[job_id].lock.locked():
+                pending = self._pending.get(job_id)
+                busy = pending is not None and pending.lock.locked()
+                if now - last >= idle_seconds and not busy:
                     del self._last_commit[job_id]
                     await close_store(engine, self.store_path(job_id), [])
 
@@ -73,7 +75,9 @@ class OnlineRecorder:
                 )
         return job["id"]
 
-    def reserve(self, job_id: str, prompts: int, n: int) -> int:
+    def reserve(self, job_id: str, prompts: int, n: int, engine: Any) -> int:
+        """Number the request's prompts; the job counts as active from now on."""
+        self._last_commit[job_id] = (time.monotonic(), engine)
         return self.db.reserve(job_id, prompts, n)
 
     async def commit(

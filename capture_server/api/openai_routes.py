@@ -135,7 +135,7 @@ async def _generate(
             )
         except CaptureConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from None
-        first = app.online.reserve(job_id, len(prompts), body.n)
+        first = app.online.reserve(job_id, len(prompts), body.n, engine)
     store = app.runner.store_path(job_id) if job_id else ""
     tag = uuid.uuid4().hex[:12]
 

@@ -92,6 +92,13 @@ def memory_sink(name: str) -> MemorySink:
     return sink
 
 
+def forget_sink(url: str) -> None:
+    """Drop a closed sink from the registry: the next `open_sink` for `url` makes a new
+    one (a store resumes from what it committed)."""
+    with _registry_lock:
+        _registry.pop(url, None)
+
+
 def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingSink:
     """The sink for `url`, created once per process and then shared.
 

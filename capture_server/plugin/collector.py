@@ -17,7 +17,7 @@ import torch
 
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
-from capture_server.capture.sink import RoutingSink, open_sink
+from capture_server.capture.sink import RoutingSink, forget_sink, open_sink
 from capture_server.errors import MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 
@@ -160,12 +160,7 @@ class StepCollector:
         for url in urls:
             sink = self._closing.get(url)
             if sink is not None and sink.closed:
-                del self._closing[url]
-                if sink.error:
-                    self.sink_errors[url] = sink.error
-                final = sink.metrics()
-                self.stats["closed_bytes_written"] += final["bytes_written"]
-                self.stats["closed_sequences_committed"] += final["sequences_committed"]
+                self._finish_closing(url)
             if url in self.sink_errors:
                 states[url] = f"failed: {self.sink_errors[url]}"
             elif url in self._closing:
@@ -173,6 +168,18 @@ class StepCollector:
             else:
                 states[url] = "open" if url in self._sinks else "closed"
         return states
+
+    def _finish_closing(self, url: str) -> None:
+        """Wait for a closing sink's writer to stop; keep its error and its totals."""
+        sink = self._closing.pop(url)
+        try:
+            sink.close()
+        except (MoetraceError, OSError) as exc:
+            self.sink_errors.setdefault(url, str(exc))
+        forget_sink(url)
+        final = sink.metrics()
+        self.stats["closed_bytes_written"] += final["bytes_written"]
+        self.stats["closed_sequences_committed"] += final["sequences_committed"]
 
     def sink_metrics(self) -> dict[str, dict[str, float]]:
         """Writer metrics of every open or closing store sink, by URL."""
@@ -341,6 +348,10 @@ class StepCollector:
             return
         try:
             if url not in self._sinks:
+                if url in self._closing:  # one writer per store: let the old one finish
+                    self._finish_closing(url)
+                    if url in self.sink_errors:
+                        return
                 sink = open_sink(url, options.store)
                 sink.open(self.meta)
                 self._sinks[url] = sink

@@ -459,10 +459,6 @@ class StoreSink(RoutingSink):
     def closed(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 
-    @property
-    def error(self) -> str | None:
-        return None if self._error is None else str(self._error)
-
     def committed_keys(self) -> set[tuple[str, int]]:
         return self.writer.committed_keys()
 

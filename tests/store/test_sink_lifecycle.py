@@ -1,0 +1,45 @@
+"""A job's store through the collector's sink life cycle: close without blocking, and a
+late row for a closing store waits for the old writer (one writer per store)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from capture_server.capture.options import CaptureOptions
+from capture_server.plugin.collector import StepCollector
+from capture_server.store import open_store
+from tests.store import synthetic
+from tests.store.synthetic import EXACT
+
+
+def test_closing_store_is_never_written_by_two_writers(tmp_path):
+    url = str(tmp_path / "job")
+    options = CaptureOptions(sink=url, store=dataclasses.asdict(EXACT))
+    collector = StepCollector(buffers=None, meta=synthetic.meta(), weight_scale=1.0)
+
+    def send(key: str) -> None:
+        rows = synthetic.sequence_rows(key, synthetic.length_of(key))
+        collector._deliver(options, lambda sink: sink.write(rows))
+        collector._deliver(options, lambda sink: sink.end_sequence(synthetic.end_of(key)))
+
+    send("seq-1")
+    first_writer = collector._sinks[url]
+    collector.close_sinks([url])
+    assert url in collector._closing and url not in collector._sinks
+    send("seq-2")  # arrives while the first writer may still be committing
+    assert first_writer.closed, "the old writer finished before a new one opened"
+    assert url not in collector._closing and collector._sinks[url] is not first_writer
+    collector.close_sinks([url])
+    while collector.sink_states([url])[url] == "closing":
+        pass
+    assert collector.sink_states([url]) == {url: "closed"}
+    assert collector.stats["closed_sequences_committed"] == 2
+
+    store = open_store(url)
+    assert sorted(store.index["request_id"]) == ["seq-1", "seq-2"]
+    for row in store.index.iter_rows(named=True):
+        got = store.sequence(row["sequence_id"])["topk_ids"]
+        want = synthetic.sequence_rows(row["request_id"], row["num_rows"]).topk_ids
+        np.testing.assert_array_equal(got, want)
