@@ -11,13 +11,17 @@ from capture_server.store import open_store
 PROMPTS = [f"the bank raised interest rates {i} and" for i in range(64)]
 
 
+SAMPLING = {"n": 2, "max_tokens": 10, "temperature": 1.0, "seed": 1234, "ignore_eos": True}
+
+
 @pytest.fixture(scope="module")
-def greedy_job(server):
+def sampled_job(server):
+    """64 prompts x n=2, sampled with a seed: reproducible by an in-process engine."""
     body = {
         "kind": "rollout",
         "model": "qwen3_moe",
         "prompts": [{"prompt": p, "labels": {"question": i}} for i, p in enumerate(PROMPTS)],
-        "sampling": {"max_tokens": 10, "temperature": 0, "ignore_eos": True},
+        "sampling": SAMPLING,
         "capture": {"hidden_layers": [1], "logits_dtype": "float32"},
     }
     created = server.client.post("/v1/jobs", json=body)
@@ -27,20 +31,33 @@ def greedy_job(server):
     return job
 
 
-def test_rollout_store_matches_in_process_capture(greedy_job, specimen):
+def test_rollout_store_matches_in_process_capture(sampled_job, specimen):
     from capture_server.capture.api import CaptureEngine
 
-    store = open_store(greedy_job["store"])
-    assert len(store.index) == 64 and greedy_job["sequences_done"] == 64
+    store = open_store(sampled_job["store"])
+    assert len(store.index) == 128 and sampled_job["sequences_done"] == 128
     engine = CaptureEngine(
-        str(specimen("qwen3_moe")), hidden_layers=[1], dtype="float32", max_model_len=512
+        str(specimen("qwen3_moe")),
+        hidden_layers=[1],
+        dtype="float32",
+        max_model_len=512,
+        enable_chunked_prefill=False,  # per-request seeds on CPU, as the service runs
     )
     try:
-        direct = engine.generate(PROMPTS, max_tokens=10, temperature=0.0, ignore_eos=True)
+        direct = engine.generate(PROMPTS, **SAMPLING)
     finally:
         engine.close()
+    assert len(direct.sequences) == 128
+    samples: dict[int, list[list[int]]] = {}
     for seq in direct.sequences:
-        row = store.index.filter(store.index["prompt_index"] == seq.prompt_index).row(0, named=True)
+        samples.setdefault(seq.prompt_index, []).append(seq.output_token_ids)
+    differ = sum(a != b for a, b in samples.values())
+    assert differ > 32, "the two samples of most prompts differ: this is sampling"
+    for seq in direct.sequences:
+        row = store.index.filter(
+            (store.index["prompt_index"] == seq.prompt_index)
+            & (store.index["sample_index"] == seq.sample_index)
+        ).row(0, named=True)
         got = store.sequence(row["sequence_id"])
         np.testing.assert_array_equal(got["token_ids"], seq.rows.token_ids)
         np.testing.assert_array_equal(got["topk_ids"], seq.rows.topk_ids)
@@ -72,8 +89,8 @@ def test_sampled_rollout_follows_the_plant(server):
             np.testing.assert_array_equal(arrays["topk_ids"][:, layer], want)
 
 
-def test_score_job_reproduces_the_rollout(server, greedy_job):
-    rollout = open_store(greedy_job["store"])
+def test_score_job_reproduces_the_rollout(server, sampled_job):
+    rollout = open_store(sampled_job["store"])
     rows = rollout.index.sort("prompt_index").head(16)
     body = {
         "kind": "score",
@@ -108,7 +125,7 @@ def test_score_job_reproduces_the_rollout(server, greedy_job):
     assert compared == 16
 
 
-def test_list_metrics_and_models(server, greedy_job):
+def test_list_metrics_and_models(server, sampled_job):
     listed = server.client.get("/v1/jobs", params={"limit": 2}).json()
     assert listed["count"] >= 1 and len(listed["data"]) <= 2
     models = {m["id"] for m in server.client.get("/v1/models").json()["data"]}
@@ -116,9 +133,9 @@ def test_list_metrics_and_models(server, greedy_job):
     metrics = server.client.get("/metrics").text
     assert 'moetrace_jobs{state="done"}' in metrics
     seqs = server.client.get(
-        f"/v1/jobs/{greedy_job['id']}/sequences", params={"offset": 60, "limit": 10}
+        f"/v1/jobs/{sampled_job['id']}/sequences", params={"offset": 60, "limit": 10}
     ).json()
-    assert seqs["count"] == 64 and len(seqs["data"]) == 4
+    assert seqs["count"] == 128 and len(seqs["data"]) == 10
 
 
 def test_seeded_jobs_reproduce(server):
