@@ -83,12 +83,7 @@ def pair_sequences(index: pl.DataFrame, limit: int = PAIR_SEQUENCES) -> set[int]
         named=True
     ):
         labels = json.loads(row["labels"] or "{}")
-        key = (
-            labels.get("question", row["prompt_index"]),
-            labels.get("author"),
-            labels.get("seed", row["sample_index"]),
-            row["sample_index"],
-        )
+        key = reduce.alignment_key(labels, row["prompt_index"], row["sample_index"])
         hashed.append((zlib.crc32(repr(key).encode()), row["sequence_id"]))
     return {sid for _, sid in sorted(hashed)[:limit]}
 

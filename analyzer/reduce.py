@@ -125,14 +125,19 @@ class StoreFold:
         return table.with_columns(pl.col("confidence").fill_nan(None)).sort("sequence_id", "layer")
 
 
-def _keys(p: SequenceProfile) -> tuple[object, object, object]:
+def condition_keys(
+    labels: dict, prompt_index: int, sample_index: int
+) -> tuple[object, object, object]:
     """(question, author, seed) of a sequence; defaults: prompt index, none, sample index."""
-    labels = p.labels
     return (
-        labels.get("question", p.prompt_index),
+        labels.get("question", prompt_index),
         labels.get("author"),
-        labels.get("seed", p.sample_index),
+        labels.get("seed", sample_index),
     )
+
+
+def _keys(p: SequenceProfile) -> tuple[object, object, object]:
+    return condition_keys(p.labels, p.prompt_index, p.sample_index)
 
 
 def condition(a: tuple, b: tuple) -> str:
@@ -433,11 +438,13 @@ def geometry_tables(
     return pl.DataFrame(out), pl.concat(triangle_rows)
 
 
-def alignment_key(p: SequenceProfile) -> tuple[object, object, object, int]:
+def alignment_key(
+    labels: dict, prompt_index: int, sample_index: int
+) -> tuple[object, object, object, int]:
     """What makes two stores' sequences "the same": (question, author, seed) labels (or
     the prompt index) and the sample index. Stores of different models that scored or
     sampled the same prompt list line up on it."""
-    return (*_keys(p), p.sample_index)
+    return (*condition_keys(labels, prompt_index, sample_index), sample_index)
 
 
 def matched_layer(layer: int, layers_a: int, layers_b: int) -> int:
@@ -459,8 +466,8 @@ def alignment_table(profiles: dict[str, list[SequenceProfile]], params: Params) 
     rng = np.random.default_rng(params.seed)
     rows = []
     for (name_a, prof_a), (name_b, prof_b) in itertools.combinations(profiles.items(), 2):
-        by_key_a = {alignment_key(p): p for p in prof_a}
-        by_key_b = {alignment_key(p): p for p in prof_b}
+        by_key_a = {alignment_key(p.labels, p.prompt_index, p.sample_index): p for p in prof_a}
+        by_key_b = {alignment_key(p.labels, p.prompt_index, p.sample_index): p for p in prof_b}
         keys = [k for k in by_key_a if k in by_key_b]
         pairs = _pairs(len(keys), params.max_pairs, rng)
         if not pairs:

@@ -11,6 +11,7 @@ file, defaults. The file uses the field names below::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,8 +65,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):
-                import json
-
                 return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
         return value

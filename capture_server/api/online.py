@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capture_server.api.jobs_db import JobsDB
+from capture_server.api.runner import close_store, sink_error, sink_state
 from capture_server.api.schemas import Capture
 from capture_server.store.writer import write_annotations
 
@@ -42,8 +43,6 @@ class OnlineRecorder:
         """Close the store writers of online jobs idle for `idle_seconds` (the job stays
         open; its next request reopens the store). Runs for the server's lifetime: an RL
         loop naming a job per step would otherwise keep a writer thread per step."""
-        from capture_server.api.runner import close_store
-
         while True:
             await asyncio.sleep(max(idle_seconds / 4, 0.5))
             now = time.monotonic()
@@ -104,5 +103,4 @@ class OnlineRecorder:
         self._last_commit[job_id] = (time.monotonic(), engine)
 
     async def store_error(self, job_id: str, engine: Any) -> str | None:
-        stats = (await engine.collective_rpc("moetrace_stats"))[0]
-        return stats.get("sink_errors", {}).get(self.store_path(job_id))
+        return sink_error(await sink_state(engine, self.store_path(job_id)))

@@ -256,15 +256,23 @@ class JobRunner:
         return TokensPrompt(prompt_token_ids=prompt_ids), params
 
 
+async def sink_state(engine: Any, store: str) -> str:
+    """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
+    engine's worker."""
+    return (await engine.collective_rpc("moetrace_sink_states", args=([store],)))[0][store]
+
+
+def sink_error(state: str) -> str | None:
+    return state.removeprefix("failed: ") if state.startswith("failed") else None
+
+
 async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:
     """End a job's requests in the worker and wait until its store is committed and
     closed, polling so the engine never blocks on the commit. Returns the store's error."""
     await engine.collective_rpc("moetrace_close", args=([store], request_ids))
-    while True:
-        state = (await engine.collective_rpc("moetrace_sink_states", args=([store],)))[0][store]
-        if state != "closing":
-            return state.removeprefix("failed: ") if state.startswith("failed") else None
+    while (state := await sink_state(engine, store)) == "closing":
         await asyncio.sleep(0.02)
+    return sink_error(state)
 
 
 def _committed_keys(store: str) -> set[tuple[str, int]]:
