@@ -1,10 +1,10 @@
 """Ray orchestration: map store blocks to sequence profiles, reduce them to tables.
 
 Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
-its rows once and returns only small profiles, which the driver folds as they arrive
-(`reduce.StoreFold`): whole profiles are kept for a bounded sample only. Ray joins the
-cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and starts a local one
-otherwise.
+its rows once. A task folds its block's profiles (`reduce.StoreFold`) and returns the
+fold: sums, per-sequence table rows and whole profiles for a bounded sample only; the
+driver merges folds as they arrive. Ray joins the cluster named by ``RAY_ADDRESS`` (set
+under ``ray job submit``) and starts a local one otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import polars as pl
 
 from analyzer import reduce
 from analyzer.profiles import SequenceProfile, profile_block
+from capture_server.store import Block, RoutingStore, open_store
 
 ANALYSES = {
     "usage": "Expert share of top-k slots per layer (heatmap), load entropy and router "
@@ -88,27 +89,46 @@ def pair_sequences(index: pl.DataFrame, limit: int = PAIR_SEQUENCES) -> set[int]
     return {sid for _, sid in sorted(hashed)[:limit]}
 
 
-def map_profiles(
+def arrays_needed(analyses: list[str]) -> tuple[str, ...]:
+    """Row arrays the analyses read besides expert ids and positions: gate weights and
+    logits feed the committee audit, logits the router confidence, hidden states the
+    geometry. The rest is not read at all."""
+    names = []
+    if "committee" in analyses:
+        names.append("topk_weights")
+    if "committee" in analyses or "usage" in analyses:
+        names.append("router_logits")
+    if "geometry" in analyses:
+        names.append("hidden_states")
+    return tuple(names)
+
+
+def fold_block(
     url: str,
-    block_tokens: int | None,
-    on_progress: Callable[[int, int], None],
+    start: int,
+    stop: int,
+    sequences: list[dict],
+    arrays: tuple[str, ...],
     fold: reduce.StoreFold,
 ) -> reduce.StoreFold:
-    """Profile every committed sequence of one store with one Ray task per block, folding
-    each block's profiles into `fold` as it arrives."""
-    import ray
+    """Map task: profile one block and fold its profiles into the empty `fold`, keeping
+    whole only the sequences marked ``keep``, so that a task returns a few KB per
+    sequence whatever the block's size."""
+    fold.keep = {row["sequence_id"] for row in sequences if row["keep"]}
+    fold.add(profile_block(url, start, stop, sequences, arrays))
+    return fold
 
-    from capture_server.store import open_store
 
-    store = open_store(url)
+def plan_blocks(
+    store: RoutingStore, block_tokens: int | None, keep: set[int] | None, cpus: int = 1
+) -> list[tuple[Block, list[dict]]]:
+    """The store's blocks, each with the index rows of its sequences (marked ``curve``
+    and ``keep``), which its map task is sent instead of reading the index."""
     if block_tokens is None:
         # about four tasks per CPU, whole chunks at least, and at most MAX_BLOCK_CHUNKS
         # chunks: a task's temporaries grow with its block, and cache-sized work is faster
-        cpus = int(ray.cluster_resources().get("CPU", 1))
         per_cpu = -(-store.num_tokens // (4 * cpus))
         block_tokens = max(store.chunk_tokens, min(per_cpu, MAX_BLOCK_CHUNKS * store.chunk_tokens))
-    blocks = list(store.blocks(block_tokens))
-    task = ray.remote(profile_block)
     columns = (
         "sequence_id",
         "prompt_index",
@@ -122,12 +142,31 @@ def map_profiles(
     curve = curve_sequences(store.index)
     for sid, row in rows.items():
         row["curve"] = sid in curve
-    pending = [task.remote(url, b.start, b.stop, [rows[s] for s in b.sequence_ids]) for b in blocks]
+        row["keep"] = keep is None or sid in keep
+    return [(b, [rows[s] for s in b.sequence_ids]) for b in store.blocks(block_tokens)]
+
+
+def map_store(
+    url: str,
+    analyses: list[str],
+    block_tokens: int | None,
+    on_progress: Callable[[int, int], None],
+    fold: reduce.StoreFold,
+) -> reduce.StoreFold:
+    """Profile every committed sequence of one store with one Ray task per block and
+    merge the tasks' folds into `fold` as they arrive."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = plan_blocks(open_store(url), block_tokens, fold.keep, cpus)
+    task = ray.remote(fold_block)
+    arrays = arrays_needed(analyses)
+    empty = reduce.StoreFold(fold.store, fold.params)
+    pending = [task.remote(url, b.start, b.stop, rows, arrays, empty) for b, rows in blocks]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        for profile in ray.get(ready[0]):
-            fold.add(profile)
+        fold.merge(ray.get(ready[0]))
         done += 1
         on_progress(done, len(blocks))
     return fold
@@ -140,12 +179,10 @@ def analyse_store(
     block_tokens: int | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> StoreResult:
-    from capture_server.store import open_store
-
     store = open_store(url)
     name = Path(url.rstrip("/")).name
     keep = curve_sequences(store.index) | pair_sequences(store.index)
-    fold = map_profiles(url, block_tokens, on_progress, reduce.StoreFold(name, params, keep))
+    fold = map_store(url, analyses, block_tokens, on_progress, reduce.StoreFold(name, params, keep))
     whole = fold.whole()  # pairs, curves and geometry use these; sums use every sequence
     k, e = int(store.model["top_k"]), int(store.model["num_experts"])
     tables: dict[str, pl.DataFrame] = {}
@@ -162,7 +199,7 @@ def analyse_store(
     if "geometry" in analyses:
         tables["geometry"], tables["triangle"] = reduce.geometry_tables(url, name, whole, params)
     if "committee" in analyses:
-        tables["committee"] = reduce.committee_table(name, fold.profiles, params, k, e)
+        tables["committee"] = reduce.committee_table(name, fold.committee, params, k, e)
     return StoreResult(name=name, tables=tables, profiles=whole)
 
 

@@ -7,12 +7,15 @@ are small (scopes x layers x experts), so the reduce step never touches token ro
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from analyzer.kernels import count_cells
 from analyzer.metrics.usage import softmax
+from capture_server.store import RoutingStore, open_store
 
 SCOPES = ("prompt", "generated", "cumulative", "last_token")
 CHECKPOINTS = (0, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # rollout tokens after the prompt
@@ -24,6 +27,14 @@ def counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
     offset = (np.arange(layers) * num_experts)[None, :, None]
     flat = (ids.astype(np.int64) + offset).ravel()
     return np.bincount(flat, minlength=layers * num_experts).reshape(layers, num_experts)
+
+
+def token_counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(tokens, layers, k) -> (tokens, layers, experts) visit counts of each token."""
+    tokens, layers, _ = ids.shape
+    offset = (np.arange(tokens * layers) * num_experts).reshape(tokens, layers, 1)
+    flat = np.bincount((ids + offset).ravel(), minlength=tokens * layers * num_experts)
+    return flat.reshape(tokens, layers, num_experts)
 
 
 @dataclass
@@ -50,52 +61,52 @@ def profile_rows(
 ) -> list[SequenceProfile]:
     """Profiles of `sequences` from the block's rows (which begin at token `start`).
 
-    Vectorised over the whole block: one bincount over (sequence, window increment,
-    layer, expert) gives every scope and every rollout checkpoint at once.
+    One pass over the block's ids (`kernels.count_cells`) counts every scope and every
+    rollout checkpoint at once: each row belongs to one (sequence, bucket) cell, bucket 0
+    being the prompt and bucket j the rollout rows in ``[CHECKPOINTS[j-1], CHECKPOINTS[j])``.
+    Sequences the rollout curves do not use get two buckets only (prompt, rollout), which
+    keeps the counts grid small enough to stay in cache.
     """
+    if not sequences:
+        return []
     ids = rows["topk_ids"]  # (R, L, k)
     positions = rows["positions"]
-    n_rows, layers, _ = ids.shape
     e, nb = num_experts, len(CHECKPOINTS) + 1
-    seq_of_row = np.full(n_rows, -1, dtype=np.int64)
-    rollout_index = np.zeros(n_rows, dtype=np.int64)  # rows after the prompt boundary
-    prompt_rows = np.zeros(len(sequences), dtype=np.int64)
-    for i, row in enumerate(sequences):
-        a = row["token_offset"] - start
-        b = a + row["num_rows"]
-        seq_of_row[a:b] = i
-        prompt_rows[i] = np.searchsorted(positions[a:b], row["prompt_len"])
-        rollout_index[a:b] = np.arange(b - a) - prompt_rows[i]
-    valid = seq_of_row >= 0
-    # bucket 0: prompt rows; bucket j: rollout rows in [CHECKPOINTS[j-1], CHECKPOINTS[j])
-    bucket = np.searchsorted(np.array(CHECKPOINTS), rollout_index, side="right")
-    # one key per (sequence, bucket, layer, expert); int32 while it fits, to halve traffic
-    cells = len(sequences) * nb * layers * e
-    key_type = np.int32 if cells < 2**31 else np.int64
-    segment = (seq_of_row * nb + bucket).astype(key_type) * (layers * e)
-    layer_offset = (np.arange(layers) * e).astype(key_type)
-    counted = ids
-    if not valid.all():
-        segment, counted = segment[valid], ids[valid]
-    keys = (segment[:, None] + layer_offset[None, :])[:, :, None] + counted
-    grid = np.bincount(keys.ravel(), minlength=cells)
-    grid = grid.reshape(len(sequences), nb, layers, e).astype(np.int32)  # (S, buckets, L, E)
+    # every sequence's rows, vectorised: sequence number, row in the block, row in the sequence
+    first = np.array([r["token_offset"] - start for r in sequences], dtype=np.int64)
+    lengths = np.array([r["num_rows"] for r in sequences], dtype=np.int64)
+    seq = np.repeat(np.arange(len(sequences)), lengths)
+    within = np.arange(len(seq)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    block_row = first[seq] + within
+    prompt_len = np.array([r["prompt_len"] for r in sequences], dtype=np.int64)
+    in_prompt = positions[block_row] < prompt_len[seq]
+    prompt_rows = np.bincount(seq, weights=in_prompt, minlength=len(sequences)).astype(np.int64)
+    rollout_index = within - prompt_rows[seq]  # rows after the prompt boundary
+    bucket = np.searchsorted(CHECKPOINTS, rollout_index, side="right")
+    curve = np.array([r.get("curve", True) for r in sequences])
+    width = np.where(curve, nb, 2)  # buckets per sequence
+    base = np.cumsum(width) - width  # first cell of each sequence
+    row_cell = np.full(len(ids), -1, dtype=np.int64)
+    row_cell[block_row] = base[seq] + np.where(curve[seq], bucket, np.minimum(bucket, 1))
+    grid = count_cells(ids, row_cell, int(width.sum()), e)  # (cells, L, E)
 
+    prompt = grid[base]
+    cumulative = prompt + grid[base + 1]
+    for i in np.flatnonzero(curve):
+        cumulative[i] += grid[base[i] + 2 : base[i] + nb].sum(0)
+    # last prompt token: its routing as counts (the last_token scope) and as it was
+    has_last = prompt_rows > 0
+    last_ids = ids[(first + prompt_rows - 1)[has_last]]
+    last_counts = np.zeros_like(prompt)
+    last_counts[has_last] = token_counts(last_ids, e)
+    weights = rows.get("topk_weights")
     logits = rows.get("router_logits")
-    has_logits = logits is not None and n_rows and not np.isnan(logits[0, 0, 0])
+    has_logits = logits is not None and len(ids) and not np.isnan(logits[0, 0, 0])
+    hidden = {int(k.rsplit("_", 1)[1]): v for k, v in rows.items() if k.startswith("hidden")}
     profiles = []
     for i, row in enumerate(sequences):
         a = row["token_offset"] - start
         p = int(prompt_rows[i])
-        prompt = grid[i, 0]
-        everything = grid[i].sum(0)
-        last = ids[a + p - 1] if p > 0 else None
-        scope = {
-            "prompt": prompt,
-            "generated": everything - prompt,
-            "cumulative": everything,
-            "last_token": counts(last[None], e) if last is not None else np.zeros_like(prompt),
-        }
         profile = SequenceProfile(
             sequence_id=int(row["sequence_id"]),
             prompt_index=int(row["prompt_index"]),
@@ -103,20 +114,25 @@ def profile_rows(
             prompt_len=int(row["prompt_len"]),
             num_rows=int(row["num_rows"]),
             labels=dict(row["labels"]),
-            scope_counts=scope,
+            scope_counts={
+                "prompt": prompt[i],
+                "generated": cumulative[i] - prompt[i],
+                "cumulative": cumulative[i],
+                "last_token": last_counts[i],
+            },
             # cumulative windows at each checkpoint, only where the rollout curves need them
-            checkpoints=np.cumsum(grid[i, : nb - 1], axis=0) if row.get("curve", True) else None,
+            checkpoints=np.cumsum(grid[base[i] : base[i] + nb - 1], axis=0) if curve[i] else None,
         )
-        if last is not None:
-            profile.last_ids = last
-            profile.last_weights = rows["topk_weights"][a + p - 1].astype(np.float64)
+        if p > 0:
+            profile.last_ids = ids[a + p - 1]
+            if weights is not None:
+                profile.last_weights = weights[a + p - 1].astype(np.float64)
         if has_logits:
             seq_logits = logits[a : a + row["num_rows"]].astype(np.float64)
             probs = softmax(seq_logits)
             profile.confidence = probs.max(-1).mean(0)
             if p > 0:
                 profile.last_probs = probs[p - 1]
-        hidden = {int(k.rsplit("_", 1)[1]): v for k, v in rows.items() if k.startswith("hidden")}
         if hidden:
             span = slice(a, a + row["num_rows"])
             profile.pooled_hidden = {
@@ -126,21 +142,38 @@ def profile_rows(
     return profiles
 
 
+_opened: dict[str, RoutingStore] = {}
+
+
+def _open_for_rows(url: str, stop: int) -> RoutingStore:
+    """The store at `url`, opened once per process while its arrays cover row `stop`
+    (a store being written grows; a handle opened before it grew is opened again)."""
+    store = _opened.get(url)
+    if store is None or store.array_rows < stop:
+        store = _opened[url] = open_store(url, read_index=False)
+    return store
+
+
 def profile_block(
-    url: str, start: int, stop: int, sequences: list[dict[str, Any]]
+    url: str,
+    start: int,
+    stop: int,
+    sequences: list[dict[str, Any]],
+    arrays: tuple[str, ...] | None = None,
 ) -> list[SequenceProfile]:
-    """Map task: read rows ``[start, stop)`` once and profile each sequence in it.
+    """Read rows ``[start, stop)`` once and profile each sequence in it.
 
     `sequences` are the block's index rows, sent by the driver so that tasks never read
-    the index themselves.
+    the index themselves. `arrays`: the row arrays to read besides ids and positions
+    (default: all), by name or prefix (``hidden_states`` reads every
+    ``hidden_states_<layer>``); analyses that need no weights, logits or hidden states
+    do not pay for reading them.
     """
-    import json
-
-    from capture_server.store import open_store
-
-    store = open_store(url, read_index=False)
-    hidden = tuple(n for n in store.array_names if n.startswith("hidden_states_"))
-    names = ("topk_ids", "topk_weights", "positions", "router_logits", *hidden)
+    store = _open_for_rows(url, stop)
+    extra = [n for n in store.array_names if n not in ("topk_ids", "positions", "token_ids")]
+    if arrays is not None:
+        extra = [n for n in extra if n in arrays or n.rsplit("_", 1)[0] in arrays]
+    names = ("topk_ids", "positions", *extra)
     rows = store.read_rows(start, stop, names)
     metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
     return profile_rows(metas, rows, start, int(store.model["num_experts"]))

@@ -14,7 +14,7 @@ import polars as pl
 from analyzer.metrics import committee as cm
 from analyzer.metrics import usage as um
 from analyzer.metrics.baselines import random_routing
-from analyzer.profiles import CHECKPOINTS, SequenceProfile, counts
+from analyzer.profiles import CHECKPOINTS, SequenceProfile, counts, token_counts
 
 
 @dataclass(frozen=True)
@@ -49,65 +49,115 @@ def usage_table(store: str, total: np.ndarray) -> pl.DataFrame:
     ).with_columns(pl.col("layer").cast(pl.Int32), pl.col("expert").cast(pl.Int32))
 
 
-def sequence_stats(p: SequenceProfile, params: Params) -> dict[str, np.ndarray]:
-    """Per layer of one sequence: load entropy, router confidence (NaN without logits),
-    prompt-vs-rollout usage cosine and top-p Jaccard."""
-    f_all = _freq(p.scope_counts["cumulative"].astype(np.float64))
-    f_prompt = _freq(p.scope_counts["prompt"].astype(np.float64))
-    f_gen = _freq(p.scope_counts["generated"].astype(np.float64))
+def sequence_stats(profiles: list[SequenceProfile], params: Params) -> dict[str, np.ndarray]:
+    """Per sequence and layer, (sequences, layers) each: load entropy, router confidence
+    (NaN without logits), prompt-vs-rollout usage cosine and top-p Jaccard."""
+    f_all, f_prompt, f_gen = (
+        _freq(np.stack([p.scope_counts[scope] for p in profiles]).astype(np.float64))
+        for scope in ("cumulative", "prompt", "generated")
+    )
     ent = um.load_entropy(f_all)
+    nan = np.full(ent.shape[1], np.nan)
     return {
         "entropy": ent,
-        "confidence": np.full(len(ent), np.nan) if p.confidence is None else p.confidence,
+        "confidence": np.stack([nan if p.confidence is None else p.confidence for p in profiles]),
         "prompt_vs_rollout_cosine": um.cosine(f_prompt, f_gen),
         "prompt_vs_rollout_jaccard": um.top_p_jaccard(f_prompt, f_gen, params.top_p),
     }
 
 
+def _detach(p: SequenceProfile) -> SequenceProfile:
+    """A copy owning its arrays: arrays that arrive from Ray are views of the whole task
+    result, and keeping a view would keep all of it alive."""
+    p.scope_counts = {k: v.copy() for k, v in p.scope_counts.items()}
+    if p.checkpoints is not None:
+        p.checkpoints = p.checkpoints.copy()
+    for name in ("last_ids", "last_weights", "confidence"):
+        if getattr(p, name) is not None:
+            setattr(p, name, getattr(p, name).copy())
+    if p.last_probs is not None:
+        p.last_probs = p.last_probs.astype(np.float32)
+    if p.pooled_hidden:
+        p.pooled_hidden = {k: v.copy() for k, v in p.pooled_hidden.items()}
+    return p
+
+
 class StoreFold:
-    """Folds one store's profiles as they arrive, so the driver's memory does not grow
-    with the store: usage sums and per-sequence table rows take every sequence; whole
-    profiles are kept only for the `keep` set (pair statistics, rollout curves), the
-    others shrink to their last-token routing (the committee audit's input)."""
+    """One store's profiles folded into what the tables need, so that memory does not
+    grow with the store: usage sums, committee sums and per-sequence table rows take
+    every sequence; whole profiles are kept only for the `keep` set (pair statistics,
+    rollout curves).
+
+    Map tasks fold their block's profiles (`add`); the driver merges the tasks' folds
+    (`merge`), so it never handles individual token rows or whole profiles it drops.
+    """
 
     def __init__(self, store: str, params: Params, keep: set[int] | None = None) -> None:
         self.store, self.params, self.keep = store, params, keep
         self.usage: np.ndarray | None = None
-        self.ids: list[tuple[int, int, int, int]] = []  # sequence, prompt, sample, rows
-        self.stats: list[dict[str, np.ndarray]] = []
+        self.ids: list[np.ndarray] = []  # (sequences, 4): sequence, prompt, sample, rows
+        self.stats: list[dict[str, np.ndarray]] = []  # name -> (sequences, layers)
         self.profiles: list[SequenceProfile] = []
+        self.committee = CommitteeSums()
 
-    def add(self, p: SequenceProfile) -> None:
-        counts_ = p.scope_counts["cumulative"].astype(np.int64)
-        self.usage = counts_ if self.usage is None else self.usage + counts_
-        self.ids.append((p.sequence_id, p.prompt_index, p.sample_index, p.num_rows))
-        self.stats.append(sequence_stats(p, self.params))
-        if self.keep is not None and p.sequence_id not in self.keep:
-            p.scope_counts, p.checkpoints, p.pooled_hidden = {}, None, None
-        # Copies: arrays that arrive from Ray are views of the whole task result, and a
-        # kept view would keep all of it alive.
-        p.scope_counts = {k: v.copy() for k, v in p.scope_counts.items()}
-        if p.checkpoints is not None:
-            p.checkpoints = p.checkpoints.copy()
-        for name in ("last_ids", "last_weights", "confidence"):
-            if getattr(p, name) is not None:
-                setattr(p, name, getattr(p, name).copy())
-        if p.last_probs is not None:
-            p.last_probs = p.last_probs.astype(np.float32)
-        if p.pooled_hidden:
-            p.pooled_hidden = {k: v.copy() for k, v in p.pooled_hidden.items()}
-        self.profiles.append(p)
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(ids) for ids in self.ids)
+
+    def add(self, profiles: list[SequenceProfile]) -> None:
+        """Fold one block's profiles."""
+        if not profiles:
+            return
+        self._add_usage(sum(p.scope_counts["cumulative"].astype(np.int64) for p in profiles))
+        self.ids.append(
+            np.array(
+                [(p.sequence_id, p.prompt_index, p.sample_index, p.num_rows) for p in profiles],
+                dtype=np.int64,
+            )
+        )
+        self.stats.append(sequence_stats(profiles, self.params))
+        self.profiles.extend(p for p in profiles if self.keep is None or p.sequence_id in self.keep)
+        by_domain: dict[str, list[SequenceProfile]] = {}
+        for p in profiles:
+            if "domain" in p.labels and p.last_ids is not None:
+                by_domain.setdefault(str(p.labels["domain"]), []).append(p)
+        num_experts = profiles[0].scope_counts["cumulative"].shape[-1]
+        for domain, members in by_domain.items():
+
+            def stacked(name: str, members=members) -> np.ndarray | None:
+                values = [getattr(p, name) for p in members]
+                return None if any(v is None for v in values) else np.stack(values)
+
+            self.committee.add(
+                domain,
+                stacked("last_ids"),
+                stacked("last_weights"),
+                stacked("last_probs"),
+                num_experts,
+            )
+
+    def merge(self, other: StoreFold) -> None:
+        """Fold in another fold of the same store (a map task's result)."""
+        if other.usage is not None:
+            self._add_usage(other.usage)
+        self.ids.extend(ids.copy() for ids in other.ids)
+        self.stats.extend({k: v.copy() for k, v in s.items()} for s in other.stats)
+        self.profiles.extend(_detach(p) for p in other.profiles)
+        self.committee.merge(other.committee)
+
+    def _add_usage(self, counts_: np.ndarray) -> None:
+        self.usage = counts_.copy() if self.usage is None else self.usage + counts_
 
     def whole(self) -> list[SequenceProfile]:
         """The profiles kept whole, by sequence id."""
-        return sorted((p for p in self.profiles if p.scope_counts), key=lambda p: p.sequence_id)
+        return sorted(self.profiles, key=lambda p: p.sequence_id)
 
     def sequence_table(self) -> pl.DataFrame:
         """One row per sequence and layer."""
         if not self.ids:
             return pl.DataFrame()
-        layers = len(self.stats[0]["entropy"])
-        ids = np.array(self.ids, dtype=np.int64)
+        ids = np.concatenate(self.ids)
+        layers = self.stats[0]["entropy"].shape[1]
         table = pl.DataFrame(
             {
                 "store": self.store,
@@ -117,7 +167,7 @@ class StoreFold:
                 "layer": np.tile(np.arange(layers), len(ids)),
                 "rows": np.repeat(ids[:, 3], layers),
                 **{
-                    name: np.concatenate([s[name] for s in self.stats]).astype(np.float64)
+                    name: np.concatenate([s[name] for s in self.stats]).ravel().astype(np.float64)
                     for name in self.stats[0]
                 },
             }
@@ -286,45 +336,88 @@ def rollout_curve_table(
     return pl.DataFrame(rows)
 
 
-def domain_contributions(
-    profiles: list[SequenceProfile], variant: str, num_experts: int
-) -> tuple[list[str], np.ndarray]:
-    """(domains, c) with c of shape (layers, domains, experts) from last prompt tokens."""
-    groups: dict[str, list[SequenceProfile]] = {}
-    for p in profiles:
-        if "domain" in p.labels and p.last_ids is not None:
-            groups.setdefault(str(p.labels["domain"]), []).append(p)
-    domains = sorted(groups)
-    if not domains:
-        return [], np.zeros((0, 0, num_experts))
-    layers = groups[domains[0]][0].last_ids.shape[0]
-    c = np.zeros((layers, len(domains), num_experts))
-    for d, name in enumerate(domains):
-        members = groups[name]
-        ids = np.stack([p.last_ids for p in members])  # (N, layers, k)
-        for layer in range(layers):
+class CommitteeSums:
+    """Per `domain` label, what the committee audit needs of the last prompt tokens, as
+    sums: top-k hits, gate-weight sums and extremes, softmax sums (layers, experts) each.
+    Contributions are functions of these sums (paper (b) Eq. 2, official code's two
+    variants), so folds merge by adding and memory does not grow with the store."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(
+        self,
+        domain: str,
+        ids: np.ndarray,
+        weights: np.ndarray | None,
+        probs: np.ndarray | None,
+        num_experts: int,
+    ) -> None:
+        """One domain's last tokens: ids and weights (n, layers, k), probs (n, layers, E)."""
+        n, layers, _ = ids.shape
+        hits = token_counts(ids, num_experts) > 0  # (n, layers, E)
+        part = {"n": np.array(n), "hits": hits.sum(0)}
+        if weights is not None:
+            w = np.zeros(hits.shape)
+            np.put_along_axis(w, ids.astype(np.int64), weights.astype(np.float64), -1)
+            part["weight_sum"] = w.sum(0)
+            part["weight_min"] = np.where(hits, w, np.inf).min(0)
+            part["weight_max"] = np.where(hits, w, -np.inf).max(0)
+        if probs is not None:
+            part["prob_sum"] = probs.astype(np.float64).sum(0)
+        self._merge_one(domain, part)
+
+    def merge(self, other: CommitteeSums) -> None:
+        for domain, part in other.sums.items():
+            self._merge_one(domain, part)
+
+    def _merge_one(self, domain: str, part: dict[str, np.ndarray]) -> None:
+        mine = self.sums.get(domain)
+        if mine is None:
+            self.sums[domain] = {k: np.array(v, copy=True) for k, v in part.items()}
+            return
+        for key in set(mine) - set(part) | set(part) - set(mine):  # a part without weights
+            mine.pop(key, None)
+        for key in mine:
+            combine = {"weight_min": np.minimum, "weight_max": np.maximum}.get(key, np.add)
+            mine[key] = combine(mine[key], part[key])
+
+    def contributions(self, variant: str, num_experts: int) -> tuple[list[str], np.ndarray]:
+        """(domains, c) with c of shape (layers, domains, experts)."""
+        domains = sorted(self.sums)
+        if not domains:
+            return [], np.zeros((0, 0, num_experts))
+        need = {"frequency": "hits", "frequency_weight": "weight_sum", "softmax": "prob_sum"}
+        if variant not in need:
+            raise ValueError(
+                f"committee_variant: expected softmax, frequency or frequency_weight, "
+                f"got {variant!r}"
+            )
+        if any(need[variant] not in self.sums[d] for d in domains):
+            raise ValueError(
+                f"committee_variant={variant} needs stored "
+                f"{'router logits' if variant == 'softmax' else 'gate weights'}"
+            )
+        c = []
+        for d in domains:
+            s = self.sums[d]
+            n = float(s["n"])
             if variant == "frequency":
-                c[layer, d] = cm.eci_frequency(ids[:, layer], num_experts)
-            elif variant == "frequency_weight":
-                w = np.stack([p.last_weights for p in members])[:, layer]
-                c[layer, d] = cm.eci_frequency_weight(ids[:, layer], w, num_experts)
+                c.append(s["hits"] / n)
             elif variant == "softmax":
-                if any(p.last_probs is None for p in members):
-                    raise ValueError("committee_variant=softmax needs stored router logits")
-                c[layer, d] = np.stack([p.last_probs[layer] for p in members]).mean(0)
-            else:
-                raise ValueError(
-                    f"committee_variant: expected softmax, frequency or "
-                    f"frequency_weight, got {variant!r}"
-                )
-    return domains, c
+                c.append(s["prob_sum"] / n)
+            else:  # eci_frequency_weight from sums: sum over selected of (w - lo) / span
+                lo = np.where(s["hits"] > 0, s["weight_min"], 0.0)
+                span = np.where(s["hits"] > 0, s["weight_max"] - lo, 0.0) + 1e-6
+                c.append(s["hits"] / n * (s["weight_sum"] - s["hits"] * lo) / span / n)
+        return domains, np.stack(c, axis=1)
 
 
 def committee_table(
-    store: str, profiles: list[SequenceProfile], params: Params, top_k: int, num_experts: int
+    store: str, sums: CommitteeSums, params: Params, top_k: int, num_experts: int
 ) -> pl.DataFrame:
     """Standing committee per layer across `domain` labels (paper (b) Stage III, B1-B5)."""
-    domains, c = domain_contributions(profiles, params.committee_variant, num_experts)
+    domains, c = sums.contributions(params.committee_variant, num_experts)
     rows = []
     for layer in range(c.shape[0]):
         com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)

@@ -33,18 +33,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def top_p_mask(f: np.ndarray, p: float = TOP_P) -> np.ndarray:
     """A3: smallest set of experts, by decreasing frequency, whose mass reaches `p`.
 
-    Ties are broken by expert id (stable sort); the comparison is ``>= p - 1e-12``.
-    Returns a boolean mask with f's shape.
+    Ties are broken by expert id (the lower id first); the comparison is
+    ``>= p - 1e-12``. Returns a boolean mask with f's shape.
     """
-    order = np.argsort(-f, axis=-1, kind="stable")
-    sorted_f = np.take_along_axis(f, order, -1)
+    sorted_f = -np.sort(-f, axis=-1)  # values only: no (slow, stable) argsort needed
     cum = np.cumsum(sorted_f, axis=-1)
-    # keep experts up to and including the first one where the mass reaches p
-    keep_sorted = np.concatenate(
-        [np.ones_like(cum[..., :1], dtype=bool), cum[..., :-1] < p - 1e-12], axis=-1
-    )
-    mask = np.zeros_like(f, dtype=bool)
-    np.put_along_axis(mask, order, keep_sorted, -1)
+    # set size: experts up to and including the first one where the mass reaches p
+    size = np.minimum((cum < p - 1e-12).sum(-1, keepdims=True) + 1, f.shape[-1])
+    last = np.take_along_axis(sorted_f, size - 1, -1)  # smallest frequency in the set
+    above = f > last
+    # experts tied with the last member fill the remaining places by id
+    tied = f == last
+    fill = size - above.sum(-1, keepdims=True)
+    mask = above | (tied & (np.cumsum(tied, axis=-1) <= fill))
     return mask & (f > 0)
 
 

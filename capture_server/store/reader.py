@@ -70,6 +70,11 @@ class RoutingStore:
         return int((self.index["token_offset"] + self.index["num_rows"]).max())
 
     @property
+    def array_rows(self) -> int:
+        """Rows the arrays have room for, as opened (at least `num_tokens`)."""
+        return int(self._arrays["topk_ids"].shape[0])
+
+    @property
     def array_names(self) -> list[str]:
         return sorted(self._arrays)
 

@@ -82,12 +82,19 @@ def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
         p.last_ids = np.zeros((1, 2), dtype=np.uint8)
         c = p.scope_counts["cumulative"]
         p.scope_counts.update(prompt=c, generated=c)  # the rollout routes like the prompt
+    profiles[0].labels = {"domain": "math"}  # the committee audit wants its last token
+    # two map tasks fold a block each; the driver merges their folds
+    blocks = [StoreFold("s", Params(), keep={1, 3}) for _ in range(2)]
+    blocks[0].add(profiles[:2])
+    blocks[1].add(profiles[2:])
     fold = StoreFold("s", Params(), keep={1, 3})
-    for p in profiles:
-        fold.add(p)
+    for block in blocks:
+        fold.merge(block)
     np.testing.assert_array_equal(fold.usage, np.array([[15, 10, 10, 5]]))
+    assert fold.num_sequences == 4
     assert [p.sequence_id for p in fold.whole()] == [1, 3]
-    assert len(fold.profiles) == 4 and all(p.last_ids is not None for p in fold.profiles)
+    # only sequence 0 has a domain: the committee sums hold its last token alone
+    assert list(fold.committee.sums) == ["math"] and int(fold.committee.sums["math"]["n"]) == 1
     table = fold.sequence_table()
     assert table["sequence_id"].to_list() == [0, 1, 2, 3]
     assert table["confidence"].null_count() == 4  # no logits: null, not NaN
@@ -118,3 +125,49 @@ def test_pair_sample_follows_keys_not_sequence_ids():
     assert len(a) == len(b) == 10
     assert {forward[s] for s in a} == {backward[s] for s in b}  # the same questions
     assert pair_sequences(index(forward), limit=100) == set(range(50))
+
+
+def test_committee_sums_give_the_contribution_indices_of_all_members():
+    """Contributions from sums merged across folds equal the metric functions (hand-tested
+    in test_metrics) applied to every member's last token at once."""
+    from analyzer.metrics import committee as cm
+    from analyzer.reduce import CommitteeSums
+
+    rng = np.random.default_rng(3)
+    n, layers, k, experts = 40, 2, 3, 7
+    ids = np.argsort(rng.random((n, layers, experts)), -1)[..., :k]
+    weights = rng.random((n, layers, k))
+    logits = rng.normal(size=(n, layers, experts))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    merged = CommitteeSums()
+    for part in (slice(0, 15), slice(15, 40)):  # two map tasks
+        sums = CommitteeSums()
+        sums.add("code", ids[part], weights[part], probs[part], experts)
+        merged.merge(sums)
+    for variant, expected in (
+        ("frequency", [cm.eci_frequency(ids[:, layer], experts) for layer in range(layers)]),
+        (
+            "frequency_weight",
+            [
+                cm.eci_frequency_weight(ids[:, layer], weights[:, layer], experts)
+                for layer in range(layers)
+            ],
+        ),
+        ("softmax", [cm.eci_softmax(logits[:, layer]) for layer in range(layers)]),
+    ):
+        domains, c = merged.contributions(variant, experts)
+        assert domains == ["code"]
+        np.testing.assert_allclose(c[:, 0], np.stack(expected), rtol=1e-9, atol=1e-12)
+
+
+def test_committee_sums_say_what_a_variant_lacks():
+    from analyzer.reduce import CommitteeSums
+
+    sums = CommitteeSums()
+    sums.add("math", np.zeros((2, 1, 1), dtype=np.uint8), None, None, 3)
+    with pytest.raises(ValueError, match="gate weights"):
+        sums.contributions("frequency_weight", 3)
+    with pytest.raises(ValueError, match="router logits"):
+        sums.contributions("softmax", 3)
+    with pytest.raises(ValueError, match="committee_variant"):
+        sums.contributions("median", 3)

