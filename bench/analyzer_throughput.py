@@ -2,8 +2,9 @@
 
 Two workloads over the same store: the expert-id analyses (usage, rollout, overlap: ids
 and positions are read) and all analyses (the committee audit also reads gate weights).
-Each runs three ways, in one run: one process without Ray (the map step in a loop),
-Ray with 1 worker, Ray with 2. Also: where one core's time goes (store read, counting,
+Each runs four ways, in one run: one process without Ray (the map step in a loop),
+counting with numpy (`numpy`) or with the analyzer's compiled loop (`single`); Ray with
+1 worker and with 2. Also: where one core's time goes (store read, counting,
 per-sequence statistics) against the rate at which one core streams the bytes a record
 needs from memory, and peak memory for the store and a store half its size.
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +90,17 @@ def single_process(path: str, analyses: list[str]) -> int:
     return fold.num_sequences
 
 
+def numpy_count_cells(
+    ids: np.ndarray, row_cell: np.ndarray, cells: int, num_experts: int
+) -> np.ndarray:
+    """`analyzer.kernels.count_cells` as one numpy bincount (the baseline's counting)."""
+    kept = row_cell >= 0
+    layers = ids.shape[1]
+    keys = ((row_cell[kept, None] * layers + np.arange(layers)) * num_experts)[:, :, None]
+    flat = np.bincount((keys + ids[kept]).ravel(), minlength=cells * layers * num_experts)
+    return flat.reshape(cells, layers, num_experts).astype(np.int32)
+
+
 def warm_up() -> None:
     """A worker's start-up: import the map code and load the compiled counting loop."""
     from analyzer.kernels import count_cells
@@ -95,9 +108,24 @@ def warm_up() -> None:
     count_cells(np.zeros((1, 1, 1), np.uint8), np.zeros(1, np.int64), 1, 1)
 
 
-def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[float]]:
-    """Sequences and seconds of each pass, Ray start-up excluded (workers are warmed
-    up first)."""
+def ray_workers_cpu_seconds() -> float:
+    """CPU time used so far by this machine's Ray worker processes."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(part.startswith("ray::") for part in proc.info["cmdline"] or ()):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[float], list[float]]:
+    """Sequences, and seconds and worker CPU seconds of each pass; Ray start-up excluded
+    (workers are warmed up first)."""
     import ray
 
     from analyzer.pipeline import init_ray, map_store
@@ -106,21 +134,23 @@ def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[flo
     init_ray(num_cpus=workers)
     try:
         ray.get([ray.remote(warm_up).remote() for _ in range(workers * 4)])
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(REPEATS):
-            t0 = time.perf_counter()
+            c0, t0 = ray_workers_cpu_seconds(), time.perf_counter()
             fold = StoreFold("bench", Params(), keep=set())  # sums and table rows only
             n = map_store(path, analyses, None, lambda done, total: None, fold).num_sequences
             seconds.append(time.perf_counter() - t0)
-        return n, seconds
+            cpu.append(ray_workers_cpu_seconds() - c0)
+        return n, seconds, cpu
     finally:
         ray.shutdown()
 
 
 def breakdown(path: str) -> dict[str, float]:
     """Records/s of one core for each part of the map step, over the same blocks."""
+    from analyzer.kernels import count_cells
     from analyzer.pipeline import plan_blocks
-    from analyzer.profiles import CHECKPOINTS, profile_rows
+    from analyzer.profiles import profile_rows
     from analyzer.reduce import Params, StoreFold
     from capture_server.store import open_store
 
@@ -152,19 +182,17 @@ def breakdown(path: str) -> dict[str, float]:
     profiles = [profile_rows(*job, E) for job in jobs]
     stats = rate(lambda p: StoreFold("bench", Params(), set()).add(p), profiles)
 
-    def bincount(rows: dict[str, np.ndarray]) -> np.ndarray:  # counting by numpy instead
-        ids = rows["topk_ids"]
-        cell = np.zeros(len(ids), np.int64)  # (a single cell: the cheapest keys)
-        keys = ((cell[:, None] * L + np.arange(L)) * E)[:, :, None] + ids
-        return np.bincount(keys.ravel(), minlength=(len(CHECKPOINTS) + 1) * L * E)
-
-    numpy_count = rate(bincount, data)
+    cells = [np.zeros(len(rows["topk_ids"]), np.int64) for rows in data]  # one cell
+    inputs = [(rows["topk_ids"], c) for rows, c in zip(data, cells, strict=True)]
+    loop = rate(lambda x: count_cells(*x, 1, E), inputs)
+    bincount = rate(lambda x: numpy_count_cells(*x, 1, E), inputs)
     return {
         "read ids + positions": read_ids,
         "read weights": read_weights,
-        "profile (counting)": profile,
-        "sequence statistics": stats,
-        "numpy bincount instead of the compiled loop": numpy_count,
+        "profile_rows (counting and profiles)": profile,
+        "sequence statistics (fold)": stats,
+        "counting alone, compiled loop": loop,
+        "counting alone, numpy bincount": bincount,
     }
 
 
@@ -194,18 +222,24 @@ def child(mode: str, workload: str, path: str) -> dict[str, float]:
     threading.Thread(target=sample, daemon=True).start()
     if mode == "breakdown":
         return breakdown(path)
-    if mode == "single":
+    if mode in ("numpy", "single"):
+        if mode == "numpy":  # the same loop, counting with numpy instead of the compiled loop
+            import analyzer.profiles
+
+            analyzer.profiles.count_cells = numpy_count_cells
         warm_up()
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(REPEATS):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             n = single_process(path, WORKLOADS[workload])
             seconds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     else:
-        n, seconds = ray_run(path, WORKLOADS[workload], int(mode[-1]))
+        n, seconds, cpu = ray_run(path, WORKLOADS[workload], int(mode[-1]))
     stop.set()
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "sequences": n,
         "peak_mb": max(peak[0], rss_tree_mb()),
         "driver_peak_mb": driver_peak_mb(),
@@ -235,34 +269,26 @@ def run_child(env: dict[str, str], *args: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tokens", type=int, default=12_800_000, help="Token rows (records = tokens x 16 layers)."
-    )
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(*args.child)))
-        return
-
-    scratch = tempfile.mkdtemp(prefix="moetrace-bench-analyzer-")
+def measure(scratch: str, tokens: int) -> dict:
+    """Build the stores under `scratch`, run every measurement, return the summary."""
     full, half = os.path.join(scratch, "full"), os.path.join(scratch, "half")
     t0 = time.perf_counter()
-    build_store(full, args.tokens)
-    build_store(half, args.tokens // 2)
+    build_store(full, tokens)
+    build_store(half, tokens // 2)
     print(f"built stores in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     # one thread per process: a worker's rate is one core's rate
     env = dict(
         os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", ZARR_THREADING__MAX_WORKERS="1"
     )
-    records = args.tokens // SEQ_ROWS * SEQ_ROWS * L
+    records = tokens // SEQ_ROWS * SEQ_ROWS * L
     rates: dict[str, dict[str, float]] = {}
+    cpu_rates: dict[str, dict[str, float]] = {}  # records per CPU second of the workers
     for workload in WORKLOADS:
-        for mode in ("single", "ray1", "ray2"):
+        for mode in ("numpy", "single", "ray1", "ray2"):
             r = run_child(env, mode, workload, full)
-            rates.setdefault(workload, {})[mode] = records / min(r["seconds"])
+            best = int(np.argmin(r["seconds"]))
+            rates.setdefault(workload, {})[mode] = records / r["seconds"][best]
+            cpu_rates.setdefault(workload, {})[mode] = records / r["cpu_seconds"][best]
             print(
                 f"{workload:4s} {mode:6s} {rates[workload][mode] / 1e6:7.1f} M records/s  "
                 f"driver {r['driver_peak_mb']:.0f} MB, all processes {r['peak_mb']:.0f} MB",
@@ -282,6 +308,9 @@ def main() -> None:
         ),
         "records_per_s": {w: {m: round(v) for m, v in r.items()} for w, r in rates.items()},
         "speedup_ray2_over_ray1": {w: round(r["ray2"] / r["ray1"], 2) for w, r in rates.items()},
+        "records_per_worker_cpu_second": {
+            w: {m: round(v) for m, v in r.items()} for w, r in cpu_rates.items()
+        },
         "one_core_records_per_s": {k: round(v) for k, v in parts.items()},
         "stream_GB_per_s": round(stream / 1e9, 1),
         "bytes_per_record": BYTES_PER_RECORD,
@@ -290,6 +319,26 @@ def main() -> None:
         "peak_mb": {name: round(m["peak_mb"]) for name, m in memory.items()},
         "driver_peak_mb": {name: round(m["driver_peak_mb"]) for name, m in memory.items()},
     }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tokens", type=int, default=12_800_000, help="Token rows (records = tokens x 16 layers)."
+    )
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+
+    scratch = tempfile.mkdtemp(prefix="moetrace-bench-analyzer-")
+    try:
+        summary = measure(scratch, args.tokens)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
