@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from analyzer import reduce
-from analyzer.profiles import SequenceProfile, profile_block
+from analyzer.profiles import SequenceProfile, arrays_to_read, profile_block
 from capture_server.store import Block, RoutingStore, open_store
 
 ANALYSES = {
@@ -47,6 +47,10 @@ class StoreResult:
 
 
 MAX_BLOCK_CHUNKS = 4  # store chunks per map task, at most
+# Rows of one array a map task reads at once, at most: larger arrays are fresh memory
+# maps (glibc's allocator maps anything above 32 MB), whose first touch costs more than
+# decoding them (bench/analyzer_throughput.py).
+MAX_BLOCK_BYTES = 16 * 2**20
 CURVE_PROMPTS = 64  # first samples of this many prompts form the "other prompt" curves
 CURVE_SAMPLED_PROMPTS = 256  # prompts sampled more than once whose samples are paired
 PAIR_SEQUENCES = 4096  # sequences kept whole for pair statistics (per store)
@@ -120,15 +124,22 @@ def fold_block(
 
 
 def plan_blocks(
-    store: RoutingStore, block_tokens: int | None, keep: set[int] | None, cpus: int = 1
+    store: RoutingStore,
+    block_tokens: int | None,
+    keep: set[int] | None,
+    arrays: tuple[str, ...] | None = None,
+    cpus: int = 1,
 ) -> list[tuple[Block, list[dict]]]:
     """The store's blocks, each with the index rows of its sequences (marked ``curve``
     and ``keep``), which its map task is sent instead of reading the index."""
     if block_tokens is None:
         # about four tasks per CPU, whole chunks at least, and at most MAX_BLOCK_CHUNKS
-        # chunks: a task's temporaries grow with its block, and cache-sized work is faster
+        # chunks and MAX_BLOCK_BYTES per array: a task's temporaries grow with its block,
+        # and cache-sized work is faster
+        widest = max(store.row_nbytes(name) for name in arrays_to_read(store, arrays))
         per_cpu = -(-store.num_tokens // (4 * cpus))
-        block_tokens = max(store.chunk_tokens, min(per_cpu, MAX_BLOCK_CHUNKS * store.chunk_tokens))
+        chunks = max(1, min(MAX_BLOCK_CHUNKS, MAX_BLOCK_BYTES // (widest * store.chunk_tokens)))
+        block_tokens = max(store.chunk_tokens, min(per_cpu, chunks * store.chunk_tokens))
     columns = (
         "sequence_id",
         "prompt_index",
@@ -158,9 +169,9 @@ def map_store(
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    blocks = plan_blocks(open_store(url), block_tokens, fold.keep, cpus)
-    task = ray.remote(fold_block)
     arrays = arrays_needed(analyses)
+    blocks = plan_blocks(open_store(url), block_tokens, fold.keep, arrays, cpus)
+    task = ray.remote(fold_block)
     empty = reduce.StoreFold(fold.store, fold.params)
     pending = [task.remote(url, b.start, b.stop, rows, arrays, empty) for b, rows in blocks]
     done = 0

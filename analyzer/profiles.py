@@ -142,6 +142,15 @@ def profile_rows(
     return profiles
 
 
+def arrays_to_read(store: RoutingStore, arrays: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Expert ids and positions, plus the store's arrays named in `arrays` (by name or
+    prefix: ``hidden_states`` means every ``hidden_states_<layer>``; None: all)."""
+    extra = [n for n in store.array_names if n not in ("topk_ids", "positions", "token_ids")]
+    if arrays is not None:
+        extra = [n for n in extra if n in arrays or n.rsplit("_", 1)[0] in arrays]
+    return ("topk_ids", "positions", *extra)
+
+
 _opened: dict[str, RoutingStore] = {}
 
 
@@ -170,10 +179,7 @@ def profile_block(
     do not pay for reading them.
     """
     store = _open_for_rows(url, stop)
-    extra = [n for n in store.array_names if n not in ("topk_ids", "positions", "token_ids")]
-    if arrays is not None:
-        extra = [n for n in extra if n in arrays or n.rsplit("_", 1)[0] in arrays]
-    names = ("topk_ids", "positions", *extra)
+    names = arrays_to_read(store, arrays)
     rows = store.read_rows(start, stop, names)
     metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
     return profile_rows(metas, rows, start, int(store.model["num_experts"]))

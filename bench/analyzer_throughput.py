@@ -84,7 +84,7 @@ def single_process(path: str, analyses: list[str]) -> int:
 
     fold = StoreFold("bench", Params(), keep=set())
     arrays = arrays_needed(analyses)
-    for block, rows in plan_blocks(open_store(path), None, fold.keep):
+    for block, rows in plan_blocks(open_store(path), None, fold.keep, arrays):
         empty = StoreFold("bench", Params())
         fold.merge(fold_block(path, block.start, block.stop, rows, arrays, empty))
     return fold.num_sequences

@@ -74,6 +74,11 @@ class RoutingStore:
         """Rows the arrays have room for, as opened (at least `num_tokens`)."""
         return int(self._arrays["topk_ids"].shape[0])
 
+    def row_nbytes(self, name: str) -> int:
+        """Bytes one token row of array `name` takes in memory."""
+        array = self._arrays[name]
+        return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+
     @property
     def array_names(self) -> list[str]:
         return sorted(self._arrays)
