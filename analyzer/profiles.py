@@ -56,22 +56,128 @@ class SequenceProfile:
     pooled_hidden: dict[int, np.ndarray] | None = None  # MoE layer -> mean router input
 
 
+CONFIDENCE_ROWS = 4096  # rows softmaxed at once for router confidence (bounded temporaries)
+
+
+class BlockProfiles:
+    """The profiles of one block's sequences as arrays over the sequences (axis 0).
+
+    Folding needs only these arrays (usage sums, per-sequence statistics, committee
+    sums); a whole `SequenceProfile` is made only for the few sequences kept whole
+    (`profile`), so the map step does no per-sequence Python work for the others.
+    """
+
+    def __init__(
+        self,
+        sequences: list[dict[str, Any]],
+        rows: dict[str, np.ndarray],
+        num_experts: int,
+        grid: np.ndarray,
+        base: np.ndarray,
+        curve: np.ndarray,
+        first: np.ndarray,
+        prompt_rows: np.ndarray,
+    ) -> None:
+        self.sequences = sequences
+        self.num_experts = num_experts
+        self._rows, self._grid, self._base, self._curve = rows, grid, base, curve
+        self._first = first
+        self.prompt = grid[base]  # (S, L, E) counts over prompt rows
+        self.cumulative = self.prompt + grid[base + 1]  # (S, L, E) counts over all rows
+        for i in np.flatnonzero(curve):
+            self.cumulative[i] += grid[base[i] + 2 : base[i] + len(CHECKPOINTS) + 1].sum(0)
+        # the last prompt token (the committee audit's input)
+        self.has_last = prompt_rows > 0
+        last_row = np.maximum(first + prompt_rows - 1, 0)
+        ids = rows["topk_ids"]
+        self.last_ids = np.where(self.has_last[:, None, None], ids[last_row], 0)  # (S, L, k)
+        weights = rows.get("topk_weights")
+        self.last_weights = None if weights is None else weights[last_row].astype(np.float64)
+        self.last_probs: np.ndarray | None = None  # (S, L, E), NaN where not captured
+        self.confidence = np.full(self.prompt.shape[:2], np.nan)  # (S, L) mean max-softmax
+        logits = rows.get("router_logits")
+        if logits is not None and len(ids):
+            self.last_probs = softmax(logits[last_row].astype(np.float64))
+            self.confidence = self._mean_confidence(logits)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def _mean_confidence(self, logits: np.ndarray) -> np.ndarray:
+        """Per sequence and layer, the mean over its rows of the largest softmax
+        probability, 1 / sum(exp(z - max z)); NaN for sequences without logits."""
+        out = np.full(self.prompt.shape[:2], np.nan)
+        for i, row in enumerate(self.sequences):
+            a = int(self._first[i])
+            span = logits[a : a + row["num_rows"]]
+            if not len(span) or np.isnan(span[0, 0, 0]):
+                continue
+            total = np.zeros(span.shape[1])
+            for j in range(0, len(span), CONFIDENCE_ROWS):
+                z = span[j : j + CONFIDENCE_ROWS].astype(np.float64)
+                total += (1 / np.exp(z - z.max(-1, keepdims=True)).sum(-1)).sum(0)
+            out[i] = total / len(span)
+        return out
+
+    def profile(self, i: int) -> SequenceProfile:
+        """The whole profile of sequence `i`: every scope, rollout checkpoints (for
+        curve sequences), last-token routing, pooled router inputs."""
+        row = self.sequences[i]
+        last_counts = np.zeros_like(self.prompt[i])
+        if self.has_last[i]:
+            last_counts = token_counts(self.last_ids[i][None], self.num_experts)[0]
+        base, nb = self._base[i], len(CHECKPOINTS) + 1
+        profile = SequenceProfile(
+            sequence_id=int(row["sequence_id"]),
+            prompt_index=int(row["prompt_index"]),
+            sample_index=int(row["sample_index"]),
+            prompt_len=int(row["prompt_len"]),
+            num_rows=int(row["num_rows"]),
+            labels=dict(row["labels"]),
+            scope_counts={
+                "prompt": self.prompt[i].copy(),
+                "generated": self.cumulative[i] - self.prompt[i],
+                "cumulative": self.cumulative[i].copy(),
+                "last_token": last_counts.astype(np.int32),
+            },
+            # cumulative windows at each checkpoint, only where the rollout curves need them
+            checkpoints=np.cumsum(self._grid[base : base + nb - 1], axis=0)
+            if self._curve[i]
+            else None,
+        )
+        if self.has_last[i]:
+            profile.last_ids = self.last_ids[i].copy()
+            if self.last_weights is not None:
+                profile.last_weights = self.last_weights[i].copy()
+            if self.last_probs is not None and not np.isnan(self.last_probs[i]).any():
+                profile.last_probs = self.last_probs[i].copy()
+        if not np.isnan(self.confidence[i]).any():
+            profile.confidence = self.confidence[i].copy()
+        hidden = {
+            int(k.rsplit("_", 1)[1]): v for k, v in self._rows.items() if k.startswith("hidden")
+        }
+        if hidden:
+            span = slice(int(self._first[i]), int(self._first[i]) + row["num_rows"])
+            profile.pooled_hidden = {
+                layer: v[span].astype(np.float64).mean(0) for layer, v in hidden.items()
+            }
+        return profile
+
+
 def profile_rows(
     sequences: list[dict[str, Any]], rows: dict[str, np.ndarray], start: int, num_experts: int
-) -> list[SequenceProfile]:
+) -> BlockProfiles:
     """Profiles of `sequences` from the block's rows (which begin at token `start`).
 
     One pass over the block's ids (`kernels.count_cells`) counts every scope and every
     rollout checkpoint at once: each row belongs to one (sequence, bucket) cell, bucket 0
     being the prompt and bucket j the rollout rows in ``[CHECKPOINTS[j-1], CHECKPOINTS[j])``.
-    Sequences the rollout curves do not use get two buckets only (prompt, rollout), which
-    keeps the counts grid small enough to stay in cache.
+    Sequences the rollout curves do not use (``curve`` false) get two buckets only
+    (prompt, rollout), which keeps the counts grid small enough to stay in cache.
     """
-    if not sequences:
-        return []
     ids = rows["topk_ids"]  # (R, L, k)
     positions = rows["positions"]
-    e, nb = num_experts, len(CHECKPOINTS) + 1
+    nb = len(CHECKPOINTS) + 1
     # every sequence's rows, vectorised: sequence number, row in the block, row in the sequence
     first = np.array([r["token_offset"] - start for r in sequences], dtype=np.int64)
     lengths = np.array([r["num_rows"] for r in sequences], dtype=np.int64)
@@ -83,63 +189,13 @@ def profile_rows(
     prompt_rows = np.bincount(seq, weights=in_prompt, minlength=len(sequences)).astype(np.int64)
     rollout_index = within - prompt_rows[seq]  # rows after the prompt boundary
     bucket = np.searchsorted(CHECKPOINTS, rollout_index, side="right")
-    curve = np.array([r.get("curve", True) for r in sequences])
+    curve = np.array([r.get("curve", True) for r in sequences], dtype=bool)
     width = np.where(curve, nb, 2)  # buckets per sequence
     base = np.cumsum(width) - width  # first cell of each sequence
     row_cell = np.full(len(ids), -1, dtype=np.int64)
     row_cell[block_row] = base[seq] + np.where(curve[seq], bucket, np.minimum(bucket, 1))
-    grid = count_cells(ids, row_cell, int(width.sum()), e)  # (cells, L, E)
-
-    prompt = grid[base]
-    cumulative = prompt + grid[base + 1]
-    for i in np.flatnonzero(curve):
-        cumulative[i] += grid[base[i] + 2 : base[i] + nb].sum(0)
-    # last prompt token: its routing as counts (the last_token scope) and as it was
-    has_last = prompt_rows > 0
-    last_ids = ids[(first + prompt_rows - 1)[has_last]]
-    last_counts = np.zeros_like(prompt)
-    last_counts[has_last] = token_counts(last_ids, e)
-    weights = rows.get("topk_weights")
-    logits = rows.get("router_logits")
-    has_logits = logits is not None and len(ids) and not np.isnan(logits[0, 0, 0])
-    hidden = {int(k.rsplit("_", 1)[1]): v for k, v in rows.items() if k.startswith("hidden")}
-    profiles = []
-    for i, row in enumerate(sequences):
-        a = row["token_offset"] - start
-        p = int(prompt_rows[i])
-        profile = SequenceProfile(
-            sequence_id=int(row["sequence_id"]),
-            prompt_index=int(row["prompt_index"]),
-            sample_index=int(row["sample_index"]),
-            prompt_len=int(row["prompt_len"]),
-            num_rows=int(row["num_rows"]),
-            labels=dict(row["labels"]),
-            scope_counts={
-                "prompt": prompt[i],
-                "generated": cumulative[i] - prompt[i],
-                "cumulative": cumulative[i],
-                "last_token": last_counts[i],
-            },
-            # cumulative windows at each checkpoint, only where the rollout curves need them
-            checkpoints=np.cumsum(grid[base[i] : base[i] + nb - 1], axis=0) if curve[i] else None,
-        )
-        if p > 0:
-            profile.last_ids = ids[a + p - 1]
-            if weights is not None:
-                profile.last_weights = weights[a + p - 1].astype(np.float64)
-        if has_logits:
-            seq_logits = logits[a : a + row["num_rows"]].astype(np.float64)
-            probs = softmax(seq_logits)
-            profile.confidence = probs.max(-1).mean(0)
-            if p > 0:
-                profile.last_probs = probs[p - 1]
-        if hidden:
-            span = slice(a, a + row["num_rows"])
-            profile.pooled_hidden = {
-                layer: v[span].astype(np.float64).mean(0) for layer, v in hidden.items()
-            }
-        profiles.append(profile)
-    return profiles
+    grid = count_cells(ids, row_cell, int(width.sum()), num_experts)  # (cells, L, E)
+    return BlockProfiles(sequences, rows, num_experts, grid, base, curve, first, prompt_rows)
 
 
 def arrays_to_read(store: RoutingStore, arrays: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -169,7 +225,7 @@ def profile_block(
     stop: int,
     sequences: list[dict[str, Any]],
     arrays: tuple[str, ...] | None = None,
-) -> list[SequenceProfile]:
+) -> BlockProfiles:
     """Read rows ``[start, stop)`` once and profile each sequence in it.
 
     `sequences` are the block's index rows, sent by the driver so that tasks never read

@@ -14,7 +14,7 @@ import polars as pl
 from analyzer.metrics import committee as cm
 from analyzer.metrics import usage as um
 from analyzer.metrics.baselines import random_routing
-from analyzer.profiles import CHECKPOINTS, SequenceProfile, counts, token_counts
+from analyzer.profiles import CHECKPOINTS, BlockProfiles, SequenceProfile, counts, token_counts
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,15 @@ def usage_table(store: str, total: np.ndarray) -> pl.DataFrame:
     ).with_columns(pl.col("layer").cast(pl.Int32), pl.col("expert").cast(pl.Int32))
 
 
-def sequence_stats(profiles: list[SequenceProfile], params: Params) -> dict[str, np.ndarray]:
-    """Per sequence and layer, (sequences, layers) each: load entropy, router confidence
-    (NaN without logits), prompt-vs-rollout usage cosine and top-p Jaccard."""
-    f_all, f_prompt, f_gen = (
-        _freq(np.stack([p.scope_counts[scope] for p in profiles]).astype(np.float64))
-        for scope in ("cumulative", "prompt", "generated")
-    )
-    ent = um.load_entropy(f_all)
-    nan = np.full(ent.shape[1], np.nan)
+def sequence_stats(block: BlockProfiles, params: Params) -> dict[str, np.ndarray]:
+    """Per sequence and layer of a block, (sequences, layers) each: load entropy, router
+    confidence (NaN without logits), prompt-vs-rollout usage cosine and top-p Jaccard."""
+    f_all = _freq(block.cumulative.astype(np.float64))
+    f_prompt = _freq(block.prompt.astype(np.float64))
+    f_gen = _freq((block.cumulative - block.prompt).astype(np.float64))
     return {
-        "entropy": ent,
-        "confidence": np.stack([nan if p.confidence is None else p.confidence for p in profiles]),
+        "entropy": um.load_entropy(f_all),
+        "confidence": block.confidence,
         "prompt_vs_rollout_cosine": um.cosine(f_prompt, f_gen),
         "prompt_vs_rollout_jaccard": um.top_p_jaccard(f_prompt, f_gen, params.top_p),
     }
@@ -104,36 +101,39 @@ class StoreFold:
     def num_sequences(self) -> int:
         return sum(len(ids) for ids in self.ids)
 
-    def add(self, profiles: list[SequenceProfile]) -> None:
+    def add(self, block: BlockProfiles) -> None:
         """Fold one block's profiles."""
-        if not profiles:
+        if not len(block):
             return
-        self._add_usage(sum(p.scope_counts["cumulative"].astype(np.int64) for p in profiles))
+        rows = block.sequences
+        self._add_usage(block.cumulative.sum(0, dtype=np.int64))
         self.ids.append(
             np.array(
-                [(p.sequence_id, p.prompt_index, p.sample_index, p.num_rows) for p in profiles],
+                [
+                    (r["sequence_id"], r["prompt_index"], r["sample_index"], r["num_rows"])
+                    for r in rows
+                ],
                 dtype=np.int64,
             )
         )
-        self.stats.append(sequence_stats(profiles, self.params))
-        self.profiles.extend(p for p in profiles if self.keep is None or p.sequence_id in self.keep)
-        by_domain: dict[str, list[SequenceProfile]] = {}
-        for p in profiles:
-            if "domain" in p.labels and p.last_ids is not None:
-                by_domain.setdefault(str(p.labels["domain"]), []).append(p)
-        num_experts = profiles[0].scope_counts["cumulative"].shape[-1]
-        for domain, members in by_domain.items():
-
-            def stacked(name: str, members=members) -> np.ndarray | None:
-                values = [getattr(p, name) for p in members]
-                return None if any(v is None for v in values) else np.stack(values)
-
+        self.stats.append(sequence_stats(block, self.params))
+        self.profiles.extend(
+            block.profile(i)
+            for i, r in enumerate(rows)
+            if self.keep is None or r["sequence_id"] in self.keep
+        )
+        domains = np.array([str(r["labels"].get("domain", "")) for r in rows])
+        labelled = np.array(["domain" in r["labels"] for r in rows]) & block.has_last
+        for domain in np.unique(domains[labelled]):
+            members = labelled & (domains == domain)
+            probs = None if block.last_probs is None else block.last_probs[members]
+            weights = None if block.last_weights is None else block.last_weights[members]
             self.committee.add(
-                domain,
-                stacked("last_ids"),
-                stacked("last_weights"),
-                stacked("last_probs"),
-                num_experts,
+                str(domain),
+                block.last_ids[members],
+                weights,
+                None if probs is None or np.isnan(probs).any() else probs,
+                block.num_experts,
             )
 
     def merge(self, other: StoreFold) -> None:

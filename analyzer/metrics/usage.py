@@ -42,10 +42,15 @@ def top_p_mask(f: np.ndarray, p: float = TOP_P) -> np.ndarray:
     size = np.minimum((cum < p - 1e-12).sum(-1, keepdims=True) + 1, f.shape[-1])
     last = np.take_along_axis(sorted_f, size - 1, -1)  # smallest frequency in the set
     above = f > last
-    # experts tied with the last member fill the remaining places by id
+    # experts tied with the last member fill the remaining places by id (ranking them
+    # only where more are tied than places remain: rare)
     tied = f == last
     fill = size - above.sum(-1, keepdims=True)
-    mask = above | (tied & (np.cumsum(tied, axis=-1) <= fill))
+    mask = above | tied
+    crowded = tied.sum(-1) > fill[..., 0]
+    if crowded.any():
+        rank = np.cumsum(tied[crowded], axis=-1)
+        mask[crowded] = above[crowded] | (tied[crowded] & (rank <= fill[crowded]))
     return mask & (f > 0)
 
 

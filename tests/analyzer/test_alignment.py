@@ -74,25 +74,54 @@ def test_layers_match_by_relative_depth():
     assert matched_layer(2, 6, 6) == 2
 
 
+def _block(usage, first_id: int, labels: list[dict]):
+    """A block of sequences whose prompt and rollout each route as `usage` (one layer):
+    its counts grid built by hand, two cells (prompt, rollout) per sequence."""
+    from analyzer.profiles import BlockProfiles
+
+    n = len(usage)
+    grid = np.repeat(np.array(usage, dtype=np.int32)[:, None, None, :], 2, axis=1)
+    rows = {"topk_ids": np.zeros((10 * n, 1, 2), dtype=np.uint8)}
+    sequences = [
+        {
+            "sequence_id": first_id + i,
+            "prompt_index": first_id + i,
+            "sample_index": 0,
+            "prompt_len": 4,
+            "num_rows": 10,
+            "labels": labels[i],
+            "curve": False,
+        }
+        for i in range(n)
+    ]
+    first = np.arange(n) * 10
+    return BlockProfiles(
+        sequences,
+        rows,
+        4,
+        grid.reshape(2 * n, 1, 4),
+        np.arange(n) * 2,
+        np.zeros(n, bool),
+        first,
+        np.full(n, 4),
+    )
+
+
 def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
     from analyzer.reduce import StoreFold
 
-    profiles = _profiles(USAGE)
-    for p in profiles:
-        p.last_ids = np.zeros((1, 2), dtype=np.uint8)
-        c = p.scope_counts["cumulative"]
-        p.scope_counts.update(prompt=c, generated=c)  # the rollout routes like the prompt
-    profiles[0].labels = {"domain": "math"}  # the committee audit wants its last token
+    labels = [{"domain": "math"}, {}, {}, {}]  # the committee audit wants sequence 0
     # two map tasks fold a block each; the driver merges their folds
     blocks = [StoreFold("s", Params(), keep={1, 3}) for _ in range(2)]
-    blocks[0].add(profiles[:2])
-    blocks[1].add(profiles[2:])
+    blocks[0].add(_block(USAGE[:2], 0, labels[:2]))
+    blocks[1].add(_block(USAGE[2:], 2, labels[2:]))
     fold = StoreFold("s", Params(), keep={1, 3})
     for block in blocks:
         fold.merge(block)
-    np.testing.assert_array_equal(fold.usage, np.array([[15, 10, 10, 5]]))
+    np.testing.assert_array_equal(fold.usage, 2 * np.array([[15, 10, 10, 5]]))
     assert fold.num_sequences == 4
     assert [p.sequence_id for p in fold.whole()] == [1, 3]
+    np.testing.assert_array_equal(fold.whole()[1].scope_counts["generated"], [USAGE[3]])
     # only sequence 0 has a domain: the committee sums hold its last token alone
     assert list(fold.committee.sums) == ["math"] and int(fold.committee.sums["math"]["n"]) == 1
     table = fold.sequence_table()
