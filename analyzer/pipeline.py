@@ -125,12 +125,13 @@ def fold_block(
     sequences: list[dict],
     arrays: tuple[str, ...],
     fold: reduce.StoreFold,
+    created_at: float | None = None,
 ) -> reduce.StoreFold:
     """Map task: profile one block and fold its profiles into the empty `fold`, keeping
     whole only the sequences marked ``keep``, so that a task returns a few KB per
     sequence whatever the block's size."""
     fold.keep = {row["sequence_id"] for row in sequences if row["keep"]}
-    fold.add(profile_block(url, start, stop, sequences, arrays))
+    fold.add(profile_block(url, start, stop, sequences, arrays, created_at))
     return fold
 
 
@@ -181,10 +182,14 @@ def map_store(
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     arrays = arrays_needed(analyses)
-    blocks = plan_blocks(open_store(url), block_tokens, fold.keep, arrays, cpus)
+    store = open_store(url)
+    blocks = plan_blocks(store, block_tokens, fold.keep, arrays, cpus)
     task = ray.remote(fold_block)
     empty = reduce.StoreFold(fold.store, fold.params)
-    pending = [task.remote(url, b.start, b.stop, rows, arrays, empty) for b, rows in blocks]
+    created = store.attrs["created_at"]
+    pending = [
+        task.remote(url, b.start, b.stop, rows, arrays, empty, created) for b, rows in blocks
+    ]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

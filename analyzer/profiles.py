@@ -207,15 +207,18 @@ def arrays_to_read(store: RoutingStore, arrays: tuple[str, ...] | None) -> tuple
     return ("topk_ids", "positions", *extra)
 
 
-_opened: dict[str, RoutingStore] = {}
+_opened: dict[tuple[str, float], RoutingStore] = {}
 
 
-def _open_for_rows(url: str, stop: int) -> RoutingStore:
-    """The store at `url`, opened once per process while its arrays cover row `stop`
-    (a store being written grows; a handle opened before it grew is opened again)."""
-    store = _opened.get(url)
+def _open_for_rows(url: str, stop: int, created_at: float | None) -> RoutingStore:
+    """The store at `url`, opened once per process and store (`created_at`: its creation
+    time as the driver read it; a store made anew at the same URL is opened anew) while
+    its arrays cover row `stop` (a store being written grows)."""
+    if created_at is None:
+        return open_store(url, read_index=False)
+    store = _opened.get((url, created_at))
     if store is None or store.array_rows < stop:
-        store = _opened[url] = open_store(url, read_index=False)
+        store = _opened[url, created_at] = open_store(url, read_index=False)
     return store
 
 
@@ -225,6 +228,7 @@ def profile_block(
     stop: int,
     sequences: list[dict[str, Any]],
     arrays: tuple[str, ...] | None = None,
+    created_at: float | None = None,
 ) -> BlockProfiles:
     """Read rows ``[start, stop)`` once and profile each sequence in it.
 
@@ -232,9 +236,10 @@ def profile_block(
     the index themselves. `arrays`: the row arrays to read besides ids and positions
     (default: all), by name or prefix (``hidden_states`` reads every
     ``hidden_states_<layer>``); analyses that need no weights, logits or hidden states
-    do not pay for reading them.
+    do not pay for reading them. `created_at` (the store's attribute) lets a process
+    keep the store open across blocks.
     """
-    store = _open_for_rows(url, stop)
+    store = _open_for_rows(url, stop, created_at)
     names = arrays_to_read(store, arrays)
     rows = store.read_rows(start, stop, names)
     metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]

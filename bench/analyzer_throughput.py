@@ -84,9 +84,11 @@ def single_process(path: str, analyses: list[str]) -> int:
 
     fold = StoreFold("bench", Params(), keep=set())
     arrays = arrays_needed(analyses)
-    for block, rows in plan_blocks(open_store(path), None, fold.keep, arrays):
+    store = open_store(path)
+    for block, rows in plan_blocks(store, None, fold.keep, arrays):
         empty = StoreFold("bench", Params())
-        fold.merge(fold_block(path, block.start, block.stop, rows, arrays, empty))
+        created = store.attrs["created_at"]
+        fold.merge(fold_block(path, block.start, block.stop, rows, arrays, empty, created))
     return fold.num_sequences
 
 

@@ -1,0 +1,61 @@
+"""Map-step plumbing that needs no compiled code: store handles and block planning."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from analyzer.pipeline import MAX_BLOCK_BYTES, plan_blocks
+from analyzer.profiles import _open_for_rows
+from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+from capture_server.store import StoreOptions, open_store
+from capture_server.store.writer import StoreWriter
+
+
+def _write_store(path, layers: int, sequences: int = 3, rows: int = 40) -> None:
+    writer = StoreWriter(str(path), StoreOptions(logits=False, chunk_tokens=64))
+    writer.open(ModelMeta.synthetic(list(range(layers)), 8, 2, 4))
+    for n in range(sequences):
+        writer.add_sequence(
+            SequenceEnd(f"s{n}", 0, 8, 0, rows, prompt_index=n),
+            RoutingRows(
+                request_ids=np.array([f"s{n}"] * rows, dtype=object),
+                sample_index=np.zeros(rows, np.int32),
+                positions=np.arange(rows),
+                token_ids=np.arange(rows),
+                is_prompt=np.arange(rows) < 8,
+                topk_ids=np.tile(np.array([0, 1], np.int32), (rows, layers, 1)),
+                topk_weights=np.full((rows, layers, 2), 0.5, np.float32),
+            ),
+        )
+    writer.close()
+
+
+def test_a_store_made_anew_at_the_same_url_is_opened_anew(tmp_path):
+    url = str(tmp_path / "store")
+    _write_store(url, layers=2)
+    first = open_store(url).attrs["created_at"]
+    assert _open_for_rows(url, 10, first) is _open_for_rows(url, 10, first)  # kept open
+    shutil.rmtree(url)
+    _write_store(url, layers=5)
+    second = open_store(url).attrs["created_at"]
+    assert second != first
+    store = _open_for_rows(url, 10, second)
+    assert store.read_rows(0, 10, ("topk_ids",))["topk_ids"].shape == (10, 5, 2)
+
+
+def test_blocks_hold_whole_sequences_and_respect_the_byte_cap(tmp_path):
+    url = str(tmp_path / "store")
+    _write_store(url, layers=2, sequences=10)
+    store = open_store(url)
+    blocks = plan_blocks(store, None, keep={3})
+    seen = [row["sequence_id"] for _, rows in blocks for row in rows]
+    assert sorted(seen) == list(range(10))  # every sequence in exactly one block
+    for block, rows in blocks:
+        assert block.start % store.chunk_tokens == 0
+        assert all(block.start <= r["token_offset"] < block.stop for r in rows)
+        assert (block.stop - block.start) * store.row_nbytes("topk_weights") <= max(
+            MAX_BLOCK_BYTES, store.chunk_tokens * store.row_nbytes("topk_weights")
+        )
+    assert [r["keep"] for _, rows in blocks for r in rows].count(True) == 1
