@@ -3,6 +3,8 @@
 A profile keeps per-layer expert visit counts for each token scope, counts at rollout
 checkpoints, and the last prompt token's routing (for the committee audit). Profiles
 are small (scopes x layers x experts), so the reduce step never touches token rows.
+A block's profiles stay arrays over its sequences (`BlockProfiles`) until folded;
+`SequenceProfile` objects are made only for sequences kept whole.
 """
 
 from __future__ import annotations

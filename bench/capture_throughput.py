@@ -31,6 +31,12 @@ MODES = {
     "ids + weights + logits": {"logits": True, "hidden_layers": []},
     "+ hidden states of 1 layer": {"logits": True, "hidden_layers": [1]},
     "ids + weights + logits -> Zarr store": {"logits": True, "hidden_layers": [], "store": True},
+    "same, one store for all calls": {
+        "logits": True,
+        "hidden_layers": [],
+        "store": True,
+        "one_store": True,
+    },
 }
 
 
@@ -76,11 +82,13 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 from capture_server.capture.options import CaptureOptions
 
                 call = next(calls)
+                # a new store per call (a 64-prompt job), or one store (a long job)
+                sink = f"{store_dir}/run{0 if config.get('one_store') else call}"
                 batch = []
                 for i in range(len(token_prompts)):
                     q = params.clone()
                     q.extra_args = CaptureOptions(
-                        sink=f"{store_dir}/run{call}", sequence=f"p{i}"
+                        sink=sink, sequence=f"c{call}p{i}"
                     ).to_extra_args()
                     batch.append(q)
                 outs = engine.llm.generate(
