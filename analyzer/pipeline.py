@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from analyzer import reduce
@@ -47,6 +48,7 @@ class StoreResult:
 
 
 MAX_BLOCK_CHUNKS = 4  # store chunks per map task, at most
+IN_FLIGHT_PER_CPU = 4  # map tasks submitted ahead per CPU (bounds driver and object store)
 # Rows of one array a map task reads at once, at most: larger arrays are fresh memory
 # maps (glibc's allocator maps anything above 32 MB), whose first touch costs more than
 # decoding them (bench/analyzer_throughput.py).
@@ -135,24 +137,12 @@ def fold_block(
     return fold
 
 
-def plan_blocks(
-    store: RoutingStore,
-    block_tokens: int | None,
-    keep: set[int] | None,
-    arrays: tuple[str, ...] | None = None,
-    cpus: int = 1,
-) -> list[tuple[Block, list[dict]]]:
-    """The store's blocks, each with the index rows of its sequences (marked ``curve``
-    and ``keep``), which its map task is sent instead of reading the index."""
-    if block_tokens is None:
-        # about four tasks per CPU, whole chunks at least, and at most MAX_BLOCK_CHUNKS
-        # chunks and MAX_BLOCK_BYTES per array: a task's temporaries grow with its block,
-        # and cache-sized work is faster
-        widest = max(store.row_nbytes(name) for name in arrays_to_read(store, arrays))
-        per_cpu = -(-store.num_tokens // (4 * cpus))
-        chunks = max(1, min(MAX_BLOCK_CHUNKS, MAX_BLOCK_BYTES // (widest * store.chunk_tokens)))
-        block_tokens = max(store.chunk_tokens, min(per_cpu, chunks * store.chunk_tokens))
-    columns = (
+class BlockPlan:
+    """A store's blocks, and on demand the index rows of a block's sequences (marked
+    ``curve`` and ``keep``), which its map task is sent instead of reading the index.
+    Rows are made per block as tasks are submitted, not for the whole store at once."""
+
+    COLUMNS = (
         "sequence_id",
         "prompt_index",
         "sample_index",
@@ -161,12 +151,36 @@ def plan_blocks(
         "num_rows",
         "labels",
     )
-    rows = {r["sequence_id"]: r for r in store.index.select(columns).iter_rows(named=True)}
-    curve = curve_sequences(store.index)
-    for sid, row in rows.items():
-        row["curve"] = sid in curve
-        row["keep"] = keep is None or sid in keep
-    return [(b, [rows[s] for s in b.sequence_ids]) for b in store.blocks(block_tokens)]
+
+    def __init__(
+        self,
+        store: RoutingStore,
+        block_tokens: int | None,
+        keep: set[int] | None,
+        arrays: tuple[str, ...] | None = None,
+        cpus: int = 1,
+    ) -> None:
+        if block_tokens is None:
+            # about four tasks per CPU, whole chunks at least, and at most MAX_BLOCK_CHUNKS
+            # chunks and MAX_BLOCK_BYTES per array: a task's temporaries grow with its
+            # block, and cache-sized work is faster
+            widest = max(store.row_nbytes(name) for name in arrays_to_read(store, arrays))
+            per_cpu = -(-store.num_tokens // (4 * cpus))
+            most = MAX_BLOCK_BYTES // (widest * store.chunk_tokens)
+            chunks = max(1, min(MAX_BLOCK_CHUNKS, most))
+            block_tokens = max(store.chunk_tokens, min(per_cpu, chunks * store.chunk_tokens))
+        self.blocks = list(store.blocks(block_tokens))
+        self._index = store.index.select(self.COLUMNS).sort("sequence_id")
+        self._ids = self._index["sequence_id"].to_numpy()
+        self._curve = curve_sequences(store.index)
+        self._keep = keep
+
+    def rows(self, block: Block) -> list[dict]:
+        rows = self._index[np.searchsorted(self._ids, block.sequence_ids)].to_dicts()
+        for row in rows:
+            row["curve"] = row["sequence_id"] in self._curve
+            row["keep"] = self._keep is None or row["sequence_id"] in self._keep
+        return rows
 
 
 def map_store(
@@ -183,19 +197,29 @@ def map_store(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     arrays = arrays_needed(analyses)
     store = open_store(url)
-    blocks = plan_blocks(store, block_tokens, fold.keep, arrays, cpus)
+    plan = BlockPlan(store, block_tokens, fold.keep, arrays, cpus)
     task = ray.remote(fold_block)
     empty = reduce.StoreFold(fold.store, fold.params)
     created = store.attrs["created_at"]
-    pending = [
-        task.remote(url, b.start, b.stop, rows, arrays, empty, created) for b, rows in blocks
-    ]
+    todo = iter(plan.blocks)
+    pending: list = []
+
+    def submit() -> None:
+        block = next(todo, None)
+        if block is not None:
+            rows = plan.rows(block)
+            pending.append(task.remote(url, block.start, block.stop, rows, arrays, empty, created))
+
+    for _ in range(IN_FLIGHT_PER_CPU * cpus):
+        submit()
     done = 0
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, rest = ray.wait(pending, num_returns=1)
+        pending[:] = rest
+        submit()  # keep every worker busy, with a bounded number of tasks in flight
         fold.merge(ray.get(ready[0]))
         done += 1
-        on_progress(done, len(blocks))
+        on_progress(done, len(plan.blocks))
     return fold
 
 

@@ -78,16 +78,18 @@ def build_store(path: str, tokens: int) -> None:
 
 def single_process(path: str, analyses: list[str]) -> int:
     """The map step without Ray: every block profiled and folded in this process."""
-    from analyzer.pipeline import arrays_needed, fold_block, plan_blocks
+    from analyzer.pipeline import BlockPlan, arrays_needed, fold_block
     from analyzer.reduce import Params, StoreFold
     from capture_server.store import open_store
 
     fold = StoreFold("bench", Params(), keep=set())
     arrays = arrays_needed(analyses)
     store = open_store(path)
-    for block, rows in plan_blocks(store, None, fold.keep, arrays):
+    plan = BlockPlan(store, None, fold.keep, arrays)
+    for block in plan.blocks:
         empty = StoreFold("bench", Params())
         created = store.attrs["created_at"]
+        rows = plan.rows(block)
         fold.merge(fold_block(path, block.start, block.stop, rows, arrays, empty, created))
     return fold.num_sequences
 
@@ -151,14 +153,15 @@ def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[flo
 def breakdown(path: str) -> dict[str, float]:
     """Records/s of one core for each part of the map step, over the same blocks."""
     from analyzer.kernels import count_cells
-    from analyzer.pipeline import plan_blocks
+    from analyzer.pipeline import BlockPlan
     from analyzer.profiles import profile_rows
     from analyzer.reduce import Params, StoreFold
     from capture_server.store import open_store
 
     warm_up()
     store = open_store(path)
-    blocks = plan_blocks(store, None, set())[:40]
+    plan = BlockPlan(store, None, set())
+    blocks = [(b, plan.rows(b)) for b in plan.blocks[:40]]
     records = sum(b.stop - b.start for b, _ in blocks) * L
 
     def rate(fn, inputs: list) -> float:

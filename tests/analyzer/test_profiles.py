@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 
-from analyzer.pipeline import MAX_BLOCK_BYTES, plan_blocks
+from analyzer.pipeline import MAX_BLOCK_BYTES, BlockPlan
 from analyzer.profiles import _open_for_rows
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.store import StoreOptions, open_store
@@ -49,7 +49,8 @@ def test_blocks_hold_whole_sequences_and_respect_the_byte_cap(tmp_path):
     url = str(tmp_path / "store")
     _write_store(url, layers=2, sequences=10)
     store = open_store(url)
-    blocks = plan_blocks(store, None, keep={3})
+    plan = BlockPlan(store, None, keep={3})
+    blocks = [(b, plan.rows(b)) for b in plan.blocks]
     seen = [row["sequence_id"] for _, rows in blocks for row in rows]
     assert sorted(seen) == list(range(10))  # every sequence in exactly one block
     for block, rows in blocks:
