@@ -81,9 +81,9 @@ def _detach(p: SequenceProfile) -> SequenceProfile:
 
 class StoreFold:
     """One store's profiles folded into what the tables need, so that memory does not
-    grow with the store: usage sums, committee sums and per-sequence table rows take
-    every sequence; whole profiles are kept only for the `keep` set (pair statistics,
-    rollout curves).
+    grow with the store's tokens: usage sums and committee sums take every sequence,
+    each sequence leaves its table rows (a few hundred bytes), and whole profiles are
+    kept only for the `keep` set (pair statistics, rollout curves).
 
     Map tasks fold their block's profiles (`add`); the driver merges the tasks' folds
     (`merge`), so it never handles individual token rows or whole profiles it drops.
