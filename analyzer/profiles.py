@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from analyzer.kernels import count_cells
-from analyzer.metrics.usage import softmax
+from analyzer.metrics.usage import router_confidence, softmax
 from capture_server.store import RoutingStore, open_store
 
 SCOPES = ("prompt", "generated", "cumulative", "last_token")
@@ -106,19 +106,16 @@ class BlockProfiles:
         return len(self.sequences)
 
     def _mean_confidence(self, logits: np.ndarray) -> np.ndarray:
-        """Per sequence and layer, the mean over its rows of the largest softmax
-        probability, 1 / sum(exp(z - max z)); NaN for sequences without logits."""
+        """Per sequence and layer, `router_confidence` over its rows (taken in slices of
+        CONFIDENCE_ROWS); NaN for sequences without logits."""
         out = np.full(self.prompt.shape[:2], np.nan)
         for i, row in enumerate(self.sequences):
             a = int(self._first[i])
             span = logits[a : a + row["num_rows"]]
             if not len(span) or np.isnan(span[0, 0, 0]):
                 continue
-            total = np.zeros(span.shape[1])
-            for j in range(0, len(span), CONFIDENCE_ROWS):
-                z = span[j : j + CONFIDENCE_ROWS].astype(np.float64)
-                total += (1 / np.exp(z - z.max(-1, keepdims=True)).sum(-1)).sum(0)
-            out[i] = total / len(span)
+            slices = [span[j : j + CONFIDENCE_ROWS] for j in range(0, len(span), CONFIDENCE_ROWS)]
+            out[i] = sum(router_confidence(z) * len(z) for z in slices) / len(span)
         return out
 
     def profile(self, i: int) -> SequenceProfile:
