@@ -3,14 +3,17 @@
 Work is split by the store's chunk-aligned blocks of whole sequences, so each task reads
 its rows once. A task folds its block's profiles (`reduce.StoreFold`) and returns the
 fold: sums, per-sequence table rows and whole profiles for a bounded sample only; the
-driver merges folds as they arrive. Ray joins the cluster named by ``RAY_ADDRESS`` (set
-under ``ray job submit``) and starts a local one otherwise.
+driver writes the table rows to disk and merges the rest as folds arrive. Ray joins the
+cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``) and starts a local one
+otherwise.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from analyzer import reduce
+from analyzer.parts import TableParts
 from analyzer.profiles import SequenceProfile, arrays_to_read, profile_block
 from capture_server.store import Block, RoutingStore, open_store
 
@@ -43,7 +47,7 @@ ANALYSES = {
 @dataclass
 class StoreResult:
     name: str
-    tables: dict[str, pl.DataFrame]
+    tables: dict[str, pl.DataFrame | pl.LazyFrame]  # lazy: read from parts on disk
     profiles: list[SequenceProfile]
 
 
@@ -96,14 +100,14 @@ def pair_sequences(index: pl.DataFrame, limit: int = PAIR_SEQUENCES) -> set[int]
     choose the same sequences, so their alignment keeps every pair."""
     if len(index) <= limit:
         return set(index["sequence_id"].to_list())
-    hashed = []
-    for row in index.select("sequence_id", "prompt_index", "sample_index", "labels").iter_rows(
-        named=True
-    ):
+
+    def hashed(row: dict) -> tuple[int, int]:
         labels = json.loads(row["labels"] or "{}")
         key = reduce.alignment_key(labels, row["prompt_index"], row["sample_index"])
-        hashed.append((zlib.crc32(repr(key).encode()), row["sequence_id"]))
-    return {sid for _, sid in sorted(hashed)[:limit]}
+        return zlib.crc32(repr(key).encode()), row["sequence_id"]
+
+    rows = index.select("sequence_id", "prompt_index", "sample_index", "labels")
+    return {sid for _, sid in heapq.nsmallest(limit, map(hashed, rows.iter_rows(named=True)))}
 
 
 def arrays_needed(analyses: list[str]) -> tuple[str, ...]:
@@ -189,35 +193,41 @@ def map_store(
     block_tokens: int | None,
     on_progress: Callable[[int, int], None],
     fold: reduce.StoreFold,
+    sequences: TableParts,
+    store: RoutingStore | None = None,
 ) -> reduce.StoreFold:
-    """Profile every committed sequence of one store with one Ray task per block and
-    merge the tasks' folds into `fold` as they arrive."""
+    """Profile every committed sequence of one store with one Ray task per block, write
+    each task's `sequences` table rows as part `sequences` (numbered by block) and merge
+    the rest of the tasks' folds into `fold` as they arrive."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     arrays = arrays_needed(analyses)
-    store = open_store(url)
+    store = store or open_store(url)
     plan = BlockPlan(store, block_tokens, fold.keep, arrays, cpus)
     task = ray.remote(fold_block)
     empty = reduce.StoreFold(fold.store, fold.params)
     created = store.attrs["created_at"]
-    todo = iter(plan.blocks)
-    pending: list = []
+    todo = iter(enumerate(plan.blocks))
+    pending: dict = {}  # task result -> block number
 
     def submit() -> None:
-        block = next(todo, None)
+        number, block = next(todo, (None, None))
         if block is not None:
             rows = plan.rows(block)
-            pending.append(task.remote(url, block.start, block.stop, rows, arrays, empty, created))
+            ref = task.remote(url, block.start, block.stop, rows, arrays, empty, created)
+            pending[ref] = number
 
     for _ in range(IN_FLIGHT_PER_CPU * cpus):
         submit()
     done = 0
     while pending:
-        ready, rest = ray.wait(pending, num_returns=1)
-        pending[:] = rest
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        number = pending.pop(ready)
         submit()  # keep every worker busy, with a bounded number of tasks in flight
-        fold.merge(ray.get(ready[0]))
+        part = ray.get(ready)
+        sequences.add(number, part.pop_sequence_table())
+        fold.merge(part)
         done += 1
         on_progress(done, len(plan.blocks))
     return fold
@@ -227,20 +237,24 @@ def analyse_store(
     url: str,
     analyses: list[str],
     params: reduce.Params,
+    parts: Path,
     block_tokens: int | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> StoreResult:
+    """One store's tables; the `sequences` table is left as parts under `parts`."""
     store = open_store(url)
     name = Path(url.rstrip("/")).name
     keep = curve_sequences(store.index) | pair_sequences(store.index)
-    fold = map_store(url, analyses, block_tokens, on_progress, reduce.StoreFold(name, params, keep))
+    fold = reduce.StoreFold(name, params, keep)
+    sequences = TableParts(parts)
+    fold = map_store(url, analyses, block_tokens, on_progress, fold, sequences, store)
     whole = fold.whole()  # pairs, curves and geometry use these; sums use every sequence
     k, e = int(store.model["top_k"]), int(store.model["num_experts"])
     tables: dict[str, pl.DataFrame] = {}
     if fold.usage is None:
         return StoreResult(name=name, tables=tables, profiles=[])
-    if "usage" in analyses or "rollout" in analyses:
-        tables["sequences"] = fold.sequence_table()
+    if ("usage" in analyses or "rollout" in analyses) and (lazy := sequences.scan()) is not None:
+        tables["sequences"] = lazy
     if "usage" in analyses:
         tables["usage"] = reduce.usage_table(name, fold.usage)
     if "rollout" in analyses:
@@ -290,11 +304,18 @@ def run(
     if unknown:
         raise ValueError(f"analyses: unknown {unknown}; expected some of {sorted(ANALYSES)}")
     init_ray(address=address)
+    parts = out / ".parts"  # tables that grow with the stores, until written whole
+    shutil.rmtree(parts, ignore_errors=True)  # left by an interrupted run
     results = [
         analyse_store(
-            url, analyses, params, block_tokens, lambda d, t, url=url: on_progress(url, d, t)
+            url,
+            analyses,
+            params,
+            parts / str(n),
+            block_tokens,
+            lambda d, t, url=url: on_progress(url, d, t),
         )
-        for url in stores
+        for n, url in enumerate(stores)
     ]
     if len({r.name for r in results}) < len(results):  # same last path component
         for r, url in zip(results, stores, strict=True):
@@ -306,9 +327,15 @@ def run(
     written = {}
     names = sorted({t for r in results for t in r.tables})
     for table in names:
-        frames = [r.tables[table] for r in results if table in r.tables and len(r.tables[table])]
+        frames = [
+            frame.lazy()
+            for r in results
+            if (frame := r.tables.get(table)) is not None
+            and (isinstance(frame, pl.LazyFrame) or len(frame))
+        ]
         if frames:
             path = out / f"{table}.parquet"
-            pl.concat(frames, how="diagonal_relaxed").write_parquet(path)
+            pl.concat(frames, how="diagonal_relaxed").sink_parquet(path)  # streams the parts
             written[table] = path
+    shutil.rmtree(parts, ignore_errors=True)
     return written

@@ -81,12 +81,13 @@ def _detach(p: SequenceProfile) -> SequenceProfile:
 
 class StoreFold:
     """One store's profiles folded into what the tables need, so that memory does not
-    grow with the store's tokens: usage sums and committee sums take every sequence,
-    each sequence leaves its table rows (a few hundred bytes), and whole profiles are
-    kept only for the `keep` set (pair statistics, rollout curves).
+    grow with the store: usage sums and committee sums take every sequence, each
+    sequence leaves its rows of the `sequences` table, and whole profiles are kept only
+    for the `keep` set (pair statistics, rollout curves).
 
-    Map tasks fold their block's profiles (`add`); the driver merges the tasks' folds
-    (`merge`), so it never handles individual token rows or whole profiles it drops.
+    Map tasks fold their block's profiles (`add`); the driver takes each task's table
+    rows out (`pop_sequence_table`, written to disk as they come) and merges the rest
+    (`merge`), so it never handles token rows, table rows or whole profiles it drops.
     """
 
     def __init__(self, store: str, params: Params, keep: set[int] | None = None) -> None:
@@ -96,16 +97,14 @@ class StoreFold:
         self.stats: list[dict[str, np.ndarray]] = []  # name -> (sequences, layers)
         self.profiles: list[SequenceProfile] = []
         self.committee = CommitteeSums()
-
-    @property
-    def num_sequences(self) -> int:
-        return sum(len(ids) for ids in self.ids)
+        self.num_sequences = 0
 
     def add(self, block: BlockProfiles) -> None:
         """Fold one block's profiles."""
         if not len(block):
             return
         rows = block.sequences
+        self.num_sequences += len(rows)
         self._add_usage(block.cumulative.sum(0, dtype=np.int64))
         self.ids.append(
             np.array(
@@ -140,6 +139,7 @@ class StoreFold:
         """Fold in another fold of the same store (a map task's result)."""
         if other.usage is not None:
             self._add_usage(other.usage)
+        self.num_sequences += other.num_sequences
         self.ids.extend(ids.copy() for ids in other.ids)
         self.stats.extend({k: v.copy() for k, v in s.items()} for s in other.stats)
         self.profiles.extend(_detach(p) for p in other.profiles)
@@ -152,8 +152,9 @@ class StoreFold:
         """The profiles kept whole, by sequence id."""
         return sorted(self.profiles, key=lambda p: p.sequence_id)
 
-    def sequence_table(self) -> pl.DataFrame:
-        """One row per sequence and layer."""
+    def pop_sequence_table(self) -> pl.DataFrame:
+        """The `sequences` table rows folded so far (one per sequence and layer, by
+        sequence), which the fold then forgets."""
         if not self.ids:
             return pl.DataFrame()
         ids = np.concatenate(self.ids)
@@ -172,6 +173,7 @@ class StoreFold:
                 },
             }
         )
+        self.ids, self.stats = [], []
         return table.with_columns(pl.col("confidence").fill_nan(None)).sort("sequence_id", "layer")
 
 

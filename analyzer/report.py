@@ -106,7 +106,8 @@ def plot_triangle(tri: pl.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def _table_html(frame: pl.DataFrame, limit: int = 30) -> str:
+def _table_html(frame: pl.DataFrame, rows: int, limit: int = 30) -> str:
+    """The first `limit` rows of a table of `rows` rows."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
     body = []
     for row in frame.head(limit).iter_rows():
@@ -115,15 +116,15 @@ def _table_html(frame: pl.DataFrame, limit: int = 30) -> str:
             text = f"{v:.4g}" if isinstance(v, float) else str(v)
             cells.append(f"<td>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    more = (
-        f"<p>{len(frame) - limit} more rows in the parquet file.</p>" if len(frame) > limit else ""
-    )
+    more = f"<p>{rows - limit} more rows in the parquet file.</p>" if rows > limit else ""
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
 def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[str]) -> Path:
-    """Plots for the tables present and one HTML page linking everything."""
-    frames = {name: pl.read_parquet(path) for name, path in tables.items()}
+    """Plots for the tables present and one HTML page linking everything. Plotted tables
+    are bounded in size; the others (per sequence) are only previewed, never loaded."""
+    plotted = ("usage", "rollout_curve", "conditions", "committee", "triangle")
+    frames = {name: pl.read_parquet(path) for name, path in tables.items() if name in plotted}
     plots: list[Path] = []
     if "usage" in frames:
         plots += plot_usage_heatmaps(frames["usage"], out)
@@ -150,11 +151,13 @@ def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[
     for name, path in tables.items():
         if name == "triangle":
             continue  # plotted; the pairs themselves are in the parquet file
-        frame = frames[name]
+        scan = pl.scan_parquet(path)
+        rows = scan.select(pl.len()).collect().item()
+        frame = frames[name] if name in frames else scan.head(30).collect()
         if name == "committee":
             frame = frame.with_columns(pl.col("members").cast(pl.List(pl.String)).list.join(","))
         sections.append(f'<h3>{name} (<a href="{path.name}">{path.name}</a>)</h3>')
-        sections.append(_table_html(frame))
+        sections.append(_table_html(frame, rows))
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"

@@ -14,6 +14,7 @@ needs from memory, and peak memory for the store and a store half its size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -22,9 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from analyzer.parts import TableParts
 
 # -- defaults ---------------------------------------------------------------------------
 L, E, K = 16, 64, 8  # OLMoE-shaped routing: 16 MoE layers, 64 experts, top-8
@@ -76,7 +80,7 @@ def build_store(path: str, tokens: int) -> None:
     writer.close()
 
 
-def single_process(path: str, analyses: list[str]) -> int:
+def single_process(path: str, analyses: list[str], parts: TableParts) -> int:
     """The map step without Ray: every block profiled and folded in this process."""
     from analyzer.pipeline import BlockPlan, arrays_needed, fold_block
     from analyzer.reduce import Params, StoreFold
@@ -86,12 +90,21 @@ def single_process(path: str, analyses: list[str]) -> int:
     arrays = arrays_needed(analyses)
     store = open_store(path)
     plan = BlockPlan(store, None, fold.keep, arrays)
-    for block in plan.blocks:
+    for number, block in enumerate(plan.blocks):
         empty = StoreFold("bench", Params())
         created = store.attrs["created_at"]
         rows = plan.rows(block)
-        fold.merge(fold_block(path, block.start, block.stop, rows, arrays, empty, created))
+        part = fold_block(path, block.start, block.stop, rows, arrays, empty, created)
+        parts.add(number, part.pop_sequence_table())
+        fold.merge(part)
     return fold.num_sequences
+
+
+@contextlib.contextmanager
+def table_parts() -> Iterator[TableParts]:
+    """Where a pass writes its `sequences` table parts, as the analyzer does."""
+    with tempfile.TemporaryDirectory() as scratch:
+        yield TableParts(Path(scratch))
 
 
 def numpy_count_cells(
@@ -142,7 +155,8 @@ def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[flo
         for _ in range(REPEATS):
             c0, t0 = ray_workers_cpu_seconds(), time.perf_counter()
             fold = StoreFold("bench", Params(), keep=set())  # sums and table rows only
-            n = map_store(path, analyses, None, lambda done, total: None, fold).num_sequences
+            with table_parts() as parts:
+                n = map_store(path, analyses, None, lambda d, t: None, fold, parts).num_sequences
             seconds.append(time.perf_counter() - t0)
             cpu.append(ray_workers_cpu_seconds() - c0)
         return n, seconds, cpu
@@ -236,7 +250,8 @@ def child(mode: str, workload: str, path: str) -> dict[str, float]:
         seconds, cpu = [], []
         for _ in range(REPEATS):
             c0, t0 = time.process_time(), time.perf_counter()
-            n = single_process(path, WORKLOADS[workload])
+            with table_parts() as parts:
+                n = single_process(path, WORKLOADS[workload], parts)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     else:

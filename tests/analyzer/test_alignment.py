@@ -124,10 +124,11 @@ def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
     np.testing.assert_array_equal(fold.whole()[1].scope_counts["generated"], [USAGE[3]])
     # only sequence 0 has a domain: the committee sums hold its last token alone
     assert list(fold.committee.sums) == ["math"] and int(fold.committee.sums["math"]["n"]) == 1
-    table = fold.sequence_table()
+    table = fold.pop_sequence_table()
     assert table["sequence_id"].to_list() == [0, 1, 2, 3]
     assert table["confidence"].null_count() == 4  # no logits: null, not NaN
     assert table["prompt_vs_rollout_jaccard"].to_list() == pytest.approx([1.0] * 4)
+    assert fold.pop_sequence_table().is_empty() and fold.num_sequences == 4
     assert table["prompt_vs_rollout_cosine"].to_list() == pytest.approx([1.0] * 4)
 
 

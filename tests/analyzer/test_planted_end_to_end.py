@@ -47,11 +47,27 @@ def planted_store(specimen, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def analysis(planted_store, tmp_path_factory):
+def analysis_out(planted_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
     params = reduce.Params(committee_variant="softmax")
-    tables = pipeline.run([planted_store], list(pipeline.ANALYSES), out, params, block_tokens=128)
-    return {name: pl.read_parquet(path) for name, path in tables.items()}
+    pipeline.run([planted_store], list(pipeline.ANALYSES), out, params, block_tokens=128)
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysis(analysis_out):
+    return {path.stem: pl.read_parquet(path) for path in analysis_out.glob("*.parquet")}
+
+
+def test_sequence_table_rows_arrive_in_parts_and_leave_one_file(planted_store, analysis_out):
+    """Blocks of 128 tokens: several map tasks, each writing its part of the table."""
+    from capture_server.store import open_store
+
+    table = pl.read_parquet(analysis_out / "sequences.parquet")
+    ids = sorted(open_store(planted_store).index["sequence_id"].to_list())
+    assert table["sequence_id"].to_list() == [sid for sid in ids for _ in range(4)]
+    assert table["layer"].to_list() == [0, 1, 2, 3] * len(ids)
+    assert not (analysis_out / ".parts").exists()
 
 
 def test_the_driver_never_loads_the_compiled_kernel(analysis):
