@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import polars as pl
+
+
+def encode(frame: pl.DataFrame) -> bytes:
+    """`frame` as parquet bytes (empty for an empty frame): map tasks encode their part of
+    a table, so the driver only writes bytes."""
+    if not len(frame):
+        return b""
+    out = io.BytesIO()
+    frame.write_parquet(out)
+    return out.getvalue()
 
 
 class TableParts:
@@ -15,10 +26,11 @@ class TableParts:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def add(self, number: int, frame: pl.DataFrame) -> None:
-        if len(frame):
+    def add(self, number: int, parquet: bytes) -> None:
+        """Part `number`, as `encode` made it."""
+        if parquet:
             self.directory.mkdir(parents=True, exist_ok=True)
-            frame.write_parquet(self.directory / f"part-{number:08d}.parquet")
+            (self.directory / f"part-{number:08d}.parquet").write_bytes(parquet)
 
     def scan(self) -> pl.LazyFrame | None:
         """Every part, in part order; None before the first part."""

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analyzer import reduce
-from analyzer.parts import TableParts
+from analyzer import parts, reduce
 from analyzer.profiles import SequenceProfile, arrays_to_read, profile_block
 from capture_server.store import Block, RoutingStore, open_store
 
@@ -132,13 +131,14 @@ def fold_block(
     arrays: tuple[str, ...],
     fold: reduce.StoreFold,
     created_at: float | None = None,
-) -> reduce.StoreFold:
+) -> tuple[reduce.StoreFold, bytes]:
     """Map task: profile one block and fold its profiles into the empty `fold`, keeping
     whole only the sequences marked ``keep``, so that a task returns a few KB per
-    sequence whatever the block's size."""
+    sequence whatever the block's size. Returns the fold and the block's rows of the
+    `sequences` table as parquet (encoded here, in parallel, rather than by the driver)."""
     fold.keep = {row["sequence_id"] for row in sequences if row["keep"]}
     fold.add(profile_block(url, start, stop, sequences, arrays, created_at))
-    return fold
+    return fold, parts.encode(fold.pop_sequence_table())
 
 
 class BlockPlan:
@@ -180,7 +180,11 @@ class BlockPlan:
         self._keep = keep
 
     def rows(self, block: Block) -> list[dict]:
-        rows = self._index[np.searchsorted(self._ids, block.sequence_ids)].to_dicts()
+        at = np.searchsorted(self._ids, block.sequence_ids)
+        if len(at) and np.array_equal(at, np.arange(at[0], at[0] + len(at))):
+            rows = self._index.slice(int(at[0]), len(at)).to_dicts()  # the usual case
+        else:
+            rows = self._index[at].to_dicts()
         for row in rows:
             row["curve"] = row["sequence_id"] in self._curve
             row["keep"] = self._keep is None or row["sequence_id"] in self._keep
@@ -193,12 +197,12 @@ def map_store(
     block_tokens: int | None,
     on_progress: Callable[[int, int], None],
     fold: reduce.StoreFold,
-    sequences: TableParts,
+    sequences: parts.TableParts,
     store: RoutingStore | None = None,
 ) -> reduce.StoreFold:
     """Profile every committed sequence of one store with one Ray task per block, write
-    each task's `sequences` table rows as part `sequences` (numbered by block) and merge
-    the rest of the tasks' folds into `fold` as they arrive."""
+    each task's `sequences` table rows as a part of `sequences` (numbered by block) and
+    merge the tasks' folds into `fold` as they arrive."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -225,9 +229,9 @@ def map_store(
         [ready], _ = ray.wait(list(pending), num_returns=1)
         number = pending.pop(ready)
         submit()  # keep every worker busy, with a bounded number of tasks in flight
-        part = ray.get(ready)
-        sequences.add(number, part.pop_sequence_table())
-        fold.merge(part)
+        block_fold, block_rows = ray.get(ready)
+        sequences.add(number, block_rows)
+        fold.merge(block_fold)
         done += 1
         on_progress(done, len(plan.blocks))
     return fold
@@ -237,16 +241,16 @@ def analyse_store(
     url: str,
     analyses: list[str],
     params: reduce.Params,
-    parts: Path,
+    part_dir: Path,
     block_tokens: int | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> StoreResult:
-    """One store's tables; the `sequences` table is left as parts under `parts`."""
+    """One store's tables; the `sequences` table is left as parts under `part_dir`."""
     store = open_store(url)
     name = Path(url.rstrip("/")).name
     keep = curve_sequences(store.index) | pair_sequences(store.index)
     fold = reduce.StoreFold(name, params, keep)
-    sequences = TableParts(parts)
+    sequences = parts.TableParts(part_dir)
     fold = map_store(url, analyses, block_tokens, on_progress, fold, sequences, store)
     whole = fold.whole()  # pairs, curves and geometry use these; sums use every sequence
     k, e = int(store.model["top_k"]), int(store.model["num_experts"])
@@ -304,14 +308,14 @@ def run(
     if unknown:
         raise ValueError(f"analyses: unknown {unknown}; expected some of {sorted(ANALYSES)}")
     init_ray(address=address)
-    parts = out / ".parts"  # tables that grow with the stores, until written whole
-    shutil.rmtree(parts, ignore_errors=True)  # left by an interrupted run
+    part_root = out / ".parts"  # tables that grow with the stores, until written whole
+    shutil.rmtree(part_root, ignore_errors=True)  # left by an interrupted run
     results = [
         analyse_store(
             url,
             analyses,
             params,
-            parts / str(n),
+            part_root / str(n),
             block_tokens,
             lambda d, t, url=url: on_progress(url, d, t),
         )
@@ -337,5 +341,5 @@ def run(
             path = out / f"{table}.parquet"
             pl.concat(frames, how="diagonal_relaxed").sink_parquet(path)  # streams the parts
             written[table] = path
-    shutil.rmtree(parts, ignore_errors=True)
+    shutil.rmtree(part_root, ignore_errors=True)
     return written

@@ -94,9 +94,11 @@ def single_process(path: str, analyses: list[str], parts: TableParts) -> int:
         empty = StoreFold("bench", Params())
         created = store.attrs["created_at"]
         rows = plan.rows(block)
-        part = fold_block(path, block.start, block.stop, rows, arrays, empty, created)
-        parts.add(number, part.pop_sequence_table())
-        fold.merge(part)
+        block_fold, block_rows = fold_block(
+            path, block.start, block.stop, rows, arrays, empty, created
+        )
+        parts.add(number, block_rows)
+        fold.merge(block_fold)
     return fold.num_sequences
 
 
@@ -140,9 +142,11 @@ def ray_workers_cpu_seconds() -> float:
     return total
 
 
-def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[float], list[float]]:
-    """Sequences, and seconds and worker CPU seconds of each pass; Ray start-up excluded
-    (workers are warmed up first)."""
+def ray_run(
+    path: str, analyses: list[str], workers: int
+) -> tuple[int, list[float], list[float], list[float]]:
+    """Sequences, and seconds, worker CPU seconds and driver CPU seconds of each pass;
+    Ray start-up excluded (workers are warmed up first)."""
     import ray
 
     from analyzer.pipeline import init_ray, map_store
@@ -151,15 +155,16 @@ def ray_run(path: str, analyses: list[str], workers: int) -> tuple[int, list[flo
     init_ray(num_cpus=workers)
     try:
         ray.get([ray.remote(warm_up).remote() for _ in range(workers * 4)])
-        seconds, cpu = [], []
+        seconds, cpu, driver = [], [], []
         for _ in range(REPEATS):
-            c0, t0 = ray_workers_cpu_seconds(), time.perf_counter()
+            c0, d0, t0 = ray_workers_cpu_seconds(), time.process_time(), time.perf_counter()
             fold = StoreFold("bench", Params(), keep=set())  # sums and table rows only
             with table_parts() as parts:
                 n = map_store(path, analyses, None, lambda d, t: None, fold, parts).num_sequences
             seconds.append(time.perf_counter() - t0)
             cpu.append(ray_workers_cpu_seconds() - c0)
-        return n, seconds, cpu
+            driver.append(time.process_time() - d0)
+        return n, seconds, cpu, driver
     finally:
         ray.shutdown()
 
@@ -254,12 +259,14 @@ def child(mode: str, workload: str, path: str) -> dict[str, float]:
                 n = single_process(path, WORKLOADS[workload], parts)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+        driver = cpu
     else:
-        n, seconds, cpu = ray_run(path, WORKLOADS[workload], int(mode[-1]))
+        n, seconds, cpu, driver = ray_run(path, WORKLOADS[workload], int(mode[-1]))
     stop.set()
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
+        "driver_cpu_seconds": driver,
         "sequences": n,
         "peak_mb": max(peak[0], rss_tree_mb()),
         "driver_peak_mb": driver_peak_mb(),
@@ -303,12 +310,16 @@ def measure(scratch: str, tokens: int) -> dict:
     records = tokens // SEQ_ROWS * SEQ_ROWS * L
     rates: dict[str, dict[str, float]] = {}
     cpu_rates: dict[str, dict[str, float]] = {}  # records per CPU second of the workers
+    driver_share: dict[str, dict[str, float]] = {}  # driver CPU seconds per wall second
     for workload in WORKLOADS:
         for mode in ("numpy", "single", "ray1", "ray2"):
             r = run_child(env, mode, workload, full)
             best = int(np.argmin(r["seconds"]))
             rates.setdefault(workload, {})[mode] = records / r["seconds"][best]
             cpu_rates.setdefault(workload, {})[mode] = records / r["cpu_seconds"][best]
+            driver_share.setdefault(workload, {})[mode] = (
+                r["driver_cpu_seconds"][best] / r["seconds"][best]
+            )
             print(
                 f"{workload:4s} {mode:6s} {rates[workload][mode] / 1e6:7.1f} M records/s  "
                 f"driver {r['driver_peak_mb']:.0f} MB, all processes {r['peak_mb']:.0f} MB",
@@ -330,6 +341,10 @@ def measure(scratch: str, tokens: int) -> dict:
         "speedup_ray2_over_ray1": {w: round(r["ray2"] / r["ray1"], 2) for w, r in rates.items()},
         "records_per_worker_cpu_second": {
             w: {m: round(v) for m, v in r.items()} for w, r in cpu_rates.items()
+        },
+        "driver_cpu_share": {
+            w: {m: round(v, 2) for m, v in r.items() if m.startswith("ray")}
+            for w, r in driver_share.items()
         },
         "one_core_records_per_s": {k: round(v) for k, v in parts.items()},
         "stream_GB_per_s": round(stream / 1e9, 1),

@@ -80,10 +80,8 @@ def read_index_parts(store: Any, prefix: str = INDEX_PREFIX) -> pl.DataFrame | N
     from capture_server.errors import StoreCorruptError
 
     frames = []
-    for key in _raw.list_keys(store, prefix):
-        if not key.endswith(".parquet"):
-            continue  # a temporary file left by a crash mid-write
-        data = _raw.get_bytes(store, key)
+    keys = [k for k in _raw.list_keys(store, prefix) if k.endswith(".parquet")]  # not temp files
+    for key, data in zip(keys, _raw.get_many(store, keys), strict=True):
         try:
             frames.append(pl.read_parquet(io.BytesIO(data or b"")))
         except Exception as exc:
