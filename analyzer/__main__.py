@@ -35,7 +35,9 @@ def run(
         "frequency_weight", help="Contribution index: softmax, frequency or frequency_weight."
     ),
     max_pairs: int = typer.Option(20000, help="Sequence pairs sampled per store."),
-    block_tokens: int = typer.Option(0, help="Token rows per Ray task (0: 16 chunks)."),
+    block_tokens: int = typer.Option(
+        0, help="Token rows per Ray task (0: from the store's chunks, at most 4 per task)."
+    ),
     address: str = typer.Option(
         None, help="Ray cluster to join ('auto' on a cluster node); default RAY_ADDRESS or local."
     ),

@@ -14,7 +14,16 @@ import polars as pl
 from analyzer.metrics import committee as cm
 from analyzer.metrics import usage as um
 from analyzer.metrics.baselines import random_routing
-from analyzer.profiles import CHECKPOINTS, BlockProfiles, SequenceProfile, counts, token_counts
+from analyzer.profiles import (
+    CHECKPOINTS,
+    SCOPES,
+    BlockProfiles,
+    SequenceProfile,
+    counts,
+    token_counts,
+)
+
+COMMITTEE_VARIANTS = ("softmax", "frequency", "frequency_weight")  # contribution indices
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,26 @@ class Params:
     coverage_denominator: str = "topk_table"  # topk_table | all_experts
     retention_ks: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)  # audit k sweep (paper (b) B7)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse bad parameters before any work, naming the parameter."""
+        choices = {
+            "scope": SCOPES,
+            "committee_variant": COMMITTEE_VARIANTS,
+            "coverage_denominator": ("topk_table", "all_experts"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        for name in ("top_p", "gamma"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected a value in (0, 1], got {getattr(self, name)}")
+        if self.max_pairs < 1:
+            raise ValueError(f"max_pairs: expected at least 1, got {self.max_pairs}")
+        if not self.retention_ks or min(self.retention_ks) < 1:
+            raise ValueError(f"retention_ks: expected positive integers, got {self.retention_ks}")
 
 
 def _freq(c: np.ndarray) -> np.ndarray:
