@@ -197,12 +197,12 @@ def map_store(
     block_tokens: int | None,
     on_progress: Callable[[int, int], None],
     fold: reduce.StoreFold,
-    sequences: parts.TableParts,
+    table_parts: parts.TableParts,
     store: RoutingStore | None = None,
 ) -> reduce.StoreFold:
     """Profile every committed sequence of one store with one Ray task per block, write
-    each task's `sequences` table rows as a part of `sequences` (numbered by block) and
-    merge the tasks' folds into `fold` as they arrive."""
+    each task's rows of the `sequences` table as a part of `table_parts` (numbered by
+    block) and merge the tasks' folds into `fold` as they arrive."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -230,7 +230,7 @@ def map_store(
         number = pending.pop(ready)
         submit()  # keep every worker busy, with a bounded number of tasks in flight
         block_fold, block_rows = ray.get(ready)
-        sequences.add(number, block_rows)
+        table_parts.add(number, block_rows)
         fold.merge(block_fold)
         done += 1
         on_progress(done, len(plan.blocks))
@@ -250,14 +250,14 @@ def analyse_store(
     name = Path(url.rstrip("/")).name
     keep = curve_sequences(store.index) | pair_sequences(store.index)
     fold = reduce.StoreFold(name, params, keep)
-    sequences = parts.TableParts(part_dir)
-    fold = map_store(url, analyses, block_tokens, on_progress, fold, sequences, store)
+    table_parts = parts.TableParts(part_dir)
+    fold = map_store(url, analyses, block_tokens, on_progress, fold, table_parts, store)
     whole = fold.whole()  # pairs, curves and geometry use these; sums use every sequence
     k, e = int(store.model["top_k"]), int(store.model["num_experts"])
-    tables: dict[str, pl.DataFrame] = {}
+    tables: dict[str, pl.DataFrame | pl.LazyFrame] = {}
     if fold.usage is None:
         return StoreResult(name=name, tables=tables, profiles=[])
-    if ("usage" in analyses or "rollout" in analyses) and (lazy := sequences.scan()) is not None:
+    if ("usage" in analyses or "rollout" in analyses) and (lazy := table_parts.scan()) is not None:
         tables["sequences"] = lazy
     if "usage" in analyses:
         tables["usage"] = reduce.usage_table(name, fold.usage)
