@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="Samples per prompt.")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    shutil.rmtree(out / "data", ignore_errors=True)  # a rerun starts fresh
+    for stale in ("data", "analysis"):  # a rerun starts fresh
+        shutil.rmtree(out / stale, ignore_errors=True)
 
     from capture_server.specimens import build_specimen
 
