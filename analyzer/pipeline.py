@@ -137,6 +137,7 @@ def fold_block(
     sequence whatever the block's size. Returns the fold and the block's rows of the
     `sequences` table as parquet (encoded here, in parallel, rather than by the driver)."""
     fold.keep = {row["sequence_id"] for row in sequences if row["keep"]}
+    fold.compiled = True  # profiling loads the compiled loops: statistics use them too
     fold.add(profile_block(url, start, stop, sequences, arrays, created_at))
     return fold, parts.encode(fold.pop_sequence_table())
 

@@ -59,8 +59,8 @@ class Params:
 
 
 def _freq(c: np.ndarray) -> np.ndarray:
-    total = c.sum(-1, keepdims=True)
-    return np.divide(c, total, out=np.zeros(c.shape), where=total > 0)
+    """Counts (non-negative) normalised along the last axis; zeros stay zeros."""
+    return c / np.maximum(c.sum(-1, keepdims=True), 1)
 
 
 def usage_table(store: str, total: np.ndarray) -> pl.DataFrame:
@@ -78,12 +78,22 @@ def usage_table(store: str, total: np.ndarray) -> pl.DataFrame:
     ).with_columns(pl.col("layer").cast(pl.Int32), pl.col("expert").cast(pl.Int32))
 
 
-def sequence_stats(block: BlockProfiles, params: Params) -> dict[str, np.ndarray]:
+def sequence_stats(
+    block: BlockProfiles, params: Params, compiled: bool = False
+) -> dict[str, np.ndarray]:
     """Per sequence and layer of a block, (sequences, layers) each: load entropy, router
-    confidence (NaN without logits), prompt-vs-rollout usage cosine and top-p Jaccard."""
-    f_all = _freq(block.cumulative.astype(np.float64))
-    f_prompt = _freq(block.prompt.astype(np.float64))
-    f_gen = _freq((block.cumulative - block.prompt).astype(np.float64))
+    confidence (NaN without logits), prompt-vs-rollout usage cosine and top-p Jaccard.
+
+    `compiled`: the same statistics in one compiled pass (`kernels.usage_stats`), for
+    processes that have loaded the compiled loops anyway (map tasks)."""
+    if compiled:
+        from analyzer.kernels import usage_stats
+
+        usage = usage_stats(block.cumulative, block.prompt, params.top_p)
+        return {"entropy": usage.pop("entropy"), "confidence": block.confidence, **usage}
+    f_all = _freq(block.cumulative)
+    f_prompt = _freq(block.prompt)
+    f_gen = _freq(block.cumulative - block.prompt)
     return {
         "entropy": um.load_entropy(f_all),
         "confidence": block.confidence,
@@ -121,6 +131,7 @@ class StoreFold:
 
     def __init__(self, store: str, params: Params, keep: set[int] | None = None) -> None:
         self.store, self.params, self.keep = store, params, keep
+        self.compiled = False  # per-sequence statistics by the compiled loop (map tasks)
         self.usage: np.ndarray | None = None
         self.ids: list[np.ndarray] = []  # (sequences, 4): sequence, prompt, sample, rows
         self.stats: list[dict[str, np.ndarray]] = []  # name -> (sequences, layers)
@@ -144,7 +155,7 @@ class StoreFold:
                 dtype=np.int64,
             )
         )
-        self.stats.append(sequence_stats(block, self.params))
+        self.stats.append(sequence_stats(block, self.params, self.compiled))
         self.profiles.extend(
             block.profile(i)
             for i, r in enumerate(rows)
