@@ -205,13 +205,14 @@ def breakdown(path: str) -> dict[str, float]:
     profile = rate(lambda job: profile_rows(*job, E), jobs)
     profiles = [profile_rows(*job, E) for job in jobs]
 
-    def fold(block_profiles) -> None:
-        """As a map task folds: per-sequence statistics by the compiled loop."""
+    def fold(block_profiles, compiled: bool = True) -> None:
+        """As a map task folds: per-sequence statistics by the compiled loop (or numpy)."""
         folded = StoreFold("bench", Params(), set())
-        folded.compiled = True
+        folded.compiled = compiled
         folded.add(block_profiles)
 
     stats = rate(fold, profiles)
+    stats_numpy = rate(lambda p: fold(p, compiled=False), profiles)
 
     cells = [np.zeros(len(rows["topk_ids"]), np.int64) for rows in data]  # one cell
     inputs = [(rows["topk_ids"], c) for rows, c in zip(data, cells, strict=True)]
@@ -221,7 +222,8 @@ def breakdown(path: str) -> dict[str, float]:
         "read ids + positions": read_ids,
         "read weights": read_weights,
         "profile_rows (counting and profiles)": profile,
-        "sequence statistics (fold)": stats,
+        "sequence statistics (fold), compiled": stats,
+        "sequence statistics (fold), numpy": stats_numpy,
         "counting alone, compiled loop": loop,
         "counting alone, numpy bincount": bincount,
     }
