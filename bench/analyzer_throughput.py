@@ -294,6 +294,17 @@ def stream_bytes_per_s() -> float:
     return 5 * a.nbytes / (time.perf_counter() - t0)
 
 
+def cache_store(path: str) -> None:
+    """Read every file of the store once, so that each measurement starts with the
+    store in the page cache (this machine's memory manager evicts pages left cold for a
+    few minutes, and a mode would otherwise pay for disk reads its predecessor did not)."""
+    for file in Path(path).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def run_child(env: dict[str, str], *args: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", *args],
@@ -322,6 +333,7 @@ def measure(scratch: str, tokens: int) -> dict:
     driver_share: dict[str, dict[str, float]] = {}  # driver CPU seconds per wall second
     for workload in WORKLOADS:
         for mode in ("numpy", "single", "ray1", "ray2"):
+            cache_store(full)
             r = run_child(env, mode, workload, full)
             best = int(np.argmin(r["seconds"]))
             rates.setdefault(workload, {})[mode] = records / r["seconds"][best]
@@ -335,9 +347,10 @@ def measure(scratch: str, tokens: int) -> dict:
                 file=sys.stderr,
             )
     memory = {
-        name: run_child(env, "ray2", "all", path)
+        name: cache_store(path) or run_child(env, "ray2", "all", path)
         for name, path in (("store", full), ("half store", half))
     }
+    cache_store(full)
     parts = run_child(env, "breakdown", "all", full)
     stream = stream_bytes_per_s()
     bounds = {w: stream / b for w, b in BYTES_PER_RECORD.items()}
