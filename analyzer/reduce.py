@@ -42,7 +42,7 @@ class Params:
         choices = {
             "scope": SCOPES,
             "committee_variant": COMMITTEE_VARIANTS,
-            "coverage_denominator": ("topk_table", "all_experts"),
+            "coverage_denominator": cm.DENOMINATORS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

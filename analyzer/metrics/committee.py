@@ -15,6 +15,7 @@ import numpy as np
 from analyzer.metrics.usage import softmax
 
 GAMMA = 0.8  # presence threshold: present in >= ceil(0.8 |T|) domains (official code)
+DENOMINATORS = ("topk_table", "all_experts")  # coverage: mass of the top-k table, or all
 
 
 def eci_softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,7 +109,7 @@ def coverage_of(
         cbar = c.mean(0)
         denom = cbar.sum()
     else:
-        raise ValueError(f"denominator: expected topk_table or all_experts, got {denominator!r}")
+        raise ValueError(f"denominator: expected one of {list(DENOMINATORS)}, got {denominator!r}")
     return float(cbar[members].sum() / denom) if denom > 0 else 0.0
 
 
