@@ -96,6 +96,7 @@ def _usage_stats_loop() -> Callable[..., None]:
     def stats_loop(
         cumulative: np.ndarray,
         prompt: np.ndarray,
+        gen: np.ndarray,
         prompt_sorted: np.ndarray,
         gen_sorted: np.ndarray,
         p: float,
@@ -104,7 +105,6 @@ def _usage_stats_loop() -> Callable[..., None]:
         jaccard: np.ndarray,
     ) -> None:
         sequences, layers, e = cumulative.shape
-        gen = np.empty(e, cumulative.dtype)
         in_prompt, in_gen = np.empty(e, np.bool_), np.empty(e, np.bool_)
         for s in range(sequences):
             for layer in range(layers):
@@ -115,10 +115,9 @@ def _usage_stats_loop() -> Callable[..., None]:
                 t_gen = t_all - t_prompt
                 h, dot, n_prompt, n_gen = 0.0, 0.0, 0.0, 0.0
                 for x in range(e):
-                    gen[x] = cumulative[s, layer, x] - prompt[s, layer, x]
                     f_all = cumulative[s, layer, x] / max(t_all, 1)
                     f_prompt = prompt[s, layer, x] / max(t_prompt, 1)
-                    f_gen = gen[x] / max(t_gen, 1)
+                    f_gen = gen[s, layer, x] / max(t_gen, 1)
                     if f_all > 0:
                         h -= f_all * np.log(f_all)
                     dot += f_prompt * f_gen
@@ -128,7 +127,7 @@ def _usage_stats_loop() -> Callable[..., None]:
                 den = np.sqrt(n_prompt) * np.sqrt(n_gen)
                 cosine[s, layer] = dot / den if den > 0 else 0.0
                 top_p_members(prompt[s, layer], prompt_sorted[s, layer], t_prompt, p, in_prompt)
-                top_p_members(gen, gen_sorted[s, layer], t_gen, p, in_gen)
+                top_p_members(gen[s, layer], gen_sorted[s, layer], t_gen, p, in_gen)
                 inter, union = 0, 0
                 for x in range(e):
                     inter += in_prompt[x] and in_gen[x]
@@ -147,13 +146,15 @@ def usage_stats(cumulative: np.ndarray, prompt: np.ndarray, top_p: float) -> dic
     layers) float64."""
     cumulative = np.ascontiguousarray(cumulative, dtype=np.int64)
     prompt = np.ascontiguousarray(prompt, dtype=np.int64)
+    gen = cumulative - prompt
     shape = cumulative.shape[:2]
     entropy, cosine, jaccard = np.empty(shape), np.empty(shape), np.empty(shape)
     _usage_stats_loop()(
         cumulative,
         prompt,
+        gen,
         np.sort(prompt, axis=-1),
-        np.sort(cumulative - prompt, axis=-1),
+        np.sort(gen, axis=-1),
         float(top_p),
         entropy,
         cosine,

@@ -25,11 +25,6 @@ def make_store(path_or_url: str | Path, *, read_only: bool = False) -> Store:
     return LocalStore(text.removeprefix("file://"), read_only=read_only)
 
 
-def get_bytes(store: Store, key: str) -> bytes | None:
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
-
-
 def get_many(store: Store, keys: list[str]) -> list[bytes | None]:
     """Several objects fetched concurrently (one round trip to zarr's event loop)."""
     import asyncio
