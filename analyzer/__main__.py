@@ -44,23 +44,24 @@ def run(
     list_analyses: bool = typer.Option(False, "--list", help="Describe each analysis and exit."),
 ) -> None:
     """Analyse stores and write tables, plots and an HTML report."""
-    from analyzer.pipeline import ANALYSES
+    from analyzer.registry import ANALYSES
 
     if list_analyses:
-        for name, text in ANALYSES.items():
-            typer.echo(f"{name:10s} {text}")
+        for name, analysis in ANALYSES.items():
+            typer.echo(f"{name:10s} {analysis.description}")
         return
     if not stores:
         typer.echo("UsageError: give at least one store", err=True)
         raise typer.Exit(1)
     from rich.progress import Progress
 
-    from analyzer import pipeline, reduce
+    from analyzer import pipeline, registry
+    from analyzer.params import Params
     from analyzer.report import write_report
     from capture_server.errors import MoetraceError
 
     try:
-        params = reduce.Params(
+        params = Params(
             top_p=top_p, scope=scope, max_pairs=max_pairs, committee_variant=committee_variant
         )
         chosen = [a.strip() for a in analyses.split(",") if a.strip()]
@@ -75,7 +76,8 @@ def run(
             tables = pipeline.run(
                 stores, chosen, out, params, block_tokens or None, on_progress, address
             )
-        report = write_report(out, tables, {**asdict(params), "analyses": chosen}, stores)
+        plots = registry.plots(registry.chosen(chosen))
+        report = write_report(out, tables, {**asdict(params), "analyses": chosen}, stores, plots)
     except (MoetraceError, ValueError, OSError) as exc:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         typer.echo(f"{type(exc).__name__}: {exc}", err=True)

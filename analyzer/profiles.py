@@ -17,7 +17,8 @@ import numpy as np
 
 from analyzer.kernels import count_cells
 from analyzer.metrics.usage import router_confidence, softmax
-from capture_server.store import RoutingStore, open_store
+from analyzer.reads import read_block
+from capture_server import protocol
 
 SCOPES = ("prompt", "generated", "cumulative", "last_token")
 CHECKPOINTS = (0, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # rollout tokens after the prompt
@@ -91,13 +92,13 @@ class BlockProfiles:
         # the last prompt token (the committee audit's input)
         self.has_last = prompt_rows > 0
         last_row = np.maximum(first + prompt_rows - 1, 0)
-        ids = rows["topk_ids"]
+        ids = rows[protocol.TOPK_IDS]
         self.last_ids = np.where(self.has_last[:, None, None], ids[last_row], 0)  # (S, L, k)
-        weights = rows.get("topk_weights")
+        weights = rows.get(protocol.TOPK_WEIGHTS)
         self.last_weights = None if weights is None else weights[last_row].astype(np.float64)
         self.last_probs: np.ndarray | None = None  # (S, L, E), NaN where not captured
         self.confidence = np.full(self.prompt.shape[:2], np.nan)  # (S, L) mean max-softmax
-        logits = rows.get("router_logits")
+        logits = rows.get(protocol.ROUTER_LOGITS)
         if logits is not None and len(ids):
             self.last_probs = softmax(logits[last_row].astype(np.float64))
             self.confidence = self._mean_confidence(logits)
@@ -153,7 +154,9 @@ class BlockProfiles:
         if not np.isnan(self.confidence[i]).any():
             profile.confidence = self.confidence[i].copy()
         hidden = {
-            int(k.rsplit("_", 1)[1]): v for k, v in self._rows.items() if k.startswith("hidden")
+            layer: v
+            for k, v in self._rows.items()
+            if (layer := protocol.hidden_layer_of(k)) is not None
         }
         if hidden:
             span = slice(int(self._first[i]), int(self._first[i]) + row["num_rows"])
@@ -174,8 +177,8 @@ def profile_rows(
     Sequences the rollout curves do not use (``curve`` false) get two buckets only
     (prompt, rollout), which keeps the counts grid small enough to stay in cache.
     """
-    ids = rows["topk_ids"]  # (R, L, k)
-    positions = rows["positions"]
+    ids = rows[protocol.TOPK_IDS]  # (R, L, k)
+    positions = rows[protocol.POSITIONS]
     nb = len(CHECKPOINTS) + 1
     # every sequence's rows, vectorised: sequence number, row in the block, row in the sequence
     first = np.array([r["token_offset"] - start for r in sequences], dtype=np.int64)
@@ -197,30 +200,6 @@ def profile_rows(
     return BlockProfiles(sequences, rows, num_experts, grid, base, curve, first, prompt_rows)
 
 
-def arrays_to_read(store: RoutingStore, arrays: tuple[str, ...] | None) -> tuple[str, ...]:
-    """Expert ids and positions, plus the store's arrays named in `arrays` (by name or
-    prefix: ``hidden_states`` means every ``hidden_states_<layer>``; None: all)."""
-    extra = [n for n in store.array_names if n not in ("topk_ids", "positions", "token_ids")]
-    if arrays is not None:
-        extra = [n for n in extra if n in arrays or n.rsplit("_", 1)[0] in arrays]
-    return ("topk_ids", "positions", *extra)
-
-
-_opened: dict[tuple[str, float], RoutingStore] = {}
-
-
-def _open_for_rows(url: str, stop: int, created_at: float | None) -> RoutingStore:
-    """The store at `url`, opened once per process and store (`created_at`: its creation
-    time as the driver read it; a store made anew at the same URL is opened anew) while
-    its arrays cover row `stop` (a store being written grows)."""
-    if created_at is None:
-        return open_store(url, read_index=False)
-    store = _opened.get((url, created_at))
-    if store is None or store.array_rows < stop:
-        store = _opened[url, created_at] = open_store(url, read_index=False)
-    return store
-
-
 def profile_block(
     url: str,
     start: int,
@@ -238,8 +217,6 @@ def profile_block(
     do not pay for reading them. `created_at` (the store's attribute) lets a process
     keep the store open across blocks.
     """
-    store = _open_for_rows(url, stop, created_at)
-    names = arrays_to_read(store, arrays)
-    rows = store.read_rows(start, stop, names)
+    store, rows = read_block(url, start, stop, arrays, created_at)
     metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
-    return profile_rows(metas, rows, start, int(store.model["num_experts"]))
+    return profile_rows(metas, rows, start, store.model.num_experts)

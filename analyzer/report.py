@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -120,22 +121,21 @@ def _table_html(frame: pl.DataFrame, rows: int, limit: int = 30) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
-def write_report(out: Path, tables: dict[str, Path], params: dict, stores: list[str]) -> Path:
-    """Plots for the tables present and one HTML page linking everything. Plotted tables
-    are bounded in size; the others (per sequence) are only previewed, never loaded."""
-    plotted = ("usage", "rollout_curve", "conditions", "committee", "triangle")
-    frames = {name: pl.read_parquet(path) for name, path in tables.items() if name in plotted}
+def write_report(
+    out: Path,
+    tables: dict[str, Path],
+    params: dict,
+    stores: list[str],
+    plotters: dict[str, Callable[[pl.DataFrame, Path], list[Path]]],
+) -> Path:
+    """Plots for the tables present (`plotters`: table name -> plot function, from the
+    analyses' registry entries) and one HTML page linking everything. Plotted tables are
+    bounded in size; the others (per sequence) are only previewed, never loaded."""
+    frames = {name: pl.read_parquet(path) for name, path in tables.items() if name in plotters}
     plots: list[Path] = []
-    if "usage" in frames:
-        plots += plot_usage_heatmaps(frames["usage"], out)
-    if "rollout_curve" in frames:
-        plots += plot_rollout_curves(frames["rollout_curve"], out)
-    if "conditions" in frames:
-        plots += plot_conditions(frames["conditions"], out)
-    if "committee" in frames:
-        plots += plot_committee(frames["committee"], out)
-    if "triangle" in frames:
-        plots += plot_triangle(frames["triangle"], out)
+    for name, plot in plotters.items():  # in registry order
+        if name in frames:
+            plots += plot(frames[name], out)
     sections = [
         "<h1>moetrace routing report</h1>",
         f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",

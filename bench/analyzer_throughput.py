@@ -82,17 +82,19 @@ def build_store(path: str, tokens: int) -> None:
 
 def single_process(path: str, analyses: list[str], parts: TableParts) -> int:
     """The map step without Ray: every block profiled and folded in this process."""
-    from analyzer.pipeline import BlockPlan, arrays_needed, fold_block
-    from analyzer.reduce import Params, StoreFold
+    from analyzer.fold import StoreFold, fold_block
+    from analyzer.params import Params
+    from analyzer.plan import BlockPlan
+    from analyzer.registry import arrays_needed, chosen
     from capture_server.store import open_store
 
     fold = StoreFold("bench", Params(), keep=set())
-    arrays = arrays_needed(analyses)
+    arrays = arrays_needed(chosen(analyses))
     store = open_store(path)
     plan = BlockPlan(store, None, fold.keep, arrays)
     for number, block in enumerate(plan.blocks):
         empty = StoreFold("bench", Params())
-        created = store.attrs["created_at"]
+        created = store.created_at
         rows = plan.rows(block)
         block_fold, block_rows = fold_block(
             path, block.start, block.stop, rows, arrays, empty, created
@@ -149,8 +151,10 @@ def ray_run(
     Ray start-up excluded (workers are warmed up first)."""
     import ray
 
+    from analyzer.fold import StoreFold
+    from analyzer.params import Params
     from analyzer.pipeline import init_ray, map_store
-    from analyzer.reduce import Params, StoreFold
+    from analyzer.registry import chosen
 
     init_ray(num_cpus=workers)
     try:
@@ -160,7 +164,8 @@ def ray_run(
             c0, d0, t0 = ray_workers_cpu_seconds(), time.process_time(), time.perf_counter()
             fold = StoreFold("bench", Params(), keep=set())  # sums and table rows only
             with table_parts() as parts:
-                n = map_store(path, analyses, None, lambda d, t: None, fold, parts).num_sequences
+                fold = map_store(path, chosen(analyses), None, lambda d, t: None, fold, parts)
+                n = fold.num_sequences
             seconds.append(time.perf_counter() - t0)
             cpu.append(ray_workers_cpu_seconds() - c0)
             driver.append(time.process_time() - d0)
@@ -171,10 +176,11 @@ def ray_run(
 
 def breakdown(path: str) -> dict[str, float]:
     """Records/s of one core for each part of the map step, over the same blocks."""
+    from analyzer.fold import StoreFold
     from analyzer.kernels import count_cells
-    from analyzer.pipeline import BlockPlan
+    from analyzer.params import Params
+    from analyzer.plan import BlockPlan
     from analyzer.profiles import profile_rows
-    from analyzer.reduce import Params, StoreFold
     from capture_server.store import open_store
 
     warm_up()

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from capture_server.protocol import call_sequence_key, close_rpc, flush_rpc, sink_states_rpc
+
 # -- defaults ---------------------------------------------------------------------------
 ARCH = "qwen3_moe"
 NUM_SEQS = 64
@@ -94,7 +96,7 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 for i in range(len(token_prompts)):
                     q = params.clone()
                     q.extra_args = CaptureOptions(
-                        sink=sink, sequence=f"c{call}p{i}"
+                        sink=sink, sequence=call_sequence_key(call, i)
                     ).to_extra_args()
                     batch.append(q)
                 outs = engine.llm.generate(
@@ -102,9 +104,9 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 )
                 ids = [o.request_id for o in outs]
                 if config["store"] == "blocking":
-                    engine.llm.collective_rpc("moetrace_flush", args=(ids,))
+                    flush_rpc(ids).run(engine.llm)
                 else:
-                    engine.llm.collective_rpc("moetrace_close", args=([sink], ids))
+                    close_rpc([sink], ids).run(engine.llm)
                     closing.append(sink)
             elif config.get("record", True):
                 engine.generate(token_prompts, params)
@@ -118,7 +120,7 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
         def wait_committed() -> None:
             """Until every store closed in the background has committed and closed."""
             while closing:
-                states = engine.llm.collective_rpc("moetrace_sink_states", args=(closing,))[0]
+                states = sink_states_rpc(closing).run(engine.llm)[0]
                 closing[:] = [url for url in closing if states[url] == "closing"]
                 time.sleep(0.005)
 

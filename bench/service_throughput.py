@@ -32,6 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from capture_server.protocol import (
+    close_rpc,
+    engine_config,
+    flush_rpc,
+    job_sequence_key,
+    sink_states_rpc,
+)
+
 ARCH = "qwen3_moe"
 NUM_SEQS = 64
 NEW_TOKENS = 64
@@ -65,7 +73,7 @@ def run_in_process(model: str) -> list[float]:
     def one(call: int) -> float:
         params = []
         for i in range(NUM_SEQS):
-            options = CaptureOptions(sink=f"{store_dir}/run{call}", sequence=f"p{i}")
+            options = CaptureOptions(sink=f"{store_dir}/run{call}", sequence=job_sequence_key(i))
             params.append(
                 SamplingParams(
                     max_tokens=NEW_TOKENS,
@@ -76,14 +84,10 @@ def run_in_process(model: str) -> list[float]:
             )
         t0 = time.perf_counter()
         outs = engine.llm.generate(prompts, params, use_tqdm=False)
-        engine.llm.collective_rpc("moetrace_flush", args=([o.request_id for o in outs],))
-        engine.llm.collective_rpc("moetrace_close", args=([f"{store_dir}/run{call}"], []))
-        while (
-            engine.llm.collective_rpc("moetrace_sink_states", args=([f"{store_dir}/run{call}"],))[
-                0
-            ][f"{store_dir}/run{call}"]
-            == "closing"
-        ):
+        store = f"{store_dir}/run{call}"
+        flush_rpc([o.request_id for o in outs]).run(engine.llm)
+        close_rpc([store], []).run(engine.llm)
+        while sink_states_rpc([store]).run(engine.llm)[0][store] == "closing":
             time.sleep(0.005)
         return time.perf_counter() - t0
 
@@ -109,7 +113,7 @@ def run_async_engine(model: str) -> list[float]:
         model=model,
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
-        additional_config={"moetrace": {"hidden_layers": []}},
+        additional_config=engine_config(),
         **ENGINE,
     )
     engine = AsyncLLM.from_engine_args(args)
@@ -127,7 +131,7 @@ def run_async_engine(model: str) -> list[float]:
                 temperature=0.0,
                 ignore_eos=True,
                 output_kind=RequestOutputKind.FINAL_ONLY,
-                extra_args=CaptureOptions(sink=store, sequence=f"p{i}").to_extra_args(),
+                extra_args=CaptureOptions(sink=store, sequence=job_sequence_key(i)).to_extra_args(),
             )
             async for _ in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"r{i}"):
                 pass

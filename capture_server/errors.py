@@ -7,6 +7,7 @@
     │   ├── StoreCorruptError                      a chunk or index part cannot be decoded
     │   └── StoreWriteError(OSError)               the writer failed (disk full, permissions, ...)
     └── CaptureError                               capture cannot be set up or run correctly
+        └── CaptureSettingsError(ValueError)       settings name what the model does not have
 
 Every message names the path or setting concerned and fits on one line.
 """
@@ -40,3 +41,8 @@ class StoreWriteError(StoreError, OSError):
 
 class CaptureError(MoetraceError):
     """Raised when capture cannot be set up or would record wrong values."""
+
+
+class CaptureSettingsError(CaptureError, ValueError):
+    """Raised at start-up when capture settings name something the model does not have
+    (a hidden-state layer past its MoE layers)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +23,79 @@ from clients.errors import MoetraceHTTPError
 
 FINISHED = ("done", "failed", "cancelled")
 JSONL = {"content-type": "application/jsonl"}
+UPLOAD_CHUNK = 1 << 16  # bytes read at a time from an uploaded file
 
 
 def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _check(response: httpx.Response) -> Any:
-    if response.is_error:
-        raise MoetraceHTTPError(response)
-    return response.json()
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One API call, before it is sent: what both clients send the same way."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-class Client:
+class _BaseClient:
+    """Request building and response handling, shared by `Client` and `AsyncClient`,
+    which differ only in how they send a `_Call` and wait."""
+
+    @staticmethod
+    def _submit(job: dict[str, Any]) -> _Call:
+        return _Call("POST", "/v1/jobs", json=job)
+
+    @staticmethod
+    def _status(job_id: str) -> _Call:
+        return _Call("GET", f"/v1/jobs/{job_id}")
+
+    @staticmethod
+    def _list(offset: int, limit: int) -> _Call:
+        return _Call("GET", "/v1/jobs", params={"offset": offset, "limit": limit})
+
+    @staticmethod
+    def _cancel(job_id: str) -> _Call:
+        return _Call("DELETE", f"/v1/jobs/{job_id}")
+
+    @staticmethod
+    def _sequences(job_id: str, offset: int, limit: int) -> _Call:
+        params = {"offset": offset, "limit": limit}
+        return _Call("GET", f"/v1/jobs/{job_id}/sequences", params=params)
+
+    @staticmethod
+    def _upload(path: str | Path) -> _Call:
+        """The server checks the declared length before reading the body."""
+        size = {"content-length": str(Path(path).stat().st_size)}
+        return _Call("POST", "/v1/files", headers={**JSONL, **size})
+
+    @staticmethod
+    def _result(response: httpx.Response) -> Any:
+        if response.is_error:
+            raise MoetraceHTTPError(response)
+        return response.json()
+
+    @staticmethod
+    def _finished(
+        job: dict[str, Any],
+        deadline: float | None,
+        timeout: float | None,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> bool:
+        """One poll of `wait`: True when the job is over; raises past the deadline."""
+        if on_progress:
+            on_progress(job)
+        if job["state"] in FINISHED:
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job['id']} still {job['state']} after {timeout} s")
+        return False
+
+
+class Client(_BaseClient):
     """Synchronous client. `transport` lets tests plug in `httpx.MockTransport`."""
 
     def __init__(
@@ -57,31 +118,38 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    def _send(self, call: _Call, content: Any = None) -> Any:
+        response = self._http.request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            content=content,
+        )
+        return self._result(response)
+
     def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         """Create a job (`JobCreate` body); returns the job record."""
-        return _check(self._http.post("/v1/jobs", json=job))
+        return self._send(self._submit(job))
 
     def upload(self, path: str | Path) -> dict[str, Any]:
         """Upload a JSONL file of prompts (streamed); returns ``{"id", "prompts", "bytes"}``.
         A job then names it: ``{"prompts_file": id, ...}`` instead of ``prompts``."""
-        with open(path, "rb") as body:
-            return _check(self._http.post("/v1/files", content=body, headers=JSONL))
+        with open(path, "rb") as body:  # httpx streams a file and sends its length
+            return self._send(self._upload(path), content=body)
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return _check(self._http.get(f"/v1/jobs/{job_id}"))
+        return self._send(self._status(job_id))
 
     def list(self, offset: int = 0, limit: int = 50) -> dict[str, Any]:
-        return _check(self._http.get("/v1/jobs", params={"offset": offset, "limit": limit}))
+        return self._send(self._list(offset, limit))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return _check(self._http.delete(f"/v1/jobs/{job_id}"))
+        return self._send(self._cancel(job_id))
 
     def sequences(self, job_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
-        return _check(
-            self._http.get(
-                f"/v1/jobs/{job_id}/sequences", params={"offset": offset, "limit": limit}
-            )
-        )
+        return self._send(self._sequences(job_id, offset, limit))
 
     def wait(
         self,
@@ -92,18 +160,12 @@ class Client:
     ) -> dict[str, Any]:
         """Poll until the job is done, failed or cancelled; returns the final record."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.status(job_id)
-            if on_progress:
-                on_progress(job)
-            if job["state"] in FINISHED:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+        while not self._finished(job := self.status(job_id), deadline, timeout, on_progress):
             time.sleep(poll)
+        return job
 
 
-class AsyncClient:
+class AsyncClient(_BaseClient):
     """Asynchronous client with the same methods as `Client`."""
 
     def __init__(
@@ -126,32 +188,52 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def _send(self, call: _Call, content: Any = None) -> Any:
+        response = await self._http.request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            content=content,
+        )
+        return self._result(response)
+
     async def submit(self, job: dict[str, Any]) -> dict[str, Any]:
-        return _check(await self._http.post("/v1/jobs", json=job))
+        """Create a job (`JobCreate` body); returns the job record."""
+        return await self._send(self._submit(job))
 
     async def upload(self, path: str | Path) -> dict[str, Any]:
-        body = await asyncio.to_thread(Path(path).read_bytes)
-        return _check(await self._http.post("/v1/files", content=body, headers=JSONL))
+        """Upload a JSONL file of prompts, streamed in chunks read off the event loop."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(path, "rb") as body:
+                while chunk := await asyncio.to_thread(body.read, UPLOAD_CHUNK):
+                    yield chunk
+
+        return await self._send(self._upload(path), content=chunks())
 
     async def status(self, job_id: str) -> dict[str, Any]:
-        return _check(await self._http.get(f"/v1/jobs/{job_id}"))
+        return await self._send(self._status(job_id))
 
     async def list(self, offset: int = 0, limit: int = 50) -> dict[str, Any]:
-        return _check(await self._http.get("/v1/jobs", params={"offset": offset, "limit": limit}))
+        return await self._send(self._list(offset, limit))
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return _check(await self._http.delete(f"/v1/jobs/{job_id}"))
+        return await self._send(self._cancel(job_id))
 
     async def sequences(self, job_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
-        return _check(
-            await self._http.get(
-                f"/v1/jobs/{job_id}/sequences", params={"offset": offset, "limit": limit}
-            )
-        )
+        return await self._send(self._sequences(job_id, offset, limit))
 
-    async def wait(self, job_id: str, poll: float = 0.5) -> dict[str, Any]:
-        while True:
-            job = await self.status(job_id)
-            if job["state"] in FINISHED:
-                return job
+    async def wait(
+        self,
+        job_id: str,
+        poll: float = 0.5,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is done, failed or cancelled; returns the final record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._finished(job := await self.status(job_id), deadline, timeout, on_progress):
             await asyncio.sleep(poll)
+        return job

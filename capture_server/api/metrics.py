@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from capture_server.protocol import stats_rpc
+
 JOB_STATES = ("queued", "running", "open", "done", "failed", "cancelled")
 
 
@@ -30,7 +32,7 @@ class ServiceMetrics:
         self._jobs = state.db.count_by_state()
         self._tokens_generated = state.runner.tokens_generated
         self._workers = {
-            name: (await engine.collective_rpc("moetrace_stats"))[0]
+            name: (await stats_rpc().run(engine))[0]
             for name, engine in state.engines.engines.items()
         }
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capture_server.api.jobs_db import JobsDB
-from capture_server.api.runner import close_store, sink_error, sink_state
+from capture_server.api.runner import close_store, sink_state
 from capture_server.api.schemas import Capture
-from capture_server.store.writer import write_annotations
+from capture_server.protocol import Annotation, flush_rpc, sink_error
+from capture_server.store.index import write_annotations
 
 
 class CaptureConflictError(ValueError):
@@ -27,7 +28,7 @@ class CaptureConflictError(ValueError):
 @dataclass
 class _Pending:
     request_ids: list[str] = field(default_factory=list)
-    annotations: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -84,7 +85,7 @@ class OnlineRecorder:
         job_id: str,
         engine: Any,
         request_ids: list[str],
-        annotations: list[dict[str, Any]],
+        annotations: list[Annotation],
         tokens: int,
     ) -> None:
         """End the requests in the worker, commit the store, write the texts."""
@@ -96,7 +97,7 @@ class OnlineRecorder:
             rows, pending.annotations = pending.annotations, []
             if ids:
                 store = self.store_path(job_id)
-                await engine.collective_rpc("moetrace_flush", args=(ids, [store]))
+                await flush_rpc(ids, [store]).run(engine)
             if rows:
                 write_annotations(self.store_path(job_id), rows)
         self.db.add_progress(job_id, done=len(annotations), tokens=tokens)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from capture_server.api.online import CaptureConflictError
 from capture_server.api.routes import Auth
 from capture_server.api.schemas import LABEL_KEY, Capture
+from capture_server.protocol import CONFIG_KEY, Annotation, online_sequence_key
 
 router = APIRouter(tags=["openai"])
 
@@ -142,7 +143,7 @@ async def _generate(
     async def one(k: int, ids: list[int]) -> Any:
         extra = None
         if job_id is not None:
-            key = f"c{first + k}"
+            key = online_sequence_key(first + k)
             opts = body.moetrace.capture().options(
                 store, key, first + k, body.moetrace.labels, body.n
             )
@@ -174,14 +175,14 @@ async def _generate(
     if job_id is None:
         return finals, None
     annotations = [
-        {
-            "request_id": f"c{first + k}",
-            "sample_index": c.index,
-            "completion_text": c.text,
-            "finish_reason": c.finish_reason or "",
-            "generated_len": len(c.token_ids),
-            "completion_token_ids": list(c.token_ids),
-        }
+        Annotation(
+            request_id=online_sequence_key(first + k),
+            sample_index=c.index,
+            completion_text=c.text,
+            finish_reason=c.finish_reason or "",
+            generated_len=len(c.token_ids),
+            completion_token_ids=list(c.token_ids),
+        )
         for k, final in enumerate(finals)
         for c in final.outputs
     ]
@@ -193,7 +194,7 @@ async def _generate(
     return finals, {
         "job": job_id,
         "store": store,
-        "sequences": [f"c{first + k}" for k in range(len(prompts))],
+        "sequences": [online_sequence_key(first + k) for k in range(len(prompts))],
     }
 
 
@@ -235,7 +236,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict:
             for c in f.outputs
         ],
         "usage": _usage(finals),
-        "moetrace": capture,
+        CONFIG_KEY: capture,
     }
 
 
@@ -265,5 +266,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
             for c in finals[0].outputs
         ],
         "usage": _usage(finals),
-        "moetrace": capture,
+        CONFIG_KEY: capture,
     }

@@ -16,7 +16,15 @@ from capture_server.api.config import Settings
 from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
-from capture_server.store.writer import write_annotations
+from capture_server.protocol import (
+    Annotation,
+    close_rpc,
+    engine_config,
+    job_sequence_key,
+    sink_error,
+    sink_states_rpc,
+)
+from capture_server.store.index import write_annotations
 
 logger = logging.getLogger("moetrace.service")
 
@@ -46,7 +54,7 @@ class Engines:
                 # across steps; CPU generators cannot rewind, so prompts go in whole.
                 enable_chunked_prefill=False if current_platform.is_cpu() else None,
                 max_num_seqs=self.settings.max_num_seqs,
-                additional_config={"moetrace": {"hidden_layers": self.settings.hidden_layers}},
+                additional_config=engine_config(self.settings.hidden_layers),
             )
             logger.info(
                 "starting engine %s from %s (hidden layers %s)",
@@ -125,7 +133,10 @@ class JobRunner:
         n = 1 if request.kind == "score" else request.sampling.n
         progress = {
             "done": n
-            * sum(all((f"p{i}", s) in committed for s in range(n)) for i in range(len(prompts))),
+            * sum(
+                all((job_sequence_key(i), s) in committed for s in range(n))
+                for i in range(len(prompts))
+            ),
             "failed": 0,
             "tokens": 0,
             "errors": [],
@@ -136,7 +147,7 @@ class JobRunner:
         tokenizer = engine.get_tokenizer()
         limit = asyncio.Semaphore(self.settings.concurrency)
         request_ids: list[str] = []
-        annotations: list[dict[str, Any]] = []
+        annotations: list[Annotation] = []
 
         def report(force: bool = False) -> None:
             now = time.monotonic()
@@ -172,19 +183,16 @@ class JobRunner:
                     return
             assert final is not None
             for c in final.outputs:
+                rollout = request.kind == "rollout"
                 annotations.append(
-                    {
-                        "request_id": f"p{i}",
-                        "sample_index": c.index,
-                        "completion_text": c.text if request.kind == "rollout" else item.completion,
-                        "finish_reason": (c.finish_reason or "")
-                        if request.kind == "rollout"
-                        else "scored",
-                        "generated_len": len(c.token_ids) if request.kind == "rollout" else 0,
-                        "completion_token_ids": list(c.token_ids)
-                        if request.kind == "rollout"
-                        else [],
-                    }
+                    Annotation(
+                        request_id=job_sequence_key(i),
+                        sample_index=c.index,
+                        completion_text=c.text if rollout else item.completion,
+                        finish_reason=(c.finish_reason or "") if rollout else "scored",
+                        generated_len=len(c.token_ids) if rollout else 0,
+                        completion_token_ids=list(c.token_ids) if rollout else [],
+                    )
                 )
                 progress["tokens"] += len(c.token_ids)
             self.tokens_generated += sum(len(c.token_ids) for c in final.outputs)
@@ -194,7 +202,7 @@ class JobRunner:
         todo = [
             (i, p)
             for i, p in enumerate(prompts)
-            if not all((f"p{i}", s) in committed for s in range(n))
+            if not all((job_sequence_key(i), s) in committed for s in range(n))
         ]
         state = "done"
         try:
@@ -231,7 +239,7 @@ class JobRunner:
             prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         s = request.sampling
         n = 1 if request.kind == "score" else s.n
-        options = request.capture.options(store, f"p{i}", i, item.labels, n)
+        options = request.capture.options(store, job_sequence_key(i), i, item.labels, n)
         if request.kind == "score":
             completion = (
                 list(item.completion_token_ids)
@@ -259,17 +267,13 @@ class JobRunner:
 async def sink_state(engine: Any, store: str) -> str:
     """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
     engine's worker."""
-    return (await engine.collective_rpc("moetrace_sink_states", args=([store],)))[0][store]
-
-
-def sink_error(state: str) -> str | None:
-    return state.removeprefix("failed: ") if state.startswith("failed") else None
+    return (await sink_states_rpc([store]).run(engine))[0][store]
 
 
 async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:
     """End a job's requests in the worker and wait until its store is committed and
     closed, polling so the engine never blocks on the commit. Returns the store's error."""
-    await engine.collective_rpc("moetrace_close", args=([store], request_ids))
+    await close_rpc([store], request_ids).run(engine)
     while (state := await sink_state(engine, store)) == "closing":
         await asyncio.sleep(0.02)
     return sink_error(state)

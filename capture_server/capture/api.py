@@ -20,7 +20,14 @@ from typing import Any
 
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
-from capture_server.capture.sink import memory_sink
+from capture_server.capture.registry import memory_sink
+from capture_server.protocol import (
+    Annotation,
+    call_sequence_key,
+    engine_config,
+    flush_rpc,
+    stats_rpc,
+)
 
 _engine_ids = itertools.count()
 _live_engines = 0  # at most one: engines in one process share vLLM's distributed state
@@ -93,9 +100,7 @@ class CaptureEngine:
         self.llm = LLM(
             model,
             enable_prefix_caching=enable_prefix_caching,
-            additional_config={
-                "moetrace": {"hidden_layers": list(self.hidden_layers), "logits": logits}
-            },
+            additional_config=engine_config(self.hidden_layers, logits),
             **llm_kwargs,
         )
         _live_engines += 1
@@ -156,7 +161,7 @@ class CaptureEngine:
         from vllm import SamplingParams
 
         from capture_server.store import open_store
-        from capture_server.store.writer import write_annotations
+        from capture_server.store.index import write_annotations
 
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
@@ -165,14 +170,14 @@ class CaptureEngine:
         write_annotations(
             store,
             [
-                {
-                    "request_id": key,
-                    "sample_index": c.index,
-                    "prompt_text": out.prompt or "",
-                    "completion_text": c.text,
-                    "finish_reason": c.finish_reason or "",
-                    "generated_len": len(c.token_ids),
-                }
+                Annotation(
+                    request_id=key,
+                    sample_index=c.index,
+                    prompt_text=out.prompt or "",
+                    completion_text=c.text,
+                    finish_reason=c.finish_reason or "",
+                    generated_len=len(c.token_ids),
+                )
                 for key, out in outputs
                 for c in out.outputs
             ],
@@ -193,7 +198,7 @@ class CaptureEngine:
 
         per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         call = next(self._calls)
-        keys = [f"c{call}p{i}" for i in range(len(prompts))]
+        keys = [call_sequence_key(call, i) for i in range(len(prompts))]
         params = []
         for i, (base, key) in enumerate(zip(per_prompt, keys, strict=True)):
             p = base.clone()
@@ -248,11 +253,11 @@ class CaptureEngine:
         return result
 
     def _flush(self, request_ids: list[str]) -> None:
-        self.llm.collective_rpc("moetrace_flush", args=(request_ids,))
+        flush_rpc(request_ids).run(self.llm)
 
     def stats(self) -> dict[str, Any]:
         """Capture counters of the worker: steps, rows, preempted requests, dropped recomputes."""
-        return self.llm.collective_rpc("moetrace_stats")[0]
+        return stats_rpc().run(self.llm)[0]
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

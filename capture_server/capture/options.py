@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-EXTRA_ARGS_KEY = "moetrace"
+from capture_server.protocol import CONFIG_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class CaptureOptions:
     weights are always kept."""
     hidden_layers: tuple[int, ...] = ()
     """MoE-layer indices (0-based among MoE layers) whose router input to keep; each must
-    be one the engine captures (`additional_config["moetrace"]["hidden_layers"]`)."""
+    be one the engine captures (``additional_config["moetrace"]["hidden_layers"]``)."""
     n: int = 1
     """Samples per prompt; the worker parses the sample index from child request ids."""
     prompt_index: int = -1
@@ -41,13 +41,13 @@ class CaptureOptions:
     def to_extra_args(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden_layers"] = list(self.hidden_layers)
-        return {EXTRA_ARGS_KEY: d}
+        return {CONFIG_KEY: d}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> CaptureOptions | None:
         """Options of a request, or None when the request is not captured."""
-        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+        if not extra_args or CONFIG_KEY not in extra_args:
             return None
-        d = dict(extra_args[EXTRA_ARGS_KEY])
+        d = dict(extra_args[CONFIG_KEY])
         d["hidden_layers"] = tuple(d.get("hidden_layers", ()))
         return cls(**d)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
-class ModelMeta:
-    """Static facts about the served model's routing, recorded once per store."""
+class ModelSummary:
+    """Static facts about the served model's routing, recorded once per store (its
+    ``model`` attribute); `ModelMeta` adds the router matrices."""
 
     architecture: str
     """The checkpoint's `architectures[0]`, e.g. ``Qwen3MoeForCausalLM``."""
@@ -31,6 +32,21 @@ class ModelMeta:
     """Always-on shared experts per MoE layer (not part of the routing)."""
     hidden_size: int
     """Width of the router input."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSummary:
+        """The summary as a store's attributes hold it (`summary`)."""
+        return ModelSummary(**{f.name: d[f.name] for f in fields(ModelSummary)})
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts without the weight matrices."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelSummary)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMeta(ModelSummary):
+    """The model's routing facts and its router matrices, handed to sinks at open."""
+
     router_weights: np.ndarray = field(repr=False)
     """(moe_layers, experts, hidden) router matrices, float32."""
     router_bias: np.ndarray | None = field(default=None, repr=False)
@@ -62,14 +78,6 @@ class ModelMeta:
             hidden_size=hidden_size,
             router_weights=router_weights,
         )
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able facts without the weight matrices."""
-        return {
-            k: getattr(self, k)
-            for k in self.__dataclass_fields__
-            if k not in ("router_weights", "router_bias", "correction_bias")
-        }
 
 
 @dataclass(slots=True)

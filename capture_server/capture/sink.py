@@ -1,8 +1,9 @@
-"""Where captured rows go: the `RoutingSink` interface, the in-memory sink and the sink registry.
+"""Where captured rows go: the `RoutingSink` interface and the in-memory sink.
 
 The capture calls a sink from the worker process after each model step. A sink must
 accept rows of many sequences interleaved, in step order, and treat `end_sequence`
-as the point after which a sequence is complete.
+as the point after which a sequence is complete. `capture.registry` opens sinks by URL;
+the routing store's sink is `capture_server.store.sink.StoreSink`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 
-__all__ = ["MemorySink", "RoutingSink", "memory_sink", "open_sink"]
+__all__ = ["MemorySink", "RoutingSink"]
 
 
 class RoutingSink(ABC):
@@ -34,8 +34,27 @@ class RoutingSink(ABC):
     def end_sequence(self, end: SequenceEnd) -> None:
         """The sequence is complete; all its rows were passed to `write` before."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
-        """Flush and release resources; the default does nothing."""
+    def flush(self) -> None:  # noqa: B027 - no-op default for sinks that hold no backlog
+        """Block until everything passed so far is durable (committed, for a store)."""
+
+    def close(self) -> None:
+        """Flush and release resources; the default marks the sink closed."""
+        self._closed = True
+
+    def request_close(self) -> None:
+        """Ask the sink to flush and close without waiting (`closed` tells when it is);
+        the default closes at once."""
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` has finished."""
+        return getattr(self, "_closed", False)
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for monitoring, safe to call from any thread; a sink
+        without a writer has none."""
+        return {}
 
 
 class MemorySink(RoutingSink):
@@ -79,43 +98,3 @@ class MemorySink(RoutingSink):
                 self.ended.pop(key, None)
         rows = RoutingRows.concat([r.slice(a, b) for r, a, b in parts])
         return rows.select(np.argsort(rows.positions, kind="stable"))
-
-
-_registry: dict[str, RoutingSink] = {}
-_registry_lock = threading.Lock()
-
-
-def memory_sink(name: str) -> MemorySink:
-    """The process-wide memory sink called `name` (created on first use)."""
-    sink = open_sink(f"memory://{name}")
-    assert isinstance(sink, MemorySink)
-    return sink
-
-
-def forget_sink(url: str) -> None:
-    """Drop a closed sink from the registry: the next `open_sink` for `url` makes a new
-    one (a store resumes from what it committed)."""
-    with _registry_lock:
-        _registry.pop(url, None)
-
-
-def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingSink:
-    """The sink for `url`, created once per process and then shared.
-
-    ``memory://NAME`` is an in-process `MemorySink`; anything else is a routing store
-    path or URL handled by `capture_server.store`, created with `store_options`
-    (`StoreOptions` fields) when it does not exist yet.
-    """
-    with _registry_lock:
-        if url not in _registry:
-            if url.startswith("memory://"):
-                _registry[url] = MemorySink()
-            else:
-                from capture_server.store.format import StoreOptions
-                from capture_server.store.writer import StoreSink
-
-                opts = dict(store_options or {})
-                if "hidden_layers" in opts:
-                    opts["hidden_layers"] = tuple(opts["hidden_layers"])
-                _registry[url] = StoreSink(url, StoreOptions(**opts))
-        return _registry[url]

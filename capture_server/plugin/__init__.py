@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from capture_server import protocol
+
 logger = logging.getLogger("moetrace.capture")
 
 
@@ -28,11 +30,9 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    # Reachable by name through collective_rpc from any process ("moetrace_flush").
-    WorkerBase.moetrace_flush = flush
-    WorkerBase.moetrace_stats = stats
-    WorkerBase.moetrace_close = close
-    WorkerBase.moetrace_sink_states = sink_states
+    # Reachable by name through collective_rpc from any process (see protocol.WorkerRpc).
+    for name, method in zip(protocol.RPC_METHODS, (flush, stats, close, sink_states), strict=True):
+        setattr(WorkerBase, name, method)
 
     patch_model_runner(GPUModelRunner)
     if current_platform.is_cpu():
@@ -44,7 +44,7 @@ def register() -> None:
 def flush(
     worker: Any, finished_request_ids: list[str] | None = None, sink_urls: list[str] | None = None
 ) -> int:
-    """``collective_rpc("moetrace_flush", args=(ids, urls))``: complete the in-flight step,
+    """`protocol.flush_rpc`: complete the in-flight step,
     end the named finished requests and commit the named stores (all open ones if None).
 
     Returns the number of requests still tracked by the worker's collector.
@@ -57,7 +57,7 @@ def flush(
 
 
 def stats(worker: Any) -> dict[str, Any]:
-    """``collective_rpc("moetrace_stats")``: the collector's counters, expert load per
+    """`protocol.stats_rpc`: the collector's counters, expert load per
     layer (captured tokens), each open store's writer metrics, and sink errors."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:
@@ -71,16 +71,16 @@ def stats(worker: Any) -> dict[str, Any]:
 
 
 def close(worker: Any, sink_urls: list[str], finished_request_ids: list[str] | None = None) -> None:
-    """``collective_rpc("moetrace_close", args=(urls, ids))``: end a finished job's
+    """`protocol.close_rpc`: end a finished job's
     requests and have its stores commit and close, without blocking the engine (a later
-    row for one reopens it). ``moetrace_sink_states`` tells when they are closed."""
+    row for one reopens it). `protocol.sink_states_rpc` tells when they are closed."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is not None:
         collector.close_sinks(sink_urls, finished_request_ids)
 
 
 def sink_states(worker: Any, sink_urls: list[str]) -> dict[str, str]:
-    """``collective_rpc("moetrace_sink_states", args=(urls,))``: ``open``, ``closing``,
+    """`protocol.sink_states_rpc`: ``open``, ``closing``,
     ``closed`` or ``failed: <error>`` per store."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:

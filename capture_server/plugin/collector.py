@@ -17,9 +17,11 @@ import torch
 
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
-from capture_server.capture.sink import RoutingSink, forget_sink, open_sink
+from capture_server.capture.registry import forget_sink, open_sink
+from capture_server.capture.sink import RoutingSink
 from capture_server.errors import MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
+from capture_server.protocol import split_sample
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,8 @@ class _PendingStep:
 
 def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int]:
     """(sequence key, sample index) of a worker-side request id."""
-    external = external_request_id(worker_req_id)
-    sample = 0
-    if options.n > 1 and "_" in external:
-        head, rest = external.split("_", 1)
-        if head.isdigit():
-            sample, external = int(head), rest
-    return options.sequence or external, sample
+    sample, parent = split_sample(external_request_id(worker_req_id), options.n)
+    return options.sequence or parent, sample
 
 
 def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
@@ -127,14 +124,15 @@ class StepCollector:
         self._complete_pending()
         if finished_external_ids:
             wanted = set(finished_external_ids)
-            for req_id in list(self._requests):
+            for req_id, state in list(self._requests.items()):
                 external = external_request_id(req_id)
-                if external in wanted or external.split("_", 1)[-1] in wanted:
+                n = 1 if state is None else state.options.n
+                if external in wanted or split_sample(external, n)[1] in wanted:
                     self._end_request(req_id)
         for url, sink in self._sinks.items():
             if sink_urls is not None and url not in sink_urls:
                 continue
-            if url not in self.sink_errors and hasattr(sink, "flush"):
+            if url not in self.sink_errors:
                 try:
                     sink.flush()
                 except (MoetraceError, OSError) as exc:
@@ -148,11 +146,8 @@ class StepCollector:
             sink = self._sinks.pop(url, None)
             if sink is None:
                 continue
-            if hasattr(sink, "request_close"):
-                sink.request_close()
-                self._closing[url] = sink
-            else:
-                sink.close()
+            sink.request_close()
+            self._closing[url] = sink
 
     def sink_states(self, urls: list[str]) -> dict[str, str]:
         """``open``, ``closing``, ``closed`` or ``failed: <error>`` for each named sink."""
@@ -178,13 +173,13 @@ class StepCollector:
             self.sink_errors.setdefault(url, str(exc))
         forget_sink(url)
         final = sink.metrics()
-        self.stats["closed_bytes_written"] += final["bytes_written"]
-        self.stats["closed_sequences_committed"] += final["sequences_committed"]
+        self.stats["closed_bytes_written"] += final.get("bytes_written", 0)
+        self.stats["closed_sequences_committed"] += final.get("sequences_committed", 0)
 
     def sink_metrics(self) -> dict[str, dict[str, float]]:
         """Writer metrics of every open or closing store sink, by URL."""
         sinks = {**self._closing, **self._sinks}
-        return {url: s.metrics() for url, s in sinks.items() if hasattr(s, "metrics")}
+        return {url: m for url, s in sinks.items() if (m := s.metrics())}
 
     # -- internals ----------------------------------------------------------------------
 

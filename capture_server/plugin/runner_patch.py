@@ -6,6 +6,7 @@ import functools
 import logging
 from typing import Any
 
+from capture_server.errors import CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
 from capture_server.plugin.router_hook import (
@@ -15,27 +16,16 @@ from capture_server.plugin.router_hook import (
     hook_routers,
     output_scale,
 )
+from capture_server.protocol import capture_settings
 
 logger = logging.getLogger("moetrace.capture")
-
-CONFIG_KEY = "moetrace"
-
-
-def capture_config(vllm_config: Any) -> dict[str, Any] | None:
-    """The engine-level capture settings, or None when capture is off for this engine.
-
-    Capture is on when `additional_config` has a ``moetrace`` entry, for example
-    ``--additional-config '{"moetrace": {"hidden_layers": [1]}}'``.
-    """
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    if not isinstance(extra, dict) or CONFIG_KEY not in extra:
-        return None
-    return dict(extra[CONFIG_KEY] or {})
 
 
 def install_capture(runner: Any) -> StepCollector | None:
     """Hook every MoE router of `runner.model`; return the collector (None if capture is off)."""
-    config = capture_config(runner.vllm_config)
+    # on when additional_config has a "moetrace" entry, e.g.
+    # --additional-config '{"moetrace": {"hidden_layers": [1]}}'
+    config = capture_settings(getattr(runner.vllm_config, "additional_config", None))
     if config is None:
         return None
     model = runner.get_model()
@@ -45,7 +35,7 @@ def install_capture(runner: Any) -> StepCollector | None:
     hidden_layers = tuple(int(x) for x in config.get("hidden_layers", ()))
     for layer in hidden_layers:
         if not 0 <= layer < len(runners):
-            raise ValueError(
+            raise CaptureSettingsError(
                 f"moetrace hidden_layers: expected MoE-layer indices in [0, {len(runners)}), "
                 f"got {layer}"
             )

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capture_server.specimens.routers import router_modules
+
 HIDDEN = 64
 EXPERTS = 8
 TOP_K = 2
@@ -136,15 +138,6 @@ ARCHITECTURES: dict[str, Callable[[], Any]] = {
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": _gpt_oss,
 }
-
-
-def router_modules(model: Any) -> list[tuple[int, Any]]:
-    """(decoder block index, router module) for every MoE layer of a transformers model."""
-    found = []
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith(("TopKRouter", "TopkRouter")):
-            found.append((int(name.split("layers.")[1].split(".")[0]), module))
-    return found
 
 
 def build_specimen(arch: str, out_dir: str | Path, *, seed: int = 0, planted: bool = False) -> Path:

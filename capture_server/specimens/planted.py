@@ -31,7 +31,7 @@ def plant(model: Any) -> None:
     """Rewrite a freshly initialised Qwen3-MoE model in place (see module docstring)."""
     import torch
 
-    from capture_server.specimens.build import router_modules
+    from capture_server.specimens.routers import router_modules
 
     inner = model.model
     emb = inner.embed_tokens.weight

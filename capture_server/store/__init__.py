@@ -1,6 +1,9 @@
 """Routing stores: Zarr v3 arrays of per-token routing plus a parquet sequence index.
 
-The reader side (`open_store`) needs no vLLM and no torch.
+Layers, bottom up: `format` (layout, options, codecs) and `_raw` (bytes through zarr's
+storage layer); `index` (index and annotation parts); `reader`; `writer` (one thread)
+and `sink` (the writer as a capture sink). Nothing here imports vLLM or torch, and the
+reader imports no writer.
 """
 
 from capture_server.store.format import FORMAT_VERSION, StoreOptions

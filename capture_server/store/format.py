@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from capture_server.protocol import CONFIG_KEY
+
 FORMAT_NAME = "moetrace.routing"
 FORMAT_VERSION = 1
-ATTRS_KEY = "moetrace"
+ATTRS_KEY = CONFIG_KEY
 INDEX_PREFIX = "index/"
 """Committed sequence index: one parquet part per commit, each written atomically."""
 INFO_PREFIX = "info/"

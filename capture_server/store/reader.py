@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import zarr
 
+from capture_server.capture.records import ModelSummary
 from capture_server.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from capture_server.store import _raw
 from capture_server.store.format import (
@@ -24,10 +25,9 @@ from capture_server.store.format import (
     FORMAT_VERSION,
     INFO_PREFIX,
     MODEL_GROUP,
+    StoreOptions,
 )
-from capture_server.store.writer import read_index_parts
-
-ROW_ARRAYS = ("token_ids", "positions", "topk_ids", "topk_weights", "router_logits")
+from capture_server.store.index import INDEX_SCHEMA, read_index_parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +51,21 @@ class RoutingStore:
         self.attrs = attrs
         self.index = index
         """One row per committed sequence, ordered by `sequence_id`."""
-        self.model: dict[str, Any] = attrs["model"]
-        self.options: dict[str, Any] = attrs["options"]
-        self.chunk_tokens: int = int(self.options["chunk_tokens"])
+        self.model = ModelSummary.from_dict(attrs["model"])
+        """The model's routing facts (the router matrices: `router_weights`)."""
+        self.options = StoreOptions(
+            **{**attrs["options"], "hidden_layers": tuple(attrs["options"]["hidden_layers"])}
+        )
+        """What the store keeps and how, as it was created."""
+        self.chunk_tokens: int = self.options.chunk_tokens
+        self.created_at: float = float(attrs["created_at"])
+        """Creation time: a store made anew at the same URL has another."""
         self._arrays = {name: root[name] for name in attrs["arrays"]}
 
     def __repr__(self) -> str:
         return (
             f"RoutingStore({self.url!r}, sequences={len(self.index)}, "
-            f"tokens={self.num_tokens}, model={self.model['architecture']})"
+            f"tokens={self.num_tokens}, model={self.model.architecture})"
         )
 
     @property
@@ -175,8 +181,6 @@ def open_store(path_or_url: str | Path, *, read_index: bool = True) -> RoutingSt
         )
     index = read_index_parts(store) if read_index else None
     if index is None:
-        from capture_server.store.writer import INDEX_SCHEMA
-
         index = pl.DataFrame(schema=INDEX_SCHEMA)
     index = index.unique("sequence_id", keep="first").sort("sequence_id")
     info = read_index_parts(store, INFO_PREFIX) if read_index else None

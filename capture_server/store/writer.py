@@ -1,8 +1,5 @@
-"""Streaming, crash-safe writer of routing stores.
-
-`StoreWriter` does the storage work in the calling thread; `StoreSink` wraps it as a
-capture sink with a bounded queue and one background thread, so the model loop only
-enqueues.
+"""Streaming, crash-safe writer of routing stores (single-threaded; see `store.sink` for
+the capture sink that runs it in a background thread).
 
 Invariants:
     - One writer per store, one thread per writer: every chunk has exactly one writer.
@@ -19,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
-import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -31,9 +26,10 @@ import numpy as np
 import polars as pl
 import zarr
 
+from capture_server import protocol
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
-from capture_server.capture.sink import RoutingSink
 from capture_server.errors import StoreFormatError, StoreWriteError
+from capture_server.protocol import Annotation
 from capture_server.store import _raw
 from capture_server.store.format import (
     ATTRS_KEY,
@@ -42,65 +38,19 @@ from capture_server.store.format import (
     FORMAT_VERSION,
     GROW_CHUNKS,
     INDEX_PREFIX,
-    INFO_PREFIX,
     MODEL_GROUP,
     StoreOptions,
     choose_chunk_tokens,
     ids_dtype,
 )
+from capture_server.store.index import (
+    INDEX_SCHEMA,
+    parquet_bytes,
+    read_index_parts,
+    write_annotations,
+)
 
 logger = logging.getLogger("moetrace.store")
-
-INDEX_SCHEMA = {
-    "sequence_id": pl.Int64,
-    "request_id": pl.String,
-    "sample_index": pl.Int32,
-    "prompt_index": pl.Int64,
-    "token_offset": pl.Int64,
-    "num_rows": pl.Int64,
-    "first_position": pl.Int64,
-    "prompt_len": pl.Int64,
-    "labels": pl.String,
-    "committed_at": pl.Float64,
-}
-
-
-def _parquet_bytes(frame: pl.DataFrame) -> bytes:
-    import io
-
-    out = io.BytesIO()
-    frame.write_parquet(out)
-    return out.getvalue()
-
-
-def read_index_parts(store: Any, prefix: str = INDEX_PREFIX) -> pl.DataFrame | None:
-    """All index parts under `prefix`, concatenated (None when there are none)."""
-    import io
-
-    from capture_server.errors import StoreCorruptError
-
-    frames = []
-    keys = [k for k in _raw.list_keys(store, prefix) if k.endswith(".parquet")]  # not temp files
-    for key, data in zip(keys, _raw.get_many(store, keys), strict=True):
-        try:
-            frames.append(pl.read_parquet(io.BytesIO(data or b"")))
-        except Exception as exc:
-            raise StoreCorruptError(f"{store}: index part {key} is unreadable ({exc})") from None
-    return pl.concat(frames, how="diagonal_relaxed") if frames else None
-
-
-def write_annotations(store_or_url: Any, rows: list[dict[str, Any]]) -> None:
-    """Add per-sequence annotations (prompt/completion text, finish reason, ...).
-
-    Each row names its sequence by ``request_id`` and ``sample_index``; the reader joins
-    annotations onto the index (the newest wins). Written as one atomic part, from any
-    process: the one that knows the texts is often not the one writing the routing.
-    """
-    if not rows:
-        return
-    store = _raw.make_store(store_or_url) if isinstance(store_or_url, str | Path) else store_or_url
-    key = f"{INFO_PREFIX}part-{time.time_ns():020d}.parquet"
-    _raw.set_bytes(store, key, _parquet_bytes(pl.DataFrame(rows)))
 
 
 class StoreWriter:
@@ -152,15 +102,15 @@ class StoreWriter:
         opts = self.requested
         L, k, E, d = len(meta.moe_layers), meta.top_k, meta.num_experts, meta.hidden_size
         specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-            "topk_ids": ((L, k), ids_dtype(E)),
-            "topk_weights": ((L, k), np.dtype(opts.weights_dtype)),
-            "token_ids": ((), np.dtype(np.int32)),
-            "positions": ((), np.dtype(np.int32)),
+            protocol.TOPK_IDS: ((L, k), ids_dtype(E)),
+            protocol.TOPK_WEIGHTS: ((L, k), np.dtype(opts.weights_dtype)),
+            protocol.TOKEN_IDS: ((), np.dtype(np.int32)),
+            protocol.POSITIONS: ((), np.dtype(np.int32)),
         }
         if opts.logits:
-            specs["router_logits"] = ((L, E), np.dtype(opts.logits_dtype))
+            specs[protocol.ROUTER_LOGITS] = ((L, E), np.dtype(opts.logits_dtype))
         for layer in opts.hidden_layers:
-            specs[f"hidden_states_{layer}"] = ((d,), np.dtype(opts.hidden_dtype))
+            specs[protocol.hidden_array(layer)] = ((d,), np.dtype(opts.hidden_dtype))
         widest = max(int(np.prod(shape)) * dt.itemsize for shape, dt in specs.values())
         chunk = opts.chunk_tokens or choose_chunk_tokens(widest)
         self.options = StoreOptions(**{**asdict(opts), "chunk_tokens": chunk})
@@ -277,19 +227,16 @@ class StoreWriter:
     def _columns(self, rows: RoutingRows) -> dict[str, np.ndarray]:
         n = len(rows)
         cols: dict[str, np.ndarray] = {}
+        fixed = {
+            protocol.TOPK_IDS: rows.topk_ids,
+            protocol.TOPK_WEIGHTS: rows.topk_weights,
+            protocol.TOKEN_IDS: rows.token_ids,
+            protocol.POSITIONS: rows.positions,
+            protocol.ROUTER_LOGITS: rows.router_logits,
+        }
         for name, arr in self.arrays.items():
-            if name == "topk_ids":
-                values = rows.topk_ids
-            elif name == "topk_weights":
-                values = rows.topk_weights
-            elif name == "token_ids":
-                values = rows.token_ids
-            elif name == "positions":
-                values = rows.positions
-            elif name == "router_logits":
-                values = rows.router_logits
-            else:
-                values = rows.hidden_states.get(int(name.rsplit("_", 1)[1]))
+            layer = protocol.hidden_layer_of(name)
+            values = fixed[name] if layer is None else rows.hidden_states.get(layer)
             if values is None:  # not captured for this sequence: missing, never invented
                 values = np.full((n, *arr.shape[1:]), np.nan, dtype=arr.dtype)
             cols[name] = np.ascontiguousarray(values, dtype=arr.dtype)
@@ -345,7 +292,7 @@ class StoreWriter:
         frame = pl.DataFrame(ready, schema=INDEX_SCHEMA)
         key = f"{INDEX_PREFIX}part-{ready[0]['sequence_id']:012d}.parquet"
         try:
-            _raw.set_bytes(self.store, key, _parquet_bytes(frame))
+            _raw.set_bytes(self.store, key, parquet_bytes(frame))
         except OSError as exc:
             raise StoreWriteError(f"{self.url}: writing index part {key} failed: {exc}") from exc
         self._staged = self._staged[len(ready) :]
@@ -353,178 +300,11 @@ class StoreWriter:
         self.sequences_committed += len(ready)
         return len(ready)
 
-    def annotate(self, rows: list[dict[str, Any]]) -> None:
-        """Add per-sequence annotations; see `write_annotations`."""
-        write_annotations(self.store, rows)
+    def annotate(self, annotations: list[Annotation]) -> None:
+        """Add per-sequence annotations; see `index.write_annotations`."""
+        write_annotations(self.store, annotations)
 
     def close(self) -> None:
         """Commit everything staged."""
         if self.root is not None:
             self.flush(partial=True)
-
-
-class StoreSink(RoutingSink):
-    """A capture sink that streams into a routing store from a background thread.
-
-    Args:
-        url: store directory or URL.
-        options: what to keep and how (used when the store is created).
-        queue_steps: bound of the queue between capture and writer, in steps.
-        on_full: ``wait`` (default: capture blocks, nothing is lost) or ``drop`` (the
-            step's rows are dropped, the sequences they belong to are never committed,
-            and `stats["dropped_steps"]` counts them).
-        flush_interval: seconds after which staged sequences are committed even when
-            they do not fill a chunk.
-    """
-
-    def __init__(
-        self,
-        url: str | Path,
-        options: StoreOptions | None = None,
-        *,
-        job: dict[str, Any] | None = None,
-        queue_steps: int = 256,
-        on_full: str = "wait",
-        flush_interval: float = 2.0,
-    ) -> None:
-        if on_full not in ("wait", "drop"):
-            raise ValueError(f"on_full: expected 'wait' or 'drop', got {on_full!r}")
-        self.writer = StoreWriter(url, options, job)
-        self.on_full = on_full
-        self.flush_interval = flush_interval
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_steps)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._dropped_keys: set[tuple[str, int]] = set()
-        self._lock = threading.Lock()
-        self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
-        self._meta: ModelMeta | None = None
-        self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
-
-    # -- RoutingSink -------------------------------------------------------------------
-
-    def open(self, meta: ModelMeta) -> None:
-        """Start the writer thread, which creates or resumes the store first: creating
-        arrays takes milliseconds the engine's step loop should not wait for. An error
-        doing so surfaces on the next call, like any writer error."""
-        self._meta = meta
-        self.start()
-
-    def start(self) -> None:
-        """Start the writer thread (`open` does; separate so tests can hold it back)."""
-        self._thread = threading.Thread(target=self._run, name="moetrace-store-writer", daemon=True)
-        self._thread.start()
-
-    def write(self, rows: RoutingRows) -> None:
-        self._raise_if_failed()
-        if self.on_full == "wait":
-            self._queue.put(("rows", rows))
-            return
-        try:
-            self._queue.put_nowait(("rows", rows))
-        except queue.Full:
-            keys, _ = rows.segments()
-            with self._lock:
-                self._dropped_keys.update(keys)
-                self.stats["dropped_steps"] += 1
-
-    def end_sequence(self, end: SequenceEnd) -> None:
-        self._raise_if_failed()
-        if self._uncommitted_since is None:
-            self._uncommitted_since = time.monotonic()
-        self._queue.put(("end", end))
-
-    def flush(self) -> None:
-        """Block until everything enqueued so far is committed."""
-        done = threading.Event()
-        self._queue.put(("flush", done))
-        while not done.wait(0.05):
-            self._raise_if_failed()
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        self.request_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._raise_if_failed()
-
-    def request_close(self) -> None:
-        """Ask the writer thread to commit everything and stop, without waiting."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(("close", None))
-
-    @property
-    def closed(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
-
-    def committed_keys(self) -> set[tuple[str, int]]:
-        return self.writer.committed_keys()
-
-    def metrics(self) -> dict[str, float]:
-        """Gauges and counters for monitoring; safe to call from any thread."""
-        since = self._uncommitted_since
-        return {
-            "queue_depth": self._queue.qsize(),
-            # how long the oldest finished sequence has waited to be committed
-            "lag_seconds": 0.0 if since is None else time.monotonic() - since,
-            "bytes_written": self.writer.bytes_written,
-            "sequences_committed": self.writer.sequences_committed,
-            **self.stats,
-        }
-
-    # -- writer thread -----------------------------------------------------------------
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            err = self._error
-            if isinstance(err, StoreWriteError):
-                raise StoreWriteError(str(err))
-            raise StoreWriteError(f"{self.writer.url}: store writer failed: {err}")
-
-    def _run(self) -> None:
-        parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
-        last_commit = time.monotonic()
-        try:
-            if not self.writer.is_open:
-                assert self._meta is not None, "open() the sink, or the writer, first"
-                self.writer.open(self._meta)
-            while True:
-                timeout = max(0.0, self.flush_interval - (time.monotonic() - last_commit))
-                try:
-                    kind, item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    kind, item = "tick", None
-                if kind == "rows":
-                    keys, bounds = item.segments()
-                    for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
-                        parts[key].append(item.slice(int(a), int(b)))
-                elif kind == "end":
-                    self._end(item, parts)
-                    if self.writer.staged_rows >= self.writer.chunk:
-                        self.writer.flush(partial=False)
-                elif kind in ("tick", "flush", "close"):
-                    pending_before = self._queue.qsize()
-                    self.writer.flush(partial=True)
-                    last_commit = time.monotonic()
-                    if pending_before == 0 and not self.writer.staged_sequences:
-                        self._uncommitted_since = None
-                    if kind == "flush":
-                        item.set()
-                    if kind == "close":
-                        return
-        except BaseException as exc:  # surfaced to the capture side by _raise_if_failed
-            logger.error("store writer for %s failed: %s", self.writer.url, exc)
-            self._error = exc
-
-    def _end(self, end: SequenceEnd, parts: dict[tuple[str, int], list[RoutingRows]]) -> None:
-        key = (end.request_id, end.sample_index)
-        pieces = parts.pop(key, [])
-        with self._lock:
-            dropped = key in self._dropped_keys
-            self._dropped_keys.discard(key)
-        if dropped:
-            self.stats["dropped_sequences"] += 1
-            return
-        rows = RoutingRows.concat(pieces) if pieces else None
-        if not self.writer.add_sequence(end, rows):
-            self.stats["duplicates_skipped"] += 1

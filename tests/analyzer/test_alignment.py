@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from analyzer.params import Params
 from analyzer.profiles import SequenceProfile
-from analyzer.reduce import Params, alignment_table, matched_layer
+from analyzer.tables.alignment import alignment_table, matched_layer
 
 USAGE = [[5, 5, 0, 0], [5, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]]  # top-p sets {01} {01} {23} {02}
 
@@ -108,7 +109,7 @@ def _block(usage, first_id: int, labels: list[dict]):
 
 
 def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
-    from analyzer.reduce import StoreFold
+    from analyzer.fold import StoreFold
 
     labels = [{"domain": "math"}, {}, {}, {}]  # the committee audit wants sequence 0
     # two map tasks fold a block each; the driver merges their folds
@@ -137,7 +138,7 @@ def test_pair_sample_follows_keys_not_sequence_ids():
 
     import polars as pl
 
-    from analyzer.pipeline import pair_sequences
+    from analyzer.plan import pair_sequences
 
     def index(order):
         return pl.DataFrame(
@@ -161,7 +162,7 @@ def test_committee_sums_give_the_contribution_indices_of_all_members():
     """Contributions from sums merged across folds equal the metric functions (hand-tested
     in test_metrics) applied to every member's last token at once."""
     from analyzer.metrics import committee as cm
-    from analyzer.reduce import CommitteeSums
+    from analyzer.tables.committee import CommitteeSums
 
     rng = np.random.default_rng(3)
     n, layers, k, experts = 40, 2, 3, 7
@@ -191,7 +192,7 @@ def test_committee_sums_give_the_contribution_indices_of_all_members():
 
 
 def test_committee_sums_say_what_a_variant_lacks():
-    from analyzer.reduce import CommitteeSums
+    from analyzer.tables.committee import CommitteeSums
 
     sums = CommitteeSums()
     sums.add("math", np.zeros((2, 1, 1), dtype=np.uint8), None, None, 3)

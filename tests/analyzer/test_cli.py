@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from analyzer.__main__ import app
-from analyzer.reduce import Params
+from analyzer.params import Params
 
 runner = CliRunner()
 

@@ -81,8 +81,9 @@ def test_token_counts_are_one_row_per_token():
 def test_usage_stats_equal_the_metric_functions(pool):
     """Counts with many ties and zeros (top-p sets filled by id), empty prompts, empty
     rollouts and empty sequences."""
+    from analyzer.fold import sequence_stats
+    from analyzer.params import Params
     from analyzer.profiles import BlockProfiles
-    from analyzer.reduce import Params, sequence_stats
 
     rng = np.random.default_rng(3)
     sequences, layers, experts = 300, 3, 16

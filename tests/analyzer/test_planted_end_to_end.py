@@ -6,8 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyzer import pipeline, reduce
+from analyzer import pipeline
 from analyzer.metrics import usage as um
+from analyzer.params import Params
+from analyzer.registry import ANALYSES
 from capture_server.specimens.planted import planted_topk
 
 DOMAINS = ["math", "code", "law"]
@@ -49,8 +51,8 @@ def planted_store(specimen, tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysis_out(planted_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    params = reduce.Params(committee_variant="softmax")
-    pipeline.run([planted_store], list(pipeline.ANALYSES), out, params, block_tokens=128)
+    params = Params(committee_variant="softmax")
+    pipeline.run([planted_store], list(ANALYSES), out, params, block_tokens=128)
     return out
 
 

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 
-from analyzer.pipeline import MAX_BLOCK_BYTES, BlockPlan
-from analyzer.profiles import _open_for_rows
+from analyzer.plan import BlockPlan
+from analyzer.reads import _open_for_rows
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.store import StoreOptions, open_store
 from capture_server.store.writer import StoreWriter
@@ -35,28 +35,35 @@ def _write_store(path, layers: int, sequences: int = 3, rows: int = 40) -> None:
 def test_a_store_made_anew_at_the_same_url_is_opened_anew(tmp_path):
     url = str(tmp_path / "store")
     _write_store(url, layers=2)
-    first = open_store(url).attrs["created_at"]
+    first = open_store(url).created_at
     assert _open_for_rows(url, 10, first) is _open_for_rows(url, 10, first)  # kept open
     shutil.rmtree(url)
     _write_store(url, layers=5)
-    second = open_store(url).attrs["created_at"]
+    second = open_store(url).created_at
     assert second != first
     store = _open_for_rows(url, 10, second)
     assert store.read_rows(0, 10, ("topk_ids",))["topk_ids"].shape == (10, 5, 2)
 
 
-def test_blocks_hold_whole_sequences_and_respect_the_byte_cap(tmp_path):
+def test_blocks_hold_whole_sequences_and_respect_the_byte_cap(tmp_path, monkeypatch):
+    """The byte cap is lowered to two chunks of the widest array, below what the chunk
+    and per-CPU limits alone would give, so it is what bounds the blocks here."""
+    from analyzer import plan as plan_module
+
     url = str(tmp_path / "store")
-    _write_store(url, layers=2, sequences=10)
+    _write_store(url, layers=2, sequences=40)  # 1600 rows: 25 chunks of 64
     store = open_store(url)
+    widest = store.row_nbytes("topk_weights")
+    uncapped = BlockPlan(store, None, keep={3}).blocks
+    cap = 2 * store.chunk_tokens * widest
+    assert max(b.stop - b.start for b in uncapped) * widest > cap, "the cap must bind"
+    monkeypatch.setattr(plan_module, "MAX_BLOCK_BYTES", cap)
     plan = BlockPlan(store, None, keep={3})
     blocks = [(b, plan.rows(b)) for b in plan.blocks]
     seen = [row["sequence_id"] for _, rows in blocks for row in rows]
-    assert sorted(seen) == list(range(10))  # every sequence in exactly one block
+    assert sorted(seen) == list(range(40))  # every sequence in exactly one block
     for block, rows in blocks:
         assert block.start % store.chunk_tokens == 0
         assert all(block.start <= r["token_offset"] < block.stop for r in rows)
-        assert (block.stop - block.start) * store.row_nbytes("topk_weights") <= max(
-            MAX_BLOCK_BYTES, store.chunk_tokens * store.row_nbytes("topk_weights")
-        )
+        assert (block.stop - block.start) * widest <= cap
     assert [r["keep"] for _, rows in blocks for r in rows].count(True) == 1

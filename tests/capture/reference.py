@@ -30,7 +30,7 @@ class TransformersReference:
     def __init__(self, model_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        from capture_server.specimens.build import router_modules
+        from capture_server.specimens.routers import router_modules
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.routers = router_modules(self.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from capture_server.protocol import flush_rpc
 from tests.capture.reference import TransformersReference
 
 
@@ -81,7 +82,7 @@ def test_scoring_captures_every_token(qwen_engine):
 
 
 def test_uncaptured_requests_have_no_rows(qwen_engine):
-    from capture_server.capture.sink import memory_sink
+    from capture_server.capture.registry import memory_sink
 
     before = qwen_engine.stats()["rows"]
     qwen_engine.llm.generate(["plain request without capture"], use_tqdm=False)
@@ -94,7 +95,7 @@ def test_per_request_options_choose_the_optional_arrays(qwen_engine):
     from vllm import SamplingParams
 
     from capture_server.capture.options import CaptureOptions
-    from capture_server.capture.sink import memory_sink
+    from capture_server.capture.registry import memory_sink
 
     full = CaptureOptions(sink="memory://per-request", sequence="full", hidden_layers=(1,))
     lean = CaptureOptions(sink="memory://per-request-lean", sequence="lean", logits=False)
@@ -103,7 +104,7 @@ def test_per_request_options_choose_the_optional_arrays(qwen_engine):
         for o in (full, lean)
     ]
     outs = qwen_engine.llm.generate(["the cell divides", "the bank raised"], params, use_tqdm=False)
-    qwen_engine.llm.collective_rpc("moetrace_flush", args=([o.request_id for o in outs],))
+    flush_rpc([o.request_id for o in outs]).run(qwen_engine.llm)
     rich = memory_sink("per-request").sequence("full")
     bare = memory_sink("per-request-lean").sequence("lean")
     assert rich.router_logits is not None and set(rich.hidden_states) == {1}

@@ -45,4 +45,4 @@ def test_store_equals_in_memory_capture(qwen_engine, tmp_path):
         prompts[:4], str(tmp_path / "sampled"), store_options=EXACT, **dict(kwargs, temperature=1.0)
     )
     assert sorted(sampled.index["sample_index"].to_list()) == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert sampled.model["architecture"] == "Qwen3MoeForCausalLM"
+    assert sampled.model.architecture == "Qwen3MoeForCausalLM"

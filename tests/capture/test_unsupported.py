@@ -43,8 +43,9 @@ def test_modular_runner_is_accepted():
 
 def test_hidden_layer_out_of_range_is_rejected_at_start(specimen):
     from capture_server.capture.api import CaptureEngine
+    from capture_server.errors import CaptureSettingsError
 
-    with pytest.raises(Exception, match="hidden_layers"):
+    with pytest.raises(CaptureSettingsError, match="hidden_layers"):
         CaptureEngine(
             str(specimen("qwen3_moe")), hidden_layers=[7], dtype="float32", max_model_len=256
         )

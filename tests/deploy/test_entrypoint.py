@@ -83,7 +83,9 @@ def test_entrypoint_serves_a_job_and_analyzes_it(tmp_path):
             "sampling": {"max_tokens": 4, "temperature": 0},
         }
         job = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=30).json()
+        deadline = time.monotonic() + 300
         while job["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, f"job still {job['state']} after 300 s"
             time.sleep(0.5)
             job = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=headers, timeout=30).json()
         assert job["state"] == "done" and job["sequences_done"] == 8, job

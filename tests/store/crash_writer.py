@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from capture_server.store.writer import StoreSink
+from capture_server.store.sink import StoreSink
 from tests.store import synthetic
 
 

@@ -19,7 +19,7 @@ from capture_server.errors import (
     StoreWriteError,
 )
 from capture_server.store import open_store
-from capture_server.store.writer import StoreSink
+from capture_server.store.sink import StoreSink
 from tests.store import synthetic
 from tests.store.test_roundtrip import EXACT, assert_sequence_intact, write_all
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from capture_server.protocol import Annotation
 from capture_server.store import StoreOptions, open_store
-from capture_server.store.writer import StoreSink
+from capture_server.store.sink import StoreSink
 from tests.store import synthetic
 from tests.store.synthetic import EXACT
 
@@ -45,7 +46,7 @@ def test_round_trip_arrays_index_and_metadata(tmp_path):
     np.testing.assert_array_equal(
         store.router_weights()["router_weights"], synthetic.meta().router_weights
     )
-    assert store.model["moe_layers"] == [1, 2, 3] and store.chunk_tokens == 64
+    assert store.model.moe_layers == [1, 2, 3] and store.chunk_tokens == 64
     # Sequences are contiguous and do not overlap.
     idx = store.index.sort("token_offset")
     ends = (idx["token_offset"] + idx["num_rows"]).to_numpy()
@@ -113,12 +114,13 @@ def test_annotations_join_the_index(tmp_path, options):
     sink = write_all(tmp_path / "s", ["seq-1", "seq-2"], options)
     sink.writer.annotate(
         [
-            {
-                "request_id": "seq-1",
-                "sample_index": 0,
-                "finish_reason": "stop",
-                "completion_text": "hello",
-            }
+            Annotation(
+                request_id="seq-1",
+                sample_index=0,
+                finish_reason="stop",
+                completion_text="hello",
+                generated_len=1,
+            )
         ]
     )
     store = open_store(tmp_path / "s")

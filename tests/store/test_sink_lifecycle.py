@@ -4,6 +4,7 @@ late row for a closing store waits for the old writer (one writer per store)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -32,8 +33,10 @@ def test_closing_store_is_never_written_by_two_writers(tmp_path):
     assert first_writer.closed, "the old writer finished before a new one opened"
     assert url not in collector._closing and collector._sinks[url] is not first_writer
     collector.close_sinks([url])
+    deadline = time.monotonic() + 60
     while collector.sink_states([url])[url] == "closing":
-        pass
+        assert time.monotonic() < deadline, "the writer did not close within 60 s"
+        time.sleep(0.01)
     assert collector.sink_states([url]) == {url: "closed"}
     assert collector.stats["closed_sequences_committed"] == 2
 

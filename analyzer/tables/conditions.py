@@ -1,0 +1,108 @@
+"""Pair overlap by label condition, with chance levels (paper (a) A3, A7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from analyzer.metrics import usage as um
+from analyzer.metrics.baselines import random_routing
+from analyzer.params import Params
+from analyzer.profiles import SequenceProfile, counts
+from analyzer.tables.common import frequencies, sample_pairs
+
+
+def condition_keys(
+    labels: dict, prompt_index: int, sample_index: int
+) -> tuple[object, object, object]:
+    """(question, author, seed) of a sequence; defaults: prompt index, none, sample index."""
+    return (
+        labels.get("question", prompt_index),
+        labels.get("author"),
+        labels.get("seed", sample_index),
+    )
+
+
+def _keys(p: SequenceProfile) -> tuple[object, object, object]:
+    return condition_keys(p.labels, p.prompt_index, p.sample_index)
+
+
+def condition(a: tuple, b: tuple) -> str:
+    """Relation of two sequences by their (question, author, seed) keys (paper (a) A7)."""
+    (qa, aa, sa), (qb, ab, sb) = a, b
+    same_q, same_a = qa == qb, aa == ab
+    if same_q and same_a:
+        return "same question, same author, other seed" if sa != sb else "identical keys"
+    if same_q:
+        return "same question, other author"
+    if same_a and aa is not None:
+        return "same author, other question"
+    return "other question, other author" if aa is not None else "other question"
+
+
+def condition_table(
+    store: str, profiles: list[SequenceProfile], params: Params, top_k: int
+) -> pl.DataFrame:
+    """Mean top-p Jaccard and usage cosine per (condition, layer), with two chance levels.
+
+    ``label shuffle``: the same pairs with the (question, author, seed) keys permuted
+    across sequences. ``random routing``: pairs of sequences of the same lengths routed
+    uniformly at random.
+    """
+    rng = np.random.default_rng(params.seed)
+    f = np.stack([frequencies(p.scope_counts[params.scope].astype(np.float64)) for p in profiles])
+    keys = [_keys(p) for p in profiles]
+    shuffled = [keys[i] for i in rng.permutation(len(keys))]
+    rows = []
+    pairs = sample_pairs(len(profiles), params.max_pairs, rng)
+    if not pairs:
+        return pl.DataFrame()
+    ia, ib = np.array(pairs).T
+    jac = um.top_p_jaccard(f[ia], f[ib], params.top_p)  # (pairs, layers)
+    cos = um.cosine(f[ia], f[ib])
+    for label, key_list in (("observed", keys), ("label shuffle", shuffled)):
+        conds = np.array([condition(key_list[i], key_list[j]) for i, j in pairs])
+        for cond in np.unique(conds):
+            sel = conds == cond
+            for layer in range(f.shape[1]):
+                rows.append(
+                    {
+                        "store": store,
+                        "baseline": label,
+                        "condition": str(cond),
+                        "layer": layer,
+                        "pairs": int(sel.sum()),
+                        "jaccard": float(jac[sel, layer].mean()),
+                        "cosine": float(cos[sel, layer].mean()),
+                    }
+                )
+    # random routing: same sequence lengths, uniform routing
+    layers, experts = f.shape[1], f.shape[2]
+    sample = pairs[: min(len(pairs), 500)]
+    rj, rc = [], []
+    for i, j in sample:
+        fa = frequencies(
+            counts(
+                random_routing(max(profiles[i].num_rows, 1), layers, experts, top_k, rng), experts
+            ).astype(np.float64)
+        )
+        fb = frequencies(
+            counts(
+                random_routing(max(profiles[j].num_rows, 1), layers, experts, top_k, rng), experts
+            ).astype(np.float64)
+        )
+        rj.append(um.top_p_jaccard(fa, fb, params.top_p))
+        rc.append(um.cosine(fa, fb))
+    for layer in range(layers):
+        rows.append(
+            {
+                "store": store,
+                "baseline": "random routing",
+                "condition": "any",
+                "layer": layer,
+                "pairs": len(sample),
+                "jaccard": float(np.mean([r[layer] for r in rj])),
+                "cosine": float(np.mean([r[layer] for r in rc])),
+            }
+        )
+    return pl.DataFrame(rows)

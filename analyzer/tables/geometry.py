@@ -1,0 +1,92 @@
+"""Router-input geometry against routing (paper (a) A8-A11), for layers whose hidden
+states were captured. Pure: the pipeline reads the sample rows (`sample_rows`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from analyzer.metrics import geometry as gm
+from analyzer.metrics import usage as um
+from analyzer.params import Params
+from analyzer.profiles import SequenceProfile
+from analyzer.tables.common import frequencies, sample_pairs
+from capture_server import protocol
+
+
+def geometry_tables(
+    sample: dict[str, np.ndarray],
+    router_weights: np.ndarray,
+    store: str,
+    profiles: list[SequenceProfile],
+    params: Params,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Paper (a) A8-A11 per MoE layer with captured router inputs: (summary, triangle).
+
+    `sample` holds the store's first rows (`reads.geometry_sample`): ``topk_ids``,
+    ``token_ids``, ``router_logits`` when stored, and the ``hidden_states_<layer>``
+    arrays; `router_weights` is (layers, experts, hidden). A8 compares pooled router
+    inputs of sequence pairs with their usage similarity (the correlation across
+    pairs); A9-A11 use the sample rows. The triangle table holds sampled (hidden
+    distance, logit distance) pairs.
+    """
+    hidden = {protocol.hidden_layer_of(name): name for name in sample}
+    layers = sorted(layer for layer in hidden if layer is not None)
+    if not layers:
+        return pl.DataFrame(), pl.DataFrame()
+    weights, n = router_weights, len(sample[protocol.TOPK_IDS])
+    same_token = gm.same_token_overlap(sample[protocol.TOKEN_IDS], sample[protocol.TOPK_IDS])
+    rng = np.random.default_rng(params.seed)
+    pairs = sample_pairs(len(profiles), min(params.max_pairs, 2000), rng)
+    out, triangle_rows = [], []
+    for layer in layers:
+        h = sample[hidden[layer]].astype(np.float64)
+        if protocol.ROUTER_LOGITS in sample:
+            z = sample[protocol.ROUTER_LOGITS][:, layer].astype(np.float64)
+        else:  # the router is linear: its logits follow from its input and weights
+            z = h @ weights[layer].T.astype(np.float64)
+        lip = gm.lipschitz_ratio(h[:256], z[:256], weights[layer])
+        energy = gm.shared_direction(h, weights[layer])
+        dh, dz = gm.triangle(h[:256], z[:256])
+        slope = float((dz / np.maximum(dh, 1e-12)).max()) if len(dh) else 0.0
+        keep = rng.choice(len(dh), min(len(dh), 3000), replace=False)
+        triangle_rows.append(
+            pl.DataFrame(
+                {
+                    "store": store,
+                    "layer": layer,
+                    "hidden_distance": dh[keep],
+                    "logit_distance": dz[keep],
+                }
+            )
+        )
+        pooled, usage_cos = [], []
+        mean = np.mean([p.pooled_hidden[layer] for p in profiles if p.pooled_hidden], axis=0)
+        for i, j in pairs:
+            a, b = profiles[i], profiles[j]
+            if a.pooled_hidden and b.pooled_hidden:
+                ha = a.pooled_hidden[layer][None]
+                hb = b.pooled_hidden[layer][None]
+                pooled.append(gm.pooled_similarity(ha, hb, mean))
+                fa = frequencies(a.scope_counts[params.scope][layer].astype(np.float64))
+                fb = frequencies(b.scope_counts[params.scope][layer].astype(np.float64))
+                usage_cos.append(float(um.cosine(fa, fb)))
+        corr = float(np.corrcoef(pooled, usage_cos)[0, 1]) if len(pooled) > 2 else float("nan")
+        out.append(
+            {
+                "store": store,
+                "layer": layer,
+                "tokens": n,
+                "lipschitz_empirical": lip["empirical"],
+                "router_operator_norm": lip["operator_norm"],
+                "lipschitz_fraction": lip["fraction"],
+                "triangle_max_slope": slope,
+                "hidden_energy_v1": energy["hidden_energy"],
+                "router_energy_v1": energy["router_energy"],
+                "retained_logit_energy": energy["retained_logit_energy"],
+                "same_token_overlap": float(same_token[layer]),
+                "pooled_vs_usage_corr": corr,
+                "pairs": len(pooled),
+            }
+        )
+    return pl.DataFrame(out), pl.concat(triangle_rows)

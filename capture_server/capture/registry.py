@@ -1,0 +1,50 @@
+"""Sinks by URL, one per process: the capture opens a request's sink by the URL in its
+capture options, and the in-process API reads back what a memory sink received.
+
+``memory://NAME`` is an in-process `MemorySink`; anything else is a routing store path
+or URL, written by `capture_server.store.sink.StoreSink`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from capture_server.capture.sink import MemorySink, RoutingSink
+
+__all__ = ["forget_sink", "memory_sink", "open_sink"]
+
+_registry: dict[str, RoutingSink] = {}
+_registry_lock = threading.Lock()
+
+
+def memory_sink(name: str) -> MemorySink:
+    """The process-wide memory sink called `name` (created on first use)."""
+    sink = open_sink(f"memory://{name}")
+    assert isinstance(sink, MemorySink)
+    return sink
+
+
+def forget_sink(url: str) -> None:
+    """Drop a closed sink from the registry: the next `open_sink` for `url` makes a new
+    one (a store resumes from what it committed)."""
+    with _registry_lock:
+        _registry.pop(url, None)
+
+
+def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingSink:
+    """The sink for `url`, created once per process and then shared; a store is created
+    with `store_options` (`StoreOptions` fields) when it does not exist yet."""
+    with _registry_lock:
+        if url not in _registry:
+            if url.startswith("memory://"):
+                _registry[url] = MemorySink()
+            else:
+                from capture_server.store.format import StoreOptions
+                from capture_server.store.sink import StoreSink
+
+                opts = dict(store_options or {})
+                if "hidden_layers" in opts:
+                    opts["hidden_layers"] = tuple(opts["hidden_layers"])
+                _registry[url] = StoreSink(url, StoreOptions(**opts))
+        return _registry[url]

@@ -1,0 +1,173 @@
+"""The cross-process protocol: every name and format that one moetrace process writes and
+another reads.
+
+Engine configuration (``additional_config["moetrace"]``), per-request options
+(``SamplingParams.extra_args["moetrace"]``), the worker RPCs reached through vLLM's
+``collective_rpc``, sequence keys, store array names and annotation rows are defined
+here and nowhere else. Pure Python: importing it loads neither numpy nor vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+# -- engine configuration and request options ---------------------------------------------
+
+CONFIG_KEY = "moetrace"
+"""Key of the capture settings in vLLM's ``additional_config`` (capture is on when
+present), of the capture options in ``SamplingParams.extra_args``, of the store's Zarr
+attributes, and of the capture extension in the service's OpenAI-compatible bodies."""
+
+
+def engine_config(hidden_layers: list[int] | tuple[int, ...] = (), logits: bool = True) -> dict:
+    """``additional_config`` that switches capture on for an engine."""
+    return {CONFIG_KEY: {"hidden_layers": [int(x) for x in hidden_layers], "logits": logits}}
+
+
+def capture_settings(additional_config: Any) -> dict[str, Any] | None:
+    """The engine-level capture settings in an ``additional_config``, or None when capture
+    is off for that engine."""
+    if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
+        return None
+    return dict(additional_config[CONFIG_KEY] or {})
+
+
+# -- worker RPCs --------------------------------------------------------------------------
+
+
+class RpcTarget(Protocol):
+    """What `WorkerRpc.run` needs: vLLM's ``LLM`` or ``AsyncLLM``."""
+
+    def collective_rpc(self, method: str, args: tuple = ...) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRpc:
+    """One call of a moetrace method on every worker (vLLM's ``collective_rpc``).
+
+    ``run`` works on a ``vllm.LLM`` (returns the per-worker results) and on an
+    ``AsyncLLM`` (returns an awaitable of them).
+    """
+
+    method: str
+    args: tuple = ()
+
+    def run(self, engine: RpcTarget) -> list[Any] | Awaitable[list[Any]]:
+        return engine.collective_rpc(self.method, args=self.args)
+
+
+RPC_FLUSH = "moetrace_flush"
+RPC_STATS = "moetrace_stats"
+RPC_CLOSE = "moetrace_close"
+RPC_SINK_STATES = "moetrace_sink_states"
+RPC_METHODS = (RPC_FLUSH, RPC_STATS, RPC_CLOSE, RPC_SINK_STATES)
+"""Names of the worker methods the plugin installs on vLLM's ``WorkerBase``."""
+
+
+def flush_rpc(
+    finished_ids: list[str] | None = None, sink_urls: list[str] | None = None
+) -> WorkerRpc:
+    """Complete the in-flight step, end the named finished requests (external ids) and
+    commit the named stores (every open one when None). Each worker returns the number
+    of requests its collector still tracks (-1: no collector)."""
+    return WorkerRpc(RPC_FLUSH, (finished_ids, sink_urls))
+
+
+def stats_rpc() -> WorkerRpc:
+    """Each worker's capture counters, expert load and writer metrics ({}: no collector)."""
+    return WorkerRpc(RPC_STATS)
+
+
+def close_rpc(sink_urls: list[str], finished_ids: list[str] | None = None) -> WorkerRpc:
+    """End a finished job's requests and have its stores commit and close, without
+    blocking the engine; `sink_states_rpc` tells when they are closed."""
+    return WorkerRpc(RPC_CLOSE, (sink_urls, finished_ids))
+
+
+def sink_states_rpc(sink_urls: list[str]) -> WorkerRpc:
+    """Per store: ``open``, ``closing``, ``closed`` or ``failed: <error>``."""
+    return WorkerRpc(RPC_SINK_STATES, (sink_urls,))
+
+
+def sink_error(state: str) -> str | None:
+    """The error of a ``failed: <error>`` sink state, else None."""
+    return state.removeprefix("failed: ") if state.startswith("failed") else None
+
+
+# -- sequence keys ------------------------------------------------------------------------
+# A sequence is named in a store by (key, sample index). The key is the caller's, one per
+# prompt; vLLM names the i-th of n samples of request R "i_R" (vllm/v1/engine/
+# parallel_sampling.py, ParentRequest.get_child_info).
+
+
+def job_sequence_key(prompt_index: int) -> str:
+    """Key of prompt `prompt_index` of a service job (rollout or score)."""
+    return f"p{prompt_index}"
+
+
+def online_sequence_key(number: int) -> str:
+    """Key of the `number`-th prompt captured by an OpenAI-compatible job."""
+    return f"c{number}"
+
+
+def call_sequence_key(call: int, prompt_index: int) -> str:
+    """Key of prompt `prompt_index` of the `call`-th call of an in-process engine."""
+    return f"c{call}p{prompt_index}"
+
+
+def split_sample(request_id: str, n: int) -> tuple[int, str]:
+    """(sample index, parent request id) of an external request id: vLLM prefixes the
+    sample index of each of n > 1 samples as ``"<index>_"``."""
+    if n > 1 and "_" in request_id:
+        head, rest = request_id.split("_", 1)
+        if head.isdigit():
+            return int(head), rest
+    return 0, request_id
+
+
+# -- store arrays -------------------------------------------------------------------------
+
+TOPK_IDS = "topk_ids"
+TOPK_WEIGHTS = "topk_weights"
+TOKEN_IDS = "token_ids"
+POSITIONS = "positions"
+ROUTER_LOGITS = "router_logits"
+HIDDEN_PREFIX = "hidden_states"
+
+
+def hidden_array(layer: int) -> str:
+    """Name of the array holding MoE layer `layer`'s router input."""
+    return f"{HIDDEN_PREFIX}_{int(layer)}"
+
+
+def hidden_layer_of(name: str) -> int | None:
+    """The MoE layer of a hidden-state array name, None for any other array."""
+    head, _, tail = name.rpartition("_")
+    return int(tail) if head == HIDDEN_PREFIX and tail.isdigit() else None
+
+
+# -- annotation rows ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Annotation:
+    """What the process that knows a sequence's texts adds to its store (the store's
+    ``info/`` parts), joined onto the index by (request_id, sample_index)."""
+
+    request_id: str
+    """Sequence key."""
+    sample_index: int
+    completion_text: str | None
+    """None for a scored text given as token ids only."""
+    finish_reason: str
+    """vLLM's finish reason (``stop``, ``length``, ...), or ``scored`` for scored texts."""
+    generated_len: int
+    """Tokens generated (0 for scored texts)."""
+    completion_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The parquet row: optional fields are left out when not given."""
+        return {k: v for k, v in asdict(self).items() if v is not None}

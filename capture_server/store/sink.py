@@ -1,0 +1,187 @@
+"""The routing store as a capture sink: a bounded queue and one background writer thread,
+so the model loop only enqueues."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+from capture_server.capture.sink import RoutingSink
+from capture_server.errors import StoreWriteError
+from capture_server.store.format import StoreOptions
+from capture_server.store.writer import StoreWriter
+
+logger = logging.getLogger("moetrace.store")
+
+
+class StoreSink(RoutingSink):
+    """A capture sink that streams into a routing store from a background thread.
+
+    Args:
+        url: store directory or URL.
+        options: what to keep and how (used when the store is created).
+        queue_steps: bound of the queue between capture and writer, in steps.
+        on_full: ``wait`` (default: capture blocks, nothing is lost) or ``drop`` (the
+            step's rows are dropped, the sequences they belong to are never committed,
+            and `stats["dropped_steps"]` counts them).
+        flush_interval: seconds after which staged sequences are committed even when
+            they do not fill a chunk.
+    """
+
+    def __init__(
+        self,
+        url: str | Path,
+        options: StoreOptions | None = None,
+        *,
+        job: dict[str, Any] | None = None,
+        queue_steps: int = 256,
+        on_full: str = "wait",
+        flush_interval: float = 2.0,
+    ) -> None:
+        if on_full not in ("wait", "drop"):
+            raise ValueError(f"on_full: expected 'wait' or 'drop', got {on_full!r}")
+        self.writer = StoreWriter(url, options, job)
+        self.on_full = on_full
+        self.flush_interval = flush_interval
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_steps)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._dropped_keys: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
+        self._meta: ModelMeta | None = None
+        self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
+
+    # -- RoutingSink -------------------------------------------------------------------
+
+    def open(self, meta: ModelMeta) -> None:
+        """Start the writer thread, which creates or resumes the store first: creating
+        arrays takes milliseconds the engine's step loop should not wait for. An error
+        doing so surfaces on the next call, like any writer error."""
+        self._meta = meta
+        self.start()
+
+    def start(self) -> None:
+        """Start the writer thread (`open` does; separate so tests can hold it back)."""
+        self._thread = threading.Thread(target=self._run, name="moetrace-store-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, rows: RoutingRows) -> None:
+        self._raise_if_failed()
+        if self.on_full == "wait":
+            self._queue.put(("rows", rows))
+            return
+        try:
+            self._queue.put_nowait(("rows", rows))
+        except queue.Full:
+            keys, _ = rows.segments()
+            with self._lock:
+                self._dropped_keys.update(keys)
+                self.stats["dropped_steps"] += 1
+
+    def end_sequence(self, end: SequenceEnd) -> None:
+        self._raise_if_failed()
+        if self._uncommitted_since is None:
+            self._uncommitted_since = time.monotonic()
+        self._queue.put(("end", end))
+
+    def flush(self) -> None:
+        """Block until everything enqueued so far is committed."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        while not done.wait(0.05):
+            self._raise_if_failed()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self.request_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._raise_if_failed()
+
+    def request_close(self) -> None:
+        """Ask the writer thread to commit everything and stop, without waiting."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(("close", None))
+
+    @property
+    def closed(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def committed_keys(self) -> set[tuple[str, int]]:
+        return self.writer.committed_keys()
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for monitoring; safe to call from any thread."""
+        since = self._uncommitted_since
+        return {
+            "queue_depth": self._queue.qsize(),
+            # how long the oldest finished sequence has waited to be committed
+            "lag_seconds": 0.0 if since is None else time.monotonic() - since,
+            "bytes_written": self.writer.bytes_written,
+            "sequences_committed": self.writer.sequences_committed,
+            **self.stats,
+        }
+
+    # -- writer thread -----------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, StoreWriteError):
+                raise StoreWriteError(str(err))
+            raise StoreWriteError(f"{self.writer.url}: store writer failed: {err}")
+
+    def _run(self) -> None:
+        parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
+        last_commit = time.monotonic()
+        try:
+            if not self.writer.is_open:
+                assert self._meta is not None, "open() the sink, or the writer, first"
+                self.writer.open(self._meta)
+            while True:
+                timeout = max(0.0, self.flush_interval - (time.monotonic() - last_commit))
+                try:
+                    kind, item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    kind, item = "tick", None
+                if kind == "rows":
+                    keys, bounds = item.segments()
+                    for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
+                        parts[key].append(item.slice(int(a), int(b)))
+                elif kind == "end":
+                    self._end(item, parts)
+                    if self.writer.staged_rows >= self.writer.chunk:
+                        self.writer.flush(partial=False)
+                elif kind in ("tick", "flush", "close"):
+                    pending_before = self._queue.qsize()
+                    self.writer.flush(partial=True)
+                    last_commit = time.monotonic()
+                    if pending_before == 0 and not self.writer.staged_sequences:
+                        self._uncommitted_since = None
+                    if kind == "flush":
+                        item.set()
+                    if kind == "close":
+                        return
+        except BaseException as exc:  # surfaced to the capture side by _raise_if_failed
+            logger.error("store writer for %s failed: %s", self.writer.url, exc)
+            self._error = exc
+
+    def _end(self, end: SequenceEnd, parts: dict[tuple[str, int], list[RoutingRows]]) -> None:
+        key = (end.request_id, end.sample_index)
+        pieces = parts.pop(key, [])
+        with self._lock:
+            dropped = key in self._dropped_keys
+            self._dropped_keys.discard(key)
+        if dropped:
+            self.stats["dropped_sequences"] += 1
+            return
+        rows = RoutingRows.concat(pieces) if pieces else None
+        if not self.writer.add_sequence(end, rows):
+            self.stats["duplicates_skipped"] += 1
