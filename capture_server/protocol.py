@@ -80,6 +80,12 @@ def stats_rpc() -> WorkerRpc:
     return WorkerRpc(RPC_STATS)
 
 
+def workers_without_collector(stats: list[dict[str, Any]]) -> list[int]:
+    """Positions, in `stats_rpc`'s per-worker results, of the workers that capture
+    nothing: an engine configured for capture whose workers did not load the plugin."""
+    return [i for i, worker in enumerate(stats) if not worker]
+
+
 def close_rpc(sink_urls: list[str], finished_ids: list[str] | None = None) -> WorkerRpc:
     """End a finished job's requests and have its stores commit and close, without
     blocking the engine; `sink_states_rpc` tells when they are closed."""

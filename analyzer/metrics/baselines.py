@@ -1,4 +1,5 @@
-"""Chance levels for similarity statistics: random routing and label shuffles."""
+"""Chance levels for similarity statistics: random routing (label shuffles are a
+permutation of the keys, done where the pairs are, in `tables.conditions`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,3 @@ def random_routing(
     """Top-k ids drawn uniformly without replacement per (token, layer): (tokens, layers, k)."""
     keys = rng.random((tokens, layers, num_experts))
     return np.argsort(keys, axis=-1)[..., :k]
-
-
-def shuffled(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of `labels`: condition statistics recomputed on it give chance."""
-    return labels[rng.permutation(len(labels))]

@@ -27,6 +27,11 @@ def create_app(settings: Settings) -> FastAPI:
         shown = settings.model_dump(exclude={"token"})
         logger.info("moetrace service settings: %s (token %s)", shown, bool(settings.token))
         app.state.engines.start()
+        try:
+            await app.state.engines.verify_capture()
+        except Exception:
+            app.state.engines.shutdown()
+            raise
         app.state.runner.resume_unfinished()
         idle = asyncio.create_task(app.state.online.close_idle(settings.online_idle_seconds))
         yield

@@ -16,6 +16,7 @@ from capture_server.api.config import Settings
 from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
+from capture_server.capture.active import require_active
 from capture_server.protocol import (
     Annotation,
     close_rpc,
@@ -23,6 +24,7 @@ from capture_server.protocol import (
     job_sequence_key,
     sink_error,
     sink_states_rpc,
+    stats_rpc,
 )
 from capture_server.store.index import write_annotations
 
@@ -64,6 +66,16 @@ class Engines:
             )
             self.engines[name] = AsyncLLM.from_engine_args(args)
             self.paths[name] = path
+
+    async def verify_capture(self) -> None:
+        """Refuse to serve unless every worker of every engine captures
+        (`capture.active.require_active`)."""
+        for name, engine in self.engines.items():
+            try:
+                stats: list[dict[str, Any]] | BaseException = await stats_rpc().run(engine)
+            except Exception as exc:
+                stats = exc
+            require_active(stats, name)
 
     def shutdown(self) -> None:
         for engine in self.engines.values():

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from capture_server.capture.active import require_active
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
 from capture_server.capture.registry import memory_sink
+from capture_server.errors import CaptureError
 from capture_server.protocol import (
     Annotation,
     call_sequence_key,
@@ -104,6 +106,15 @@ class CaptureEngine:
             **llm_kwargs,
         )
         _live_engines += 1
+        try:
+            stats: list[dict[str, Any]] | BaseException = stats_rpc().run(self.llm)
+        except Exception as exc:
+            stats = exc
+        try:
+            require_active(stats, model)
+        except CaptureError:
+            self.close()
+            raise
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(

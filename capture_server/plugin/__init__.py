@@ -1,8 +1,9 @@
 """The vLLM plugin: a `vllm.general_plugins` entry point that installs routing capture.
 
-vLLM loads general plugins in every process, the worker included, before the model
-is built. `register` only patches the model runner classes; capture itself switches
-on per engine (``additional_config={"moetrace": {...}}``) when the model is loaded.
+vLLM loads general plugins in every process, the worker included, before the engine's
+config is resolved and before the model is built. `register` only patches classes:
+engines configured for capture (``additional_config={"moetrace": {...}}``) get the V1
+model runner (`runner_choice`), and capture switches on when their model is loaded.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ logger = logging.getLogger("moetrace.capture")
 
 
 def register() -> None:
-    """Patch vLLM's model runners. Safe to call many times, in any process."""
-    import vllm.envs as envs
-
-    from capture_server.plugin.runner_patch import patch_model_runner
-
-    if envs.VLLM_USE_V2_MODEL_RUNNER:
-        raise RuntimeError(
-            "moetrace capture supports vLLM's default model runner only; "
-            "unset VLLM_USE_V2_MODEL_RUNNER"
-        )
+    """Patch vLLM's model runners and runner choice. Safe to call many times, in any
+    process; engines without ``additional_config["moetrace"]`` are left as they are."""
+    from vllm.config import VllmConfig
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from capture_server.plugin.runner_choice import choose_v1_for_capture, refuse_capture_on
+    from capture_server.plugin.runner_patch import patch_model_runner
+
+    choose_v1_for_capture(VllmConfig)
     # Reachable by name through collective_rpc from any process (see protocol.WorkerRpc).
     for name, method in zip(protocol.RPC_METHODS, (flush, stats, close, sink_states), strict=True):
         setattr(WorkerBase, name, method)
@@ -39,6 +37,11 @@ def register() -> None:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
         patch_model_runner(CPUModelRunner)
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
+    except ImportError:  # a platform without the V2 runner cannot run it either
+        return
+    refuse_capture_on(V2ModelRunner)
 
 
 def flush(

@@ -67,4 +67,16 @@ class CaptureBuffers:
             self.logits[layer, :n].copy_(router_logits[:, : self.num_experts])
         hidden = self.hidden.get(layer)
         if hidden is not None:
-            hidden[:n].copy_(hidden_states)
+            # MXFP4 backends pad the router input past hidden_size (gpt-oss: 2880 -> 3072,
+            # vllm/model_executor/layers/fused_moe/oracle/mxfp4.py): the model's columns
+            # come first.
+            hidden[:n].copy_(hidden_states[:, : hidden.shape[1]])
+
+    def arm_proof(self) -> None:
+        """Mark row 0 of every layer's ids as not recorded (-1), before a step with rows:
+        after the step, a layer whose row 0 is still -1 did not record (`unrecorded`)."""
+        self.ids[:, 0].fill_(-1)
+
+    def unrecorded(self) -> list[int]:
+        """MoE-layer slots that did not record since `arm_proof` (syncs the device)."""
+        return (self.ids[:, 0, 0] < 0).nonzero().flatten().tolist()

@@ -19,7 +19,7 @@ from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.registry import forget_sink, open_sink
 from capture_server.capture.sink import RoutingSink
-from capture_server.errors import MoetraceError
+from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.protocol import split_sample
 
@@ -85,6 +85,8 @@ class StepCollector:
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
+        self._proven = False  # every layer has recorded once (see before_step)
+        self._armed = False
         self._sinks: dict[str, RoutingSink] = {}
         self._closing: dict[str, RoutingSink] = {}  # committing their last rows
         self.sink_errors: dict[str, str] = {}
@@ -102,8 +104,31 @@ class StepCollector:
 
     # -- called by the model runner wrapper -------------------------------------------
 
+    def before_step(self, scheduler_output: Any) -> None:
+        """Until the first step with rows has proven that every MoE layer records, arm
+        the proof (`CaptureBuffers.arm_proof`)."""
+        if not self._proven and int(scheduler_output.total_num_scheduled_tokens):
+            self.buffers.arm_proof()
+            self._armed = True
+
+    def _check_proof(self) -> None:
+        """Raise if a MoE layer recorded nothing in the armed step: its forward does not
+        go through the hooked `select_experts`, and its routing would be missing."""
+        self._armed = False
+        silent = self.buffers.unrecorded()
+        if silent:
+            blocks = [self.meta.moe_layers[i] for i in silent]
+            raise CaptureError(
+                f"moetrace capture: MoE blocks {blocks} recorded no routing in the first "
+                "step; their kernel routes without calling select_experts (choose a "
+                "modular MoE backend, e.g. --moe-backend triton)"
+            )
+        self._proven = True
+
     def after_step(self, runner: Any, scheduler_output: Any) -> None:
         """Start the host copy of this step and finish the previous one."""
+        if self._armed:
+            self._check_proof()
         start = time.perf_counter()
         finished = list(scheduler_output.finished_req_ids)
         num_tokens = int(scheduler_output.total_num_scheduled_tokens)

@@ -168,5 +168,21 @@ def hook_routers(runners: list[tuple[int, Any]], buffers: CaptureBuffers) -> Non
             buffers.record(_slot, hidden_states, router_logits, topk_weights, topk_ids)
             return topk_weights, topk_ids
 
+        select_experts._moetrace = True  # type: ignore[attr-defined]
         router.select_experts = select_experts
         router._moetrace_slot = slot
+
+
+def verify_hooked(runners: list[tuple[int, Any]]) -> None:
+    """Raise unless every MoE runner's router calls the capture's wrapper."""
+    missing = [
+        block
+        for block, runner in runners
+        if not getattr(runner.router.select_experts, "_moetrace", False)
+        or getattr(runner.router, "_moetrace_slot", None) is None
+    ]
+    if missing:
+        raise CaptureError(
+            f"moetrace capture could not hook the routers of MoE blocks {missing}; "
+            "their routing would not be recorded"
+        )

@@ -15,6 +15,7 @@ from capture_server.plugin.router_hook import (
     find_moe_runners,
     hook_routers,
     output_scale,
+    verify_hooked,
 )
 from capture_server.protocol import capture_settings
 
@@ -50,6 +51,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         device=runner.device,
     )
     hook_routers(runners, buffers)
+    verify_hooked(runners)
     logger.info(
         "moetrace capture on: %d MoE layers %s, %d experts, top-%d, hidden states of "
         "MoE layers %s; device buffers %.1f MiB",
@@ -81,8 +83,10 @@ def patch_model_runner(cls: type) -> None:
 
     @functools.wraps(original_execute)
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original_execute(self, scheduler_output, *args, **kwargs)
         collector = getattr(self, "_moetrace", None)
+        if collector is not None:
+            collector.before_step(scheduler_output)
+        result = original_execute(self, scheduler_output, *args, **kwargs)
         if collector is not None:
             collector.after_step(self, scheduler_output)
         return result
