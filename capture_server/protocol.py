@@ -157,6 +157,12 @@ def hidden_layer_of(name: str) -> int | None:
 # -- annotation rows ----------------------------------------------------------------------
 
 
+def forwarded_positions(prompt_tokens: int, output_tokens: int) -> int:
+    """Positions a returned output forwarded: its last sampled token never is (a scored
+    text generates one token, so every token of the text is forwarded)."""
+    return prompt_tokens + max(output_tokens, 1) - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Annotation:
     """What the process that knows a sequence's texts adds to its store (the store's
@@ -173,6 +179,11 @@ class Annotation:
     """Tokens generated (0 for scored texts)."""
     completion_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    positions: int | None = None
+    """Positions the returned output forwarded: engine prompt tokens + generated tokens
+    - 1 (`forwarded_positions`). The engine may forward more (a stop string ends the
+    output inside a step; async scheduling forwards a finished request once more); the
+    reader drops the rows past it."""
 
     def row(self) -> dict[str, Any]:
         """The parquet row: optional fields are left out when not given."""

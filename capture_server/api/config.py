@@ -1,12 +1,23 @@
 """Service settings: flags, environment (``MOETRACE_*``), ``.env`` and a TOML file.
 
 Precedence, highest first: command-line flags, environment, ``.env``, the ``--config``
-file, defaults. The file uses the field names below::
+file, defaults. The file uses the field names below; vLLM engine settings are the
+``vllm serve`` flags with underscores, for every model and per model::
 
-    models = ["/models/Qwen3-30B-A3B"]
+    models = ["/models/Qwen3-30B-A3B", "/models/OLMoE-1B-7B"]
     data_dir = "/data"
     hidden_layers = [0, 24]
     token = "..."
+
+    [engine]                      # every model (MOETRACE_ENGINE='{"dtype": "bfloat16"}')
+    dtype = "bfloat16"
+    gpu_memory_utilization = 0.85
+
+    [model_engine.Qwen3-30B-A3B]  # one model, over [engine]
+    tensor_parallel_size = 2
+    moe_backend = "triton"
+
+Engine flags given on the command line come last and win (see `engine_argv`).
 """
 
 from __future__ import annotations
@@ -49,9 +60,14 @@ class Settings(BaseSettings):
     max_tokens_limit: int = 32_768
     hidden_layers: Annotated[list[int], NoDecode] = Field(default_factory=list)
     """MoE layers whose router inputs the engines capture (jobs may keep a subset)."""
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """vLLM engine settings for every model, by ``vllm serve`` flag name (``-`` or ``_``);
+    vLLM's defaults apply to the rest (see `api.engine_args`)."""
+    model_engine: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per model name (the checkpoint directory's name): engine settings over `engine`."""
+    engine_flags: list[str] = Field(default_factory=list)
+    """vLLM engine flags from the command line, as given; they apply to every model and
+    win over `engine` and `model_engine`."""
     online_idle_seconds: float = 60.0
     """An online (OpenAI-endpoint) job's store writer closes after this long without a
     request; the job stays open and its next request reopens the store."""
@@ -71,6 +87,13 @@ class Settings(BaseSettings):
 
     def model_name(self, path: str) -> str:
         return Path(path.rstrip("/")).name
+
+    def engine_argv(self, path: str) -> list[str]:
+        """The vLLM engine flags of the model at `path`, lowest precedence first."""
+        from capture_server.api.engine_args import to_argv
+
+        own = self.model_engine.get(self.model_name(path), {})
+        return [*to_argv(self.engine), *to_argv(own), *self.engine_flags]
 
     @classmethod
     def settings_customise_sources(

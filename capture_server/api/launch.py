@@ -1,7 +1,8 @@
 """Start the capture service as a subprocess on loopback and wait until it is ready.
 
 Used by the demo and the tests; the tiny-model settings (fp32, short context, hidden
-states of MoE layer 1, a 1 GiB CPU KV cache) suit the specimen models.
+states of MoE layer 1, a 1 GiB CPU KV cache, eager mode: compiling costs a CPU about a
+minute per engine) suit the specimen models.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def launch(
     token: str | None = None,
     env: dict[str, str] | None = None,
     hidden_layers: tuple[int, ...] = (1,),
+    engine_flags: tuple[str, ...] = ("--enforce-eager",),
     timeout: float = 180,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``python -m capture_server.api serve`` in its own process group.
 
-    `env` adds environment settings (``MOETRACE_*``). Returns the process and its base
+    `env` adds environment settings (``MOETRACE_*``); `engine_flags` are vLLM engine
+    flags for every model. Returns the process and its base
     URL once ``/readyz`` answers 200. Raises `RuntimeError` with the end of the log when
     the server dies or times out.
     """
@@ -53,6 +56,7 @@ def launch(
         "float32",
         "--max-model-len",
         "512",
+        *engine_flags,
     ]
     for layer in hidden_layers:
         cmd += ["--hidden-layer", str(layer)]

@@ -22,7 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from capture_server.api.online import CaptureConflictError
 from capture_server.api.routes import Auth
 from capture_server.api.schemas import LABEL_KEY, Capture
-from capture_server.protocol import CONFIG_KEY, Annotation, online_sequence_key
+from capture_server.protocol import (
+    CONFIG_KEY,
+    Annotation,
+    forwarded_positions,
+    online_sequence_key,
+)
 
 router = APIRouter(tags=["openai"])
 
@@ -182,6 +187,7 @@ async def _generate(
             finish_reason=c.finish_reason or "",
             generated_len=len(c.token_ids),
             completion_token_ids=list(c.token_ids),
+            positions=forwarded_positions(len(final.prompt_token_ids), len(c.token_ids)),
         )
         for k, final in enumerate(finals)
         for c in final.outputs

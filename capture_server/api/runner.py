@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from capture_server.api.config import Settings
+from capture_server.api.engine_args import build_engine_args
 from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
@@ -20,7 +21,7 @@ from capture_server.capture.active import require_active
 from capture_server.protocol import (
     Annotation,
     close_rpc,
-    engine_config,
+    forwarded_positions,
     job_sequence_key,
     sink_error,
     sink_states_rpc,
@@ -39,30 +40,26 @@ class Engines:
         self.engines: dict[str, Any] = {}
         self.paths: dict[str, str] = {}
 
-    def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
+    def engine_args(self, path: str) -> Any:
+        """vLLM's `AsyncEngineArgs` of the model at `path` (`api.engine_args`)."""
         from vllm.platforms import current_platform
+
+        argv = self.settings.engine_argv(path)
+        cpu = current_platform.is_cpu()
+        return build_engine_args(path, argv, self.settings.hidden_layers, cpu=cpu)
+
+    def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         for path in self.settings.models:
             name = self.settings.model_name(path)
-            args = AsyncEngineArgs(
-                model=path,
-                dtype=self.settings.dtype,
-                max_model_len=self.settings.max_model_len,
-                enforce_eager=True,
-                enable_prefix_caching=False,
-                # vLLM rewinds a seeded request's generator when its prompt is split
-                # across steps; CPU generators cannot rewind, so prompts go in whole.
-                enable_chunked_prefill=False if current_platform.is_cpu() else None,
-                max_num_seqs=self.settings.max_num_seqs,
-                additional_config=engine_config(self.settings.hidden_layers),
-            )
+            args = self.engine_args(path)
             logger.info(
-                "starting engine %s from %s (hidden layers %s)",
+                "starting engine %s from %s (hidden layers %s; engine flags %s)",
                 name,
                 path,
                 self.settings.hidden_layers,
+                " ".join(self.settings.engine_argv(path)) or "vLLM's defaults",
             )
             self.engines[name] = AsyncLLM.from_engine_args(args)
             self.paths[name] = path
@@ -204,6 +201,9 @@ class JobRunner:
                         finish_reason=(c.finish_reason or "") if rollout else "scored",
                         generated_len=len(c.token_ids) if rollout else 0,
                         completion_token_ids=list(c.token_ids) if rollout else [],
+                        positions=forwarded_positions(
+                            len(final.prompt_token_ids), len(c.token_ids)
+                        ),
                     )
                 )
                 progress["tokens"] += len(c.token_ids)
@@ -270,6 +270,7 @@ class JobRunner:
             top_p=s.top_p,
             seed=s.seed,
             ignore_eos=s.ignore_eos,
+            stop=s.stop,
             extra_args=options.to_extra_args(),
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples
         )

@@ -56,6 +56,8 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0)
     ignore_eos: bool = False
+    stop: list[str] | None = Field(None, max_length=16)
+    """Strings that end a sample (not included in its text), as in vLLM."""
 
     @model_validator(mode="after")
     def samples_need_temperature(self) -> Sampling:

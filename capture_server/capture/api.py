@@ -28,6 +28,7 @@ from capture_server.protocol import (
     call_sequence_key,
     engine_config,
     flush_rpc,
+    forwarded_positions,
     stats_rpc,
 )
 
@@ -147,7 +148,12 @@ class CaptureEngine:
                         output_token_ids=list(completion.token_ids),
                         text=completion.text,
                         finish_reason=completion.finish_reason,
-                        rows=sink.sequence(key, completion.index, pop=True),
+                        rows=_clip(
+                            sink.sequence(key, completion.index, pop=True),
+                            forwarded_positions(
+                                len(out.prompt_token_ids), len(completion.token_ids)
+                            ),
+                        ),
                         labels=dict(labels[i]) if labels else {},
                     )
                 )
@@ -188,6 +194,7 @@ class CaptureEngine:
                     completion_text=c.text,
                     finish_reason=c.finish_reason or "",
                     generated_len=len(c.token_ids),
+                    positions=forwarded_positions(len(out.prompt_token_ids), len(c.token_ids)),
                 )
                 for key, out in outputs
                 for c in out.outputs
@@ -286,6 +293,17 @@ class CaptureEngine:
         gc.collect()
         _live_engines -= 1
         cleanup_dist_env_and_memory()
+
+
+def _clip(rows: RoutingRows, positions: int) -> RoutingRows:
+    """The rows of positions the returned output forwarded (see
+    `protocol.Annotation.positions`): a stop string can end the output before the last
+    position the engine forwarded."""
+    return (
+        rows
+        if len(rows) == 0 or rows.positions[-1] < positions
+        else rows.select(rows.positions < positions)
+    )
 
 
 def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> CaptureResult:

@@ -63,9 +63,10 @@ def stats(worker: Any) -> dict[str, Any]:
     """`protocol.stats_rpc`: the collector's counters, expert load per
     layer (captured tokens), each open store's writer metrics, and sink errors."""
     collector = getattr(worker.model_runner, "_moetrace", None)
-    if collector is None:
-        return {}
+    if collector is None:  # a TP replica captures by its rank 0; {}: capture is off
+        return {"role": "replica"} if getattr(worker.model_runner, "_moetrace_replica", 0) else {}
     return {
+        "role": "writer",
         **collector.stats,
         "expert_load": collector.expert_load.tolist(),
         "sinks": collector.sink_metrics(),

@@ -45,7 +45,7 @@ def check_supported(runners: list[tuple[int, Any]]) -> None:
                 f"moetrace capture is not supported with the monolithic MoE kernel of "
                 f"layer {block} ({type(runner.routed_experts.quant_method).__name__}): it "
                 "routes inside the kernel and never calls select_experts; choose a modular "
-                "MoE backend"
+                "MoE backend, e.g. --moe-backend triton (see docs/deploy.md)"
             )
         if getattr(runner.router, "eplb_state", None) is not None:
             raise CaptureUnsupportedError(

@@ -9,6 +9,7 @@ from typing import Any
 from capture_server.errors import CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
+from capture_server.plugin.layout import REPLICA, capture_role
 from capture_server.plugin.router_hook import (
     check_supported,
     describe_model,
@@ -23,7 +24,8 @@ logger = logging.getLogger("moetrace.capture")
 
 
 def install_capture(runner: Any) -> StepCollector | None:
-    """Hook every MoE router of `runner.model`; return the collector (None if capture is off)."""
+    """Hook every MoE router of `runner.model`; return the collector (None if capture is
+    off, or on a replica: a TP rank other than 0, marked ``_moetrace_replica``)."""
     # on when additional_config has a "moetrace" entry, e.g.
     # --additional-config '{"moetrace": {"hidden_layers": [1]}}'
     config = capture_settings(getattr(runner.vllm_config, "additional_config", None))
@@ -40,6 +42,11 @@ def install_capture(runner: Any) -> StepCollector | None:
                 f"moetrace hidden_layers: expected MoE-layer indices in [0, {len(runners)}), "
                 f"got {layer}"
             )
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if capture_role(runner.vllm_config, get_tensor_model_parallel_rank()) == REPLICA:
+        runner._moetrace_replica = True  # TP rank 0 routes the same rows and writes them
+        return None
     buffers = CaptureBuffers(
         num_layers=len(runners),
         max_tokens=int(runner.max_num_tokens),

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import zarr
 
+from capture_server import protocol
 from capture_server.capture.records import ModelSummary
 from capture_server.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from capture_server.store import _raw
@@ -78,7 +79,7 @@ class RoutingStore:
     @property
     def array_rows(self) -> int:
         """Rows the arrays have room for, as opened (at least `num_tokens`)."""
-        return int(self._arrays["topk_ids"].shape[0])
+        return int(self._arrays[protocol.TOPK_IDS].shape[0])
 
     def row_nbytes(self, name: str) -> int:
         """Bytes one token row of array `name` takes in memory."""
@@ -123,9 +124,11 @@ class RoutingStore:
             raise KeyError(f"{self.url}: no committed sequence {sequence_id}")
         offset, n = int(row["token_offset"][0]), int(row["num_rows"][0])
         arrays = self.read_rows(offset, offset + n, names)
-        positions = arrays.get("positions")
+        positions = arrays.get(protocol.POSITIONS)
         if positions is None:
-            positions = self.read_rows(offset, offset + n, ("positions",))["positions"]
+            positions = self.read_rows(offset, offset + n, (protocol.POSITIONS,))[
+                protocol.POSITIONS
+            ]
         arrays["is_prompt"] = positions < int(row["prompt_len"][0])
         return arrays
 
@@ -186,8 +189,24 @@ def open_store(path_or_url: str | Path, *, read_index: bool = True) -> RoutingSt
     info = read_index_parts(store, INFO_PREFIX) if read_index else None
     if info is not None and len(info):
         info = info.unique(["request_id", "sample_index"], keep="last")
-        index = index.join(info, on=["request_id", "sample_index"], how="left")
+        index = _clip_to_output(index.join(info, on=["request_id", "sample_index"], how="left"))
     return RoutingStore(url, root, attrs, _expand_labels(index))
+
+
+def _clip_to_output(index: pl.DataFrame) -> pl.DataFrame:
+    """Rows past the positions the returned output forwarded (annotation ``positions``)
+    are extras the engine forwarded after the output ended: `num_rows` stops before
+    them, and ``rows_written`` keeps what the writer committed."""
+    if "positions" not in index.columns:
+        return index
+    clipped = (pl.col("positions") - pl.col("first_position")).clip(lower_bound=0)
+    return index.with_columns(
+        pl.col("num_rows").alias("rows_written"),
+        pl.when(pl.col("positions").is_null())
+        .then(pl.col("num_rows"))
+        .otherwise(pl.min_horizontal(pl.col("num_rows"), clipped))
+        .alias("num_rows"),
+    )
 
 
 def _expand_labels(index: pl.DataFrame) -> pl.DataFrame:

@@ -89,6 +89,29 @@ def test_sampled_rollout_follows_the_plant(server):
             np.testing.assert_array_equal(arrays["topk_ids"][:, layer], want)
 
 
+def test_stop_strings_leave_exactly_the_rows_of_the_returned_output(server):
+    """Stop strings end a sample inside a step; the engine (its own process, running
+    ahead of the detokenizer) may forward more. Every sequence reads P + G - 1 rows of
+    its returned output, and its stored token ids are its prompt and completion."""
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe",
+        "prompts": [{"prompt": p} for p in PROMPTS[:32]],
+        "sampling": {"n": 2, "max_tokens": 24, "temperature": 1.0, "seed": 5, "stop": ["e", "a"]},
+    }
+    job = server.wait_job(server.client.post("/v1/jobs", json=body).json()["id"])
+    assert job["state"] == "done" and job["sequences_done"] == 64, job
+    store = open_store(job["store"])
+    index = store.index
+    stopped = index.filter(index["finish_reason"] == "stop")
+    assert len(stopped) > 16, "the stop strings end most samples"
+    for row in index.iter_rows(named=True):
+        assert row["num_rows"] == row["prompt_len"] + row["generated_len"] - 1, row
+        assert row["rows_written"] >= row["num_rows"]
+        tokens = store.sequence(row["sequence_id"], ("token_ids",))["token_ids"]
+        assert tokens[row["prompt_len"] :].tolist() == row["completion_token_ids"][:-1]
+
+
 def test_score_job_reproduces_the_rollout(server, sampled_job):
     rollout = open_store(sampled_job["store"])
     rows = rollout.index.sort("prompt_index").head(16)

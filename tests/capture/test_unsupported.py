@@ -49,3 +49,49 @@ def test_hidden_layer_out_of_range_is_rejected_at_start(specimen):
         CaptureEngine(
             str(specimen("qwen3_moe")), hidden_layers=[7], dtype="float32", max_model_len=256
         )
+
+
+def _vllm_config(**parallel: object) -> SimpleNamespace:
+    base = {
+        "data_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "use_sequence_parallel_moe": False,
+        "use_ubatching": False,
+    }
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(**{**base, **parallel}), speculative_config=None
+    )
+
+
+def test_tensor_parallel_rank_zero_writes_and_the_others_are_replicas():
+    from capture_server.plugin.layout import REPLICA, WRITER, capture_role
+
+    assert capture_role(_vllm_config(), 0) == WRITER
+    assert capture_role(_vllm_config(), 1) == REPLICA
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        (_vllm_config(data_parallel_size=2), "data parallelism"),
+        (_vllm_config(pipeline_parallel_size=2), "pipeline parallelism"),
+        (_vllm_config(use_sequence_parallel_moe=True), "sequence-parallel MoE"),
+        (_vllm_config(use_ubatching=True), "dual-batch overlap"),
+        (
+            SimpleNamespace(
+                parallel_config=_vllm_config().parallel_config, speculative_config=object()
+            ),
+            "speculative decoding",
+        ),
+    ],
+)
+def test_layouts_capture_cannot_get_right_are_refused(config, named):
+    from capture_server.plugin.layout import capture_role
+
+    with pytest.raises(CaptureUnsupportedError, match=f"does not support {named}"):
+        capture_role(config, 0)
+
+
+def test_monolithic_refusal_names_the_backend_flag():
+    with pytest.raises(CaptureUnsupportedError, match="--moe-backend triton"):
+        check_supported([(0, _runner(monolithic=True))])

@@ -50,7 +50,7 @@ def test_entrypoint_serves_a_job_and_analyzes_it(tmp_path):
         MOETRACE_SPECIMEN="qwen3_moe",
         MOETRACE_HOST="127.0.0.1",
         MOETRACE_PORT=str(port),
-        MOETRACE_MAX_MODEL_LEN="512",
+        MOETRACE_ENGINE='{"dtype": "float32", "max_model_len": 512, "enforce_eager": true}',
         MOETRACE_TOKEN="entry-token",
         MOETRACE_STORE_ROOT=store_root,
     )

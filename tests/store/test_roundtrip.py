@@ -138,3 +138,30 @@ def test_any_fsspec_url_round_trips(tmp_path):
     assert sorted(store.index["request_id"]) == sorted(keys)
     for row in store.index.iter_rows(named=True):
         assert_sequence_intact(store, row["sequence_id"], row["request_id"])
+
+
+def test_rows_past_the_returned_output_are_not_read(tmp_path):
+    """A stop string (or async scheduling) can end the returned output before the last
+    position the engine forwarded: the annotation's `positions` clips the sequence."""
+    sink = write_all(tmp_path / "s", ["seq-1", "seq-2"])
+    written = synthetic.length_of("seq-1")
+    sink.writer.annotate(
+        [
+            Annotation(
+                request_id="seq-1",
+                sample_index=0,
+                completion_text="x",
+                finish_reason="stop",
+                generated_len=2,
+                positions=written - 3,
+            )
+        ]
+    )
+    store = open_store(tmp_path / "s")
+    row = store.index.filter(store.index["request_id"] == "seq-1").row(0, named=True)
+    assert row["rows_written"] == written and row["num_rows"] == written - 3
+    arrays = store.sequence(row["sequence_id"])
+    want = synthetic.sequence_rows("seq-1", written).topk_ids[: written - 3]
+    np.testing.assert_array_equal(arrays["topk_ids"], want)
+    other = store.index.filter(store.index["request_id"] == "seq-2").row(0, named=True)
+    assert other["num_rows"] == other["rows_written"] == synthetic.length_of("seq-2")

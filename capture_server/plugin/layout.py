@@ -1,0 +1,56 @@
+"""Which worker writes, and which engine layouts capture refuses, at model load.
+
+Plain tensor parallelism: the router gate is a replicated linear on all-reduced input
+(vllm/model_executor/layers/fused_moe/router/gate_linear.py), so every TP rank routes
+the whole batch with the same ids, weights, logits and hidden states. TP rank 0 hooks
+and writes; the other ranks are replicas that allocate nothing and write nothing.
+
+Refused, each with what to change, because their rows would be wrong, duplicated or
+missing (vLLM 0.32, read in its source):
+    - data parallelism (each DP rank is its own engine core: two writers of one store),
+      pipeline parallelism (each stage holds only its layers), and sequence-parallel MoE
+      (TP rank r routes only its slice of the tokens; `ParallelConfig.use_sequence_parallel_moe`);
+    - dual-batch overlap (`ParallelConfig.use_ubatching`: two threads write the same
+      buffer rows);
+    - speculative decoding (draft tokens are forwarded and some rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capture_server.plugin.router_hook import CaptureUnsupportedError
+
+WRITER, REPLICA = "writer", "replica"
+
+
+def unsupported_layout(vllm_config: Any) -> str | None:
+    """Why capture cannot be right on this engine's layout, or None."""
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1:
+        return (
+            f"data parallelism (data_parallel_size={parallel.data_parallel_size}): run one "
+            "capture server per DP rank for now"
+        )
+    if parallel.pipeline_parallel_size > 1:
+        return f"pipeline parallelism (pipeline_parallel_size={parallel.pipeline_parallel_size})"
+    if getattr(parallel, "use_sequence_parallel_moe", False):
+        return "sequence-parallel MoE (expert parallel with TP and DP)"
+    if getattr(parallel, "use_ubatching", False):
+        return "dual-batch overlap (--enable-dbo / ubatch_size > 1)"
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return "speculative decoding (rejected draft tokens would be recorded)"
+    return None
+
+
+def capture_role(vllm_config: Any, tp_rank: int) -> str:
+    """`WRITER` for the worker that captures and writes, `REPLICA` for TP ranks > 0.
+
+    Raises `CaptureUnsupportedError` on a layout capture does not handle.
+    """
+    reason = unsupported_layout(vllm_config)
+    if reason is not None:
+        raise CaptureUnsupportedError(
+            f"moetrace capture does not support {reason}; turn it off for capture engines"
+        )
+    return WRITER if tp_rank == 0 else REPLICA

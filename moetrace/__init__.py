@@ -1,0 +1,2 @@
+"""The ``moetrace`` command (`moetrace.cli`): one entry point for the capture service, the
+service's clients, the analyzer, routing stores and specimen models."""

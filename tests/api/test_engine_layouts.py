@@ -1,0 +1,79 @@
+"""The service with engine flags beyond the defaults of the other tests: compiled (vLLM's
+default, no --enforce-eager) and tensor parallel (--tensor-parallel-size 2, two worker
+processes). Each is checked against planted truth, row counts, and the server log (one
+writer: no store error).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capture_server.api.launch import launch
+from capture_server.specimens.planted import planted_topk
+from capture_server.store import open_store
+from tests.api.conftest import TOKEN, Server, stop_server
+
+PROMPTS = [f"the king signed the treaty {i}" for i in range(5)]
+
+
+def _serve(specimen, tmp_path, engine_flags: tuple[str, ...]) -> Server:
+    data = tmp_path / "data"
+    proc, url = launch(
+        [specimen("qwen3_moe", planted=True)],
+        data,
+        tmp_path / "server.log",
+        token=TOKEN,
+        engine_flags=engine_flags,
+        timeout=600,
+    )
+    return Server(url, data, proc)
+
+
+def _run_and_check(server: Server, log) -> dict:
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe-planted",
+        "prompts": [{"prompt": p} for p in PROMPTS],
+        "sampling": {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True},
+    }
+    created = server.client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = server.wait_job(created.json()["id"])
+    assert job["state"] == "done" and job["sequences_done"] == 10, job
+    store = open_store(job["store"])
+    assert len(store.index) == 10
+    for row in store.index.iter_rows(named=True):
+        rows = store.sequence(row["sequence_id"])
+        assert row["num_rows"] == row["prompt_len"] + row["generated_len"] - 1
+        for layer in range(rows["topk_ids"].shape[1]):
+            np.testing.assert_array_equal(
+                rows["topk_ids"][:, layer], planted_topk(rows["token_ids"], layer)
+            )
+    text = log.read_text()
+    assert "store writer" not in text and "Traceback" not in text, text[-3000:]
+    return job
+
+
+@pytest.mark.slow
+def test_compiled_engine_captures_the_planted_routing(specimen, tmp_path):
+    server = _serve(specimen, tmp_path, engine_flags=())
+    try:
+        _run_and_check(server, tmp_path / "server.log")
+        stats = server.client.get("/metrics").text
+        assert "moetrace_tokens_captured" in stats
+    finally:
+        stop_server(server)
+    assert "enforce_eager=False" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_has_one_writer(specimen, tmp_path):
+    server = _serve(
+        specimen, tmp_path, engine_flags=("--enforce-eager", "--tensor-parallel-size", "2")
+    )
+    try:
+        _run_and_check(server, tmp_path / "server.log")
+    finally:
+        stop_server(server)
+    assert "tensor_parallel_size=2" in (tmp_path / "server.log").read_text()
