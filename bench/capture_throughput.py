@@ -77,7 +77,11 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
         from capture_server.capture.api import CaptureEngine
 
         engine = CaptureEngine(
-            model, logits=config["logits"], hidden_layers=config["hidden_layers"], **common
+            model,
+            logits=config["logits"],
+            hidden_layers=config["hidden_layers"],
+            **common,
+            enforce_eager=True,
         )
         vocab = len(engine.tokenizer)
         token_prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]

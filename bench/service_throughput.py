@@ -65,7 +65,11 @@ def run_in_process(model: str) -> list[float]:
     from capture_server.capture.options import CaptureOptions
 
     engine = CaptureEngine(
-        model, enable_chunked_prefill=not current_platform.is_cpu(), seed=0, **ENGINE
+        model,
+        enable_chunked_prefill=not current_platform.is_cpu(),
+        seed=0,
+        **ENGINE,
+        enforce_eager=True,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(len(engine.tokenizer))]
     store_dir = tempfile.mkdtemp(prefix="moetrace-bench-inproc-")

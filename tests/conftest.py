@@ -46,6 +46,7 @@ def qwen_engine(specimen):
         max_num_batched_tokens=128,
         max_num_seqs=128,
         seed=0,
+        enforce_eager=True,
     )
     yield engine
     engine.close()

@@ -71,7 +71,10 @@ class CaptureEngine:
         logits: keep the full router logits (engine-wide: decides what the forward copies).
         enable_prefix_caching: off by default, so every prompt token is forwarded and
             captured; when on, cached prompt positions have no rows (never invented).
-        **llm_kwargs: passed to `vllm.LLM` (dtype, max_model_len, enforce_eager, ...).
+        **llm_kwargs: vLLM engine arguments, passed to `vllm.LLM` as they are (dtype,
+            max_model_len, tensor_parallel_size, moe_backend, ...); vLLM's defaults apply
+            to the rest (compiled, with CUDA graphs on GPU; ``enforce_eager=True`` starts
+            faster on a CPU).
             On CPU, per-request seeds need ``enable_chunked_prefill=False``: vLLM rewinds
             a seeded request's generator when its prompt is split across steps, which a
             CPU generator cannot do (the capture service sets this itself).
@@ -99,7 +102,6 @@ class CaptureEngine:
                 "in vLLM's one-process mode share the distributed state, and shutting one "
                 "down tears it down for all)"
             )
-        llm_kwargs.setdefault("enforce_eager", True)
         self.llm = LLM(
             model,
             enable_prefix_caching=enable_prefix_caching,

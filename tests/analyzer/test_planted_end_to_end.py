@@ -26,6 +26,7 @@ def planted_store(specimen, tmp_path_factory):
         hidden_layers=[0, 2],
         dtype="float32",
         max_model_len=512,
+        enforce_eager=True,
     )
     vocab = len(engine.tokenizer)
     prompts, labels = [], []

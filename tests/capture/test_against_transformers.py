@@ -39,7 +39,12 @@ def captured(request, specimen):
     path = specimen(arch)
     moe_layers = build.LAYERS - (1 if arch == "deepseek_v3" else 0)
     engine = CaptureEngine(
-        str(path), hidden_layers=range(moe_layers), dtype="float32", max_model_len=512, seed=0
+        str(path),
+        hidden_layers=range(moe_layers),
+        dtype="float32",
+        max_model_len=512,
+        seed=0,
+        enforce_eager=True,
     )
     try:
         result = engine.generate(PROMPTS, max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -16,6 +16,7 @@ def cached_engine(specimen):
         max_model_len=1024,
         enable_prefix_caching=True,
         seed=0,
+        enforce_eager=True,
     )
     yield engine
     engine.close()
@@ -45,6 +46,7 @@ def tight_engine(specimen):
         num_gpu_blocks_override=8,
         block_size=32,
         seed=0,
+        enforce_eager=True,
     )
     yield engine
     engine.close()

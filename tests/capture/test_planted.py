@@ -13,7 +13,11 @@ def planted_result(specimen):
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
-        str(specimen("qwen3_moe", planted=True)), dtype="float32", max_model_len=512, seed=0
+        str(specimen("qwen3_moe", planted=True)),
+        dtype="float32",
+        max_model_len=512,
+        seed=0,
+        enforce_eager=True,
     )
     vocab = len(engine.tokenizer)
     prompts = [np.arange(1, vocab).tolist()[:200], [5, 9, 13, 200, 201], "the king signed"]

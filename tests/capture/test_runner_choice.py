@@ -73,7 +73,10 @@ def test_capture_runs_and_is_right_where_vllm_would_choose_v2(specimen, triton_p
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
-        str(specimen("qwen3_moe", planted=True)), dtype="float32", max_model_len=256
+        str(specimen("qwen3_moe", planted=True)),
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
     )
     try:
         assert not engine.llm.llm_engine.vllm_config.use_v2_model_runner
@@ -159,7 +162,7 @@ def test_an_engine_without_the_plugin_refuses_to_start(specimen, tmp_path):
     code = (
         "from capture_server.capture.api import CaptureEngine\n"
         f"CaptureEngine({str(specimen('qwen3_moe', planted=True))!r}, dtype='float32', "
-        "max_model_len=256)\n"
+        "max_model_len=256, enforce_eager=True)\n"
     )
     env = {**os.environ, "VLLM_PLUGINS": "some_other_plugin"}
     result = subprocess.run(

@@ -47,7 +47,11 @@ def test_hidden_layer_out_of_range_is_rejected_at_start(specimen):
 
     with pytest.raises(CaptureSettingsError, match="hidden_layers"):
         CaptureEngine(
-            str(specimen("qwen3_moe")), hidden_layers=[7], dtype="float32", max_model_len=256
+            str(specimen("qwen3_moe")),
+            hidden_layers=[7],
+            dtype="float32",
+            max_model_len=256,
+            enforce_eager=True,
         )
 
 
