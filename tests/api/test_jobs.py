@@ -41,7 +41,8 @@ def test_rollout_store_matches_in_process_capture(sampled_job, specimen):
         hidden_layers=[1],
         dtype="float32",
         max_model_len=512,
-        enable_chunked_prefill=False,  # per-request seeds on CPU, as the service runs, enforce_eager=True
+        enable_chunked_prefill=False,  # per-request seeds on CPU, as the service runs
+        enforce_eager=True,
     )
     try:
         direct = engine.generate(PROMPTS, **SAMPLING)
