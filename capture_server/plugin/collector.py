@@ -1,8 +1,8 @@
 """Turn each step's capture buffers into attributed rows and hand them to sinks.
 
 Runs in the worker after `execute_model` returns. The device-to-host copy of a step
-is started right after that step (non-blocking) and consumed one step later, so on
-a GPU the copy overlaps the next forward; on the CPU it is a plain copy.
+is started right after that step, on a copy stream (`host_copy`), and consumed one step
+later, so on a GPU the copy overlaps the next forward; on the CPU it is a plain copy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from capture_server.capture.registry import forget_sink, open_sink
 from capture_server.capture.sink import RoutingSink
 from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
+from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.protocol import split_sample
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ class _PendingStep:
     """A step whose host copy is in flight."""
 
     rows: dict[str, Any]
-    device_arrays: dict[str, torch.Tensor]
-    event: Any
+    copy: PendingCopy
     finished: list[str] = field(default_factory=list)
 
 
@@ -85,6 +85,7 @@ class StepCollector:
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
         self._pending: _PendingStep | None = None
+        self._host_copy = HostCopy(buffers.ids.device) if buffers is not None else None
         self._proven = False  # every layer has recorded once (see before_step)
         self._armed = False
         self._sinks: dict[str, RoutingSink] = {}
@@ -100,6 +101,7 @@ class StepCollector:
             "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
             "closed_bytes_written": 0,  # writer totals of stores closed so far
             "closed_sequences_committed": 0,
+            "buffer_bytes": 0 if buffers is None else buffers.nbytes(),  # device memory
         }
 
     # -- called by the model runner wrapper -------------------------------------------
@@ -253,24 +255,16 @@ class StepCollector:
         for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
             if any(s is not None and layer in s.options.hidden_layers for s in states):
                 device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
-        host = {k: v.to("cpu", non_blocking=True) for k, v in device_arrays.items()}
-        event = None
-        if self.buffers.ids.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
         return _PendingStep(
             rows={"req_of_row": req_of_row[rows], "states": states},
-            device_arrays=host,
-            event=event,
+            copy=self._host_copy.start(device_arrays),
         )
 
     def _complete_pending(self) -> None:
         step, self._pending = self._pending, None
         if step is None:
             return
-        if step.event is not None:
-            step.event.synchronize()
-        a = {k: v.numpy() for k, v in step.device_arrays.items()}
+        a = step.copy.wait()
         states: list[_RequestState | None] = step.rows["states"]
         req_of_row: np.ndarray = step.rows["req_of_row"]
         positions = a["positions"].astype(np.int64)
