@@ -3,7 +3,9 @@
 Records are shaped like Qwen3-30B-A3B (48 MoE layers, 128 experts, top-8, fp16
 logits). For each codec the writer (one thread, `StoreWriter`) streams the same
 sequences; the same bytes are also written raw with plain file writes to the same disk.
-Memory: peak RSS of a writer process for a job and for a job 10x larger.
+Memory: peak RSS of a writer process for a job and for a job 10x larger. Writers: the
+same rows written by one writer process, and by two at once, each writing its half as a
+data-parallel part of one store (format version 2), as aggregate MB/s.
 
     .venv/bin/python bench/store_throughput.py [--rows 20000] [--out docs/bench-store.json]
 """
@@ -63,14 +65,20 @@ def _pool():
     return pool
 
 
-def write_store(path: str, rows_total: int, codec: str) -> dict[str, float]:
+def write_store(
+    path: str, rows_total: int, codec: str, dp_rank: int | None = None
+) -> dict[str, float]:
+    """One writer's run; with `dp_rank`, as that data-parallel part of a parted store."""
     from capture_server.capture.records import SequenceEnd
     from capture_server.store import StoreOptions
+    from capture_server.store.parts import PartId
     from capture_server.store.writer import StoreWriter
 
     pool = _pool()
-    writer = StoreWriter(path, StoreOptions(compressor=codec, weights_dtype="float16"))
+    part = None if dp_rank is None else PartId(dp_rank=dp_rank)
+    writer = StoreWriter(path, StoreOptions(compressor=codec, weights_dtype="float16"), part=part)
     writer.open(_meta())
+    started = time.time()
     t0 = time.perf_counter()
     n = 0
     while n * SEQ_ROWS < rows_total:
@@ -83,6 +91,8 @@ def write_store(path: str, rows_total: int, codec: str) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
+        "started": started,
+        "ended": started + seconds,
         "bytes": writer.bytes_written,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -112,12 +122,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000, help="Token rows per codec run.")
     parser.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    parser.add_argument(
-        "--child", nargs=3, metavar=("PATH", "ROWS", "CODEC"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # PATH ROWS CODEC [DP]
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(write_store(args.child[0], int(args.child[1]), args.child[2])))
+        path, rows, codec, *dp = args.child
+        dp_rank = int(dp[0]) if dp else None
+        print(json.dumps(write_store(path, int(rows), codec, dp_rank)))
         return
 
     scratch = args.dir or tempfile.mkdtemp(prefix="moetrace-bench-")
@@ -189,12 +199,35 @@ def main() -> None:
         mem[f"{scale}x"] = round(child(path, args.rows * scale, CODECS[0])["peak_rss_mb"], 1)
         shutil.rmtree(path)
     print(f"peak RSS: {mem}", file=sys.stderr)
+
+    def writers(count: int) -> float:
+        """Aggregate MB/s of `count` writer processes splitting the rows, at once."""
+        path = os.path.join(scratch, f"writers{count}")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--child", path, str(args.rows // count), CODECS[0]]
+                + ([] if count == 1 else [str(d)]),
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for d in range(count)
+        ]
+        runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        shutil.rmtree(path)
+        span = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+        return sum(r["bytes"] for r in runs) / span / 1e6
+
+    one, two = writers(1), writers(2)
+    parts = {"one_MBps": round(one, 1), "two_MBps": round(two, 1), "ratio": round(two / one, 2)}
+    print(f"writers: {parts}", file=sys.stderr)
     summary = {
         "rows": args.rows,
         "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
         "raw_MBps": round(raw_mbps, 1),
         "codecs": results,
         "peak_rss_mb": mem,
+        "writers": parts,
     }
     print(json.dumps(summary, indent=2))
     if args.out:

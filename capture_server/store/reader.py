@@ -86,6 +86,11 @@ class RoutingStore:
         array = self._arrays[name]
         return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
 
+    def row_spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape of one row, dtype) of array `name`."""
+        array = self._arrays[name]
+        return tuple(array.shape[1:]), np.dtype(array.dtype)
+
     @property
     def array_names(self) -> list[str]:
         return sorted(self._arrays)
@@ -156,15 +161,12 @@ class RoutingStore:
             i = j
 
 
-def open_store(path_or_url: str | Path, *, read_index: bool = True) -> RoutingStore:
-    """Open a routing store for reading.
-
-    `read_index=False` leaves `index` empty: for workers that are told which rows to read.
+def read_root(path_or_url: str | Path) -> tuple[str, Any, zarr.Group, dict[str, Any]]:
+    """(url, zarr store, root group, moetrace attributes) of a store of any version.
 
     Raises:
         StoreNotFoundError: nothing at the path.
-        StoreFormatError: not a moetrace store, or a format version this reader does not read.
-        StoreCorruptError: the index cannot be decoded.
+        StoreFormatError: not a moetrace store.
     """
     url = str(path_or_url)
     if "://" not in url and not Path(url).exists():
@@ -177,20 +179,33 @@ def open_store(path_or_url: str | Path, *, read_index: bool = True) -> RoutingSt
     attrs = root.attrs.get(ATTRS_KEY)
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{url}: not a moetrace routing store")
+    return url, store, root, attrs
+
+
+def open_single(path_or_url: str | Path, *, read_index: bool = True) -> RoutingStore:
+    """Open a store written by one writer (format version 1), or one part of a parted
+    store; `open_store` opens either kind."""
+    url, store, root, attrs = read_root(path_or_url)
     if attrs.get("format_version") != FORMAT_VERSION:
         raise StoreFormatError(
-            f"{url}: format version {attrs.get('format_version')}, this moetrace reads "
-            f"version {FORMAT_VERSION}"
+            f"{url}: format version {attrs.get('format_version')}, expected {FORMAT_VERSION}"
         )
     index = read_index_parts(store) if read_index else None
     if index is None:
         index = pl.DataFrame(schema=INDEX_SCHEMA)
     index = index.unique("sequence_id", keep="first").sort("sequence_id")
-    info = read_index_parts(store, INFO_PREFIX) if read_index else None
+    if read_index:
+        index = join_annotations(index, read_index_parts(store, INFO_PREFIX))
+    return RoutingStore(url, root, attrs, index)
+
+
+def join_annotations(index: pl.DataFrame, info: pl.DataFrame | None) -> pl.DataFrame:
+    """The index with its annotations (the newest per sequence) joined on, rows past
+    the returned output clipped, and labels expanded into ``label_<key>`` columns."""
     if info is not None and len(info):
         info = info.unique(["request_id", "sample_index"], keep="last")
         index = _clip_to_output(index.join(info, on=["request_id", "sample_index"], how="left"))
-    return RoutingStore(url, root, attrs, _expand_labels(index))
+    return _expand_labels(index)
 
 
 def _clip_to_output(index: pl.DataFrame) -> pl.DataFrame:

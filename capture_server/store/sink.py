@@ -15,6 +15,7 @@ from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.sink import RoutingSink
 from capture_server.errors import StoreWriteError
 from capture_server.store.format import StoreOptions
+from capture_server.store.parts import PartId
 from capture_server.store.writer import StoreWriter
 
 logger = logging.getLogger("moetrace.store")
@@ -32,6 +33,7 @@ class StoreSink(RoutingSink):
             and `stats["dropped_steps"]` counts them).
         flush_interval: seconds after which staged sequences are committed even when
             they do not fill a chunk.
+        part: this writer's part of a store with several writers (`store.parts`).
     """
 
     def __init__(
@@ -43,10 +45,11 @@ class StoreSink(RoutingSink):
         queue_steps: int = 256,
         on_full: str = "wait",
         flush_interval: float = 2.0,
+        part: PartId | None = None,
     ) -> None:
         if on_full not in ("wait", "drop"):
             raise ValueError(f"on_full: expected 'wait' or 'drop', got {on_full!r}")
-        self.writer = StoreWriter(url, options, job)
+        self.writer = StoreWriter(url, options, job, part)
         self.on_full = on_full
         self.flush_interval = flush_interval
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_steps)

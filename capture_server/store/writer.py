@@ -49,6 +49,7 @@ from capture_server.store.index import (
     read_index_parts,
     write_annotations,
 )
+from capture_server.store.parts import PartId, ensure_root
 
 logger = logging.getLogger("moetrace.store")
 
@@ -61,8 +62,12 @@ class StoreWriter:
         url: str | Path,
         options: StoreOptions | None = None,
         job: dict[str, Any] | None = None,
+        part: PartId | None = None,
     ) -> None:
-        self.url = str(url)
+        self.root_url = str(url)
+        self.part = part
+        """With a part, this writer writes that part of a parted store (`store.parts`)."""
+        self.url = str(url) if part is None else part.url(str(url))
         self.requested = options or StoreOptions()
         self.job = dict(job or {})
         self.store = _raw.make_store(self.url)
@@ -84,7 +89,9 @@ class StoreWriter:
     # -- opening -----------------------------------------------------------------------
 
     def open(self, meta: ModelMeta) -> None:
-        """Create the store, or resume an existing one for the same model."""
+        """Create the store (or this writer's part), or resume it for the same model."""
+        if self.part is not None:
+            ensure_root(self.root_url)
         try:
             existing = zarr.open_group(store=self.store, mode="r")
             attrs = existing.attrs.get(ATTRS_KEY)
@@ -140,6 +147,7 @@ class StoreWriter:
             "options": {**asdict(self.options), "hidden_layers": list(opts.hidden_layers)},
             "arrays": sorted(specs),
             "job": self.job,
+            **({"part": asdict(self.part)} if self.part is not None else {}),
         }
         root.attrs[ATTRS_KEY] = attrs  # written last: a store without it is not a store yet
         self.root = root

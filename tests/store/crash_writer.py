@@ -1,6 +1,9 @@
 """A writer process for crash tests: streams synthetic sequences into a store, slowly.
 
 python -m tests.store.crash_writer STORE NUM_SEQUENCES
+python -m tests.store.crash_writer STORE NUM_SEQUENCES DP_RANK DP_SIZE PP_STAGE PP_SIZE
+    (one part of a parted store: rank DP_RANK's share of the sequences, stage PP_STAGE's
+    layers)
 """
 
 from __future__ import annotations
@@ -8,8 +11,9 @@ from __future__ import annotations
 import sys
 import time
 
+from capture_server.store.parts import PartId
 from capture_server.store.sink import StoreSink
-from tests.store import synthetic
+from tests.store import parted, synthetic
 
 
 def main(path: str, count: int) -> None:
@@ -27,5 +31,14 @@ def main(path: str, count: int) -> None:
     print("finished", flush=True)
 
 
+def main_part(path: str, count: int, dp_rank: int, dp_size: int, stage: int, pp: int) -> None:
+    keys = [f"seq-{i}" for i in range(count)][dp_rank::dp_size]
+    parted.write_part(path, PartId(dp_rank, stage, pp), keys, pause=0.01)
+    print("finished", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if len(sys.argv) == 3:
+        main(sys.argv[1], int(sys.argv[2]))
+    else:
+        main_part(sys.argv[1], *(int(x) for x in sys.argv[2:7]))
