@@ -132,9 +132,17 @@ class CaptureEngine:
 
         `sampling` is a `vllm.SamplingParams` (or one per prompt); without it,
         `sampling_kwargs` build one (for example ``max_tokens=16, temperature=0``).
+        Rows come back in memory, so the engine's workers must run in this process
+        (``tensor_parallel_size=1``); otherwise use `generate_to_store`.
         """
         from vllm import SamplingParams
 
+        world = self.llm.llm_engine.vllm_config.parallel_config.world_size
+        if world > 1:
+            raise CaptureError(
+                f"generate() keeps rows in this process's memory, but this engine's "
+                f"{world} workers run in their own processes; use generate_to_store()"
+            )
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
         outputs = self._run(prompts, sampling, labels, sink=f"memory://{self._sink_name}")
