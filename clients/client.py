@@ -40,6 +40,17 @@ class _Call:
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def request(self, content: Any = None) -> dict[str, Any]:
+        """Keyword arguments of httpx's ``request``, with the body `content` if any."""
+        return {
+            "method": self.method,
+            "url": self.path,
+            "params": self.params,
+            "json": self.json,
+            "headers": self.headers,
+            "content": content,
+        }
+
 
 class _BaseClient:
     """Request building and response handling, shared by `Client` and `AsyncClient`,
@@ -119,15 +130,7 @@ class Client(_BaseClient):
         self._http.close()
 
     def _send(self, call: _Call, content: Any = None) -> Any:
-        response = self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            content=content,
-        )
-        return self._result(response)
+        return self._result(self._http.request(**call.request(content)))
 
     def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         """Create a job (`JobCreate` body); returns the job record."""
@@ -189,15 +192,7 @@ class AsyncClient(_BaseClient):
         await self._http.aclose()
 
     async def _send(self, call: _Call, content: Any = None) -> Any:
-        response = await self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            content=content,
-        )
-        return self._result(response)
+        return self._result(await self._http.request(**call.request(content)))
 
     async def submit(self, job: dict[str, Any]) -> dict[str, Any]:
         """Create a job (`JobCreate` body); returns the job record."""
