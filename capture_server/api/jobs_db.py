@@ -128,6 +128,39 @@ class JobsDB:
             names = [d[0] for d in cur.description]
             return [self._decode(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
 
+    def request_cancel(self, job_id: str) -> bool:
+        """Mark a queued or running job ``cancelling``, once: True for the call that did.
+        A cancelling job never resumes after a restart (`unfinished` leaves it out)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state = 'cancelling', updated_at = ? "
+                "WHERE id = ? AND state IN (?, ?)",
+                (time.time(), job_id, *UNFINISHED),
+            )
+        return cur.rowcount == 1
+
+    def start(self, job_id: str, sequences_done: int) -> bool:
+        """Mark a queued (or resumed running) job running; False if it is being cancelled."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state = 'running', sequences_done = ?, updated_at = ? "
+                "WHERE id = ? AND state IN (?, ?)",
+                (sequences_done, time.time(), job_id, *UNFINISHED),
+            )
+        return cur.rowcount == 1
+
+    def finish_interrupted_cancels(self, job_id: str | None = None) -> int:
+        """Jobs (all, or `job_id`) whose cancel was under way when their task ended or the
+        server restarted are cancelled: no writer is left; what it committed stays."""
+        where, args = ("", ()) if job_id is None else (" AND id = ?", (job_id,))
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state = 'cancelled', updated_at = ? "
+                f"WHERE state = 'cancelling'{where}",
+                (time.time(), *args),
+            )
+        return cur.rowcount
+
     def count_by_state(self) -> dict[str, int]:
         with self._lock:
             return dict(self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))

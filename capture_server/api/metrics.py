@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from capture_server.protocol import stats_rpc
 
-JOB_STATES = ("queued", "running", "open", "done", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "open", "cancelling", "done", "failed", "cancelled")
 
 
 class ServiceMetrics:

@@ -110,7 +110,8 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
         engine = app.engines.engines.get(job["model"])
         if engine is not None:
             await close_store(engine, app.runner.store_path(job_id), [])
-    app.runner.cancel(job_id)
+    elif app.db.request_cancel(job_id):  # the first cancel; later ones change nothing
+        app.runner.cancel(job_id)
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
 
 

@@ -91,6 +91,7 @@ class JobRunner:
         self.db = db
         self.engines = engines
         self.tasks: dict[str, asyncio.Task] = {}
+        self.cancelled: set[str] = set()
         self.tokens_generated = 0
 
     def store_path(self, job_id: str) -> str:
@@ -107,8 +108,12 @@ class JobRunner:
         self.tasks[job_id] = task
 
     def _finished(self, job_id: str, task: asyncio.Task) -> None:
-        """A job whose task raised is failed with the error, never left 'running'."""
-        if task.cancelled() or task.exception() is None:
+        """A job whose task raised is failed with the error, never left 'running'; one
+        cancelled before it started is cancelled."""
+        if task.cancelled():
+            self.db.finish_interrupted_cancels(job_id)
+            return
+        if task.exception() is None:
             return
         exc = task.exception()
         logger.error("job %s failed: %s", job_id, exc, exc_info=exc)
@@ -118,6 +123,8 @@ class JobRunner:
         )
 
     def resume_unfinished(self) -> int:
+        """Resume queued and running jobs; cancels cut short by a restart are final."""
+        self.db.finish_interrupted_cancels()
         jobs = self.db.unfinished()
         for job in jobs:
             logger.info("resuming job %s", job["id"])
@@ -125,9 +132,12 @@ class JobRunner:
         return len(jobs)
 
     def cancel(self, job_id: str) -> bool:
+        """Cancel a job's task, once: the task then commits and closes the store and
+        records ``cancelled`` (shielded, so nothing interrupts that)."""
         task = self.tasks.get(job_id)
-        if task is None or task.done():
+        if task is None or task.done() or job_id in self.cancelled:
             return False
+        self.cancelled.add(job_id)
         task.cancel()
         return True
 
@@ -152,7 +162,9 @@ class JobRunner:
             "last": 0.0,
         }
         started = time.monotonic()
-        self.db.update(job_id, state="running", sequences_done=progress["done"])
+        if not self.db.start(job_id, sequences_done=progress["done"]):
+            self.db.finish_interrupted_cancels(job_id)  # cancelled before it ran
+            return
         tokenizer = engine.get_tokenizer()
         limit = asyncio.Semaphore(self.settings.concurrency)
         request_ids: list[str] = []
@@ -216,13 +228,17 @@ class JobRunner:
             for i, p in enumerate(prompts)
             if not all((job_sequence_key(i), s) in committed for s in range(n))
         ]
-        state = "done"
+        cancelled = False
         try:
             await asyncio.gather(*(one(i, p) for i, p in todo))
         except asyncio.CancelledError:
-            state = "cancelled"
-            await engine.abort(request_ids)
-        finally:
+            cancelled = True
+
+        async def finish() -> None:
+            """Abort what is left, commit and close the store, record the final state."""
+            if cancelled:
+                await engine.abort(request_ids)
+            state = "cancelled" if cancelled else "done"
             sink_error = await close_store(engine, store, request_ids)
             if sink_error:
                 state = "failed"
@@ -231,6 +247,14 @@ class JobRunner:
                 state = "failed"
             report(force=True)
             self.db.update(job_id, state=state)
+
+        ending = asyncio.ensure_future(finish())
+        while not ending.done():  # a later cancel of this task must not cut the ending short
+            try:
+                await asyncio.shield(ending)
+            except asyncio.CancelledError:
+                continue
+        ending.result()
 
     def _request(
         self, request: JobCreate, i: int, item: PromptItem, tokenizer: Any, store: str

@@ -131,7 +131,7 @@ class JobPublic(BaseModel):
     name: str | None
     kind: str
     model: str
-    state: Literal["queued", "running", "open", "done", "failed", "cancelled"]
+    state: Literal["queued", "running", "open", "cancelling", "done", "failed", "cancelled"]
     sequences_total: int
     sequences_done: int
     sequences_failed: int

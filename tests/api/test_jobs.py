@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -187,3 +190,54 @@ def test_seeded_jobs_reproduce(server):
             stores[0].sequence(x, ("topk_ids",))["topk_ids"],
             stores[1].sequence(y, ("topk_ids",))["topk_ids"],
         )
+
+
+def test_cancel_is_idempotent_and_final(server):
+    """Two cancels at once both answer 200; the job ends cancelled with its store
+    committed and closed, and a third cancel changes nothing."""
+    import httpx
+
+    from tests.api.conftest import TOKEN
+
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe",
+        "prompts": [{"prompt": f"a long story {i}"} for i in range(16)],
+        "sampling": {"max_tokens": 400, "ignore_eos": True},
+    }
+    job_id = server.client.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 60
+    while server.client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def cancel(_: int) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+            return client.delete(f"/v1/jobs/{job_id}")
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(cancel, range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert {a.json()["state"] for a in answers} <= {"cancelling", "cancelled"}
+    job = server.wait_job(job_id, timeout=120)
+    assert job["state"] == "cancelled", job
+    again = server.client.delete(f"/v1/jobs/{job_id}")
+    assert again.status_code == 200 and again.json()["state"] == "cancelled"
+    store = open_store(job["store"])  # committed sequences stay, whole
+    for sid in store.index["sequence_id"].to_list():
+        assert len(store.sequence(sid, ("token_ids",))["token_ids"]) > 0
+
+
+def test_a_cancel_survives_a_restart(tmp_path):
+    """The job record: a cancel under way when the server stops is final after restart;
+    a job being cancelled never starts."""
+    from capture_server.api.jobs_db import JobsDB
+
+    db = JobsDB(tmp_path / "jobs.sqlite")
+    job_id = db.create({"kind": "rollout", "model": "m"}, 4)
+    assert db.request_cancel(job_id) and not db.request_cancel(job_id)
+    assert db.unfinished() == [] and not db.start(job_id, sequences_done=0)
+    assert db.finish_interrupted_cancels() == 1
+    assert db.get(job_id)["state"] == "cancelled"
+    assert not db.request_cancel(job_id)
