@@ -7,6 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from capture_server.api.config import Settings
@@ -59,6 +60,16 @@ def create_app(settings: Settings) -> FastAPI:
                 status_code=413, content={"detail": f"request body too large (limit {limit} bytes)"}
             )
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each field and what is wrong, without echoing the input back (it
+        may be large, or hold NaN, which JSON cannot carry)."""
+        detail = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e["type"]}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     app.include_router(router)
     app.include_router(openai_router)

@@ -75,6 +75,8 @@ def _parse(path: Path):
                 yield PromptItem.model_validate(json.loads(line))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise UploadError(f"line {number}: not valid JSON ({exc})") from None
+            except RecursionError:
+                raise UploadError(f"line {number}: JSON nested too deeply") from None
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "prompt"

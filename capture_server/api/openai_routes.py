@@ -17,11 +17,12 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from capture_server.api.online import CaptureConflictError
 from capture_server.api.routes import Auth
-from capture_server.api.schemas import LABEL_KEY, Capture
+from capture_server.api.schemas import LABEL_KEY, MAX_SEED, STRICT, Capture, encodable
+from capture_server.api.tokens import check_token_ids
 from capture_server.protocol import (
     CONFIG_KEY,
     Annotation,
@@ -45,14 +46,14 @@ class OnlineCapture(Capture):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: Literal[False] = False
     """Streaming is not offered: a response returns once its routing is committed."""
@@ -69,6 +70,9 @@ class CompletionRequest(_Common):
     def non_empty(self) -> CompletionRequest:
         if not self.prompt or any(not p for p in self.prompts()):
             raise ValueError("prompt must not be empty")
+        for p in self.prompts():
+            if isinstance(p, str):
+                encodable(p, "prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -81,10 +85,15 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @model_validator(mode="after")
+    def tokenisable(self) -> ChatMessage:
+        encodable(self.content, "content")
+        return self
 
 
 class ChatCompletionRequest(_Common):
@@ -130,6 +139,7 @@ async def _generate(
     from vllm import SamplingParams
 
     _check_lengths(prompts, engine)
+    check_token_ids(prompts, engine, "prompt")
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 

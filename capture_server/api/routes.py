@@ -9,8 +9,10 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from capture_server.api.files import UploadError, UploadTooLargeError
 from capture_server.api.runner import close_store
 from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic, check_score_prompts
+from capture_server.api.tokens import check_token_ids
 
 router = APIRouter()
+MAX_OFFSET = 2**62  # page offsets past any table; SQLite and polars take 64-bit signed
 
 
 def _state(request: Request):
@@ -49,6 +51,12 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
             check_score_prompts(job.kind, prompts)
         except ValueError as exc:
             raise HTTPException(422, detail=f"prompts_file: {exc}") from None
+    engine = app.engines.engines[job.model]
+    for i, item in enumerate(prompts):  # out-of-vocabulary ids fail here, not mid-job
+        for field in ("prompt_token_ids", "completion_token_ids"):
+            ids = getattr(item, field)
+            if ids:
+                check_token_ids([ids], engine, f"prompts[{i}].{field}")
     if len(prompts) > app.settings.max_prompts:
         raise HTTPException(422, detail=f"prompts: at most {app.settings.max_prompts}")
     if job.sampling.max_tokens > app.settings.max_tokens_limit:
@@ -80,7 +88,9 @@ async def upload_prompts(request: Request) -> dict:
 
 @router.get("/v1/jobs", response_model=JobsPublic, dependencies=[Auth], tags=["jobs"])
 def list_jobs(
-    request: Request, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)
+    request: Request,
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: int = Query(50, ge=1, le=500),
 ) -> JobsPublic:
     """List jobs, newest first."""
     app = _state(request)
@@ -119,7 +129,7 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
 def job_sequences(
     job_id: str,
     request: Request,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(100, ge=1, le=1000),
 ) -> dict:
     """The committed sequence index of a job's store, paged."""

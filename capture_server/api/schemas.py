@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from capture_server.capture.options import CaptureOptions
 
 LABEL_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_SEED = 2**63 - 1  # vLLM seeds a 64-bit signed generator
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32; the vocabulary is checked per model
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+"""Request models: unknown fields, NaN and infinities are refused."""
+
+
+def encodable(text: str | None, field: str) -> str | None:
+    """`text`, if it can be tokenised: a lone surrogate is not UTF-8 and fails later."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{field}: not valid Unicode at character {exc.start} (a lone surrogate)"
+            ) from None
+    return text
 
 
 class PromptItem(BaseModel):
     """One prompt (text or chat messages) of a rollout job, with free labels."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     completion: str | None = None
     """Score jobs: the text to teacher-force after the prompt."""
-    completion_token_ids: list[int] | None = None
+    completion_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     """Score jobs: the tokens to teacher-force (exact, no re-tokenisation)."""
     labels: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
@@ -34,6 +50,11 @@ class PromptItem(BaseModel):
             raise ValueError("prompt_token_ids must not be empty")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must not be empty")
+        encodable(self.prompt, "prompt")
+        encodable(self.completion, "completion")
+        for i, message in enumerate(self.messages or []):
+            for key, value in message.items():
+                encodable(value, f"messages[{i}].{key}")
         return self
 
     @field_validator("labels")
@@ -41,20 +62,24 @@ class PromptItem(BaseModel):
     def label_keys(cls, labels: dict[str, Any]) -> dict[str, Any]:
         import re
 
-        for key in labels:
+        for key, value in labels.items():
             if not re.match(LABEL_KEY, key):
                 raise ValueError(f"label key {key!r} must match {LABEL_KEY}")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise ValueError(f"labels.{key}: integers must fit in 64 bits")
+            if isinstance(value, str):
+                encodable(value, f"labels.{key}")
         return labels
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     n: int = Field(1, ge=1, le=64)
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     stop: list[str] | None = Field(None, max_length=16)
     """Strings that end a sample (not included in its text), as in vLLM."""
@@ -67,7 +92,7 @@ class Sampling(BaseModel):
 
 
 class Capture(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     logits: bool = True
     hidden_layers: list[int] = Field(default_factory=list)
@@ -98,7 +123,7 @@ class Capture(BaseModel):
 class JobCreate(BaseModel):
     """A rollout (generate) or score (teacher-force) job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     kind: Literal["rollout", "score"]
     model: str = Field(min_length=1, max_length=200)

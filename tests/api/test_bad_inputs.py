@@ -168,6 +168,110 @@ CASES = [
         "prompts_file",
     ),
     (
+        "page offset past 64 bits",
+        "get",
+        "/v1/jobs",
+        {"params": {"offset": 2**63}},
+        422,
+        "offset",
+    ),
+    (
+        "sequences offset past 64 bits",
+        "get",
+        "/v1/jobs/doesnotexist/sequences",
+        {"params": {"offset": 2**63}},
+        422,
+        "offset",
+    ),
+    ("seed of 2**64", "post", "/v1/jobs", {"json": with_(sampling={"seed": 2**64})}, 422, "seed"),
+    (
+        "temperature NaN",
+        "post",
+        "/v1/jobs",
+        {
+            "content": b'{"kind": "rollout", "model": "qwen3_moe", "prompts": [{"prompt": "a"}],'
+            b' "sampling": {"temperature": NaN}}',
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "finite number",
+    ),
+    (
+        "top_p Infinity (OpenAI route)",
+        "post",
+        "/v1/completions",
+        {
+            "content": b'{"model": "qwen3_moe", "prompt": "a", "top_p": Infinity}',
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "finite number",
+    ),
+    (
+        "token id past the vocabulary (OpenAI route)",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "qwen3_moe", "prompt": [5, 10**6], "max_tokens": 2}},
+        400,
+        "prompt: token id 1000000 is not in the vocabulary",
+    ),
+    (
+        "negative token id (OpenAI route)",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "qwen3_moe", "prompt": [5, -3], "max_tokens": 2}},
+        400,
+        "token id -3",
+    ),
+    (
+        "token id past the vocabulary (job)",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts=[{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [10**6]}])},
+        400,
+        "prompts[1].prompt_token_ids: token id 1000000",
+    ),
+    (
+        "lone surrogate in a prompt",
+        "post",
+        "/v1/jobs",
+        {
+            "content": b'{"kind": "rollout", "model": "qwen3_moe", "prompts": '
+            b'[{"prompt": "a \\ud800 b"}]}',
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "not valid Unicode",
+    ),
+    (
+        "lone surrogate in chat content",
+        "post",
+        "/v1/chat/completions",
+        {
+            "content": b'{"model": "qwen3_moe", "messages": [{"role": "user", '
+            b'"content": "x \\udc00"}]}',
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "not valid Unicode",
+    ),
+    (
+        "label integer past 64 bits",
+        "post",
+        "/v1/jobs",
+        {"json": with_(prompts=[{"prompt": "a", "labels": {"big": 2**70}}])},
+        422,
+        "labels.big",
+    ),
+    (
+        "upload nested 100k deep",
+        "post",
+        "/v1/files",
+        {"content": b"[" * 100_000 + b"]" * 100_000 + b"\n"},
+        422,
+        "nested too deeply",
+    ),
+    (
         "prompts and prompts_file both",
         "post",
         "/v1/jobs",
@@ -189,6 +293,13 @@ def test_bad_input(server, name, method, path, kwargs, status, text):
     assert text in response.text
     after = server.client.get("/v1/jobs").json()["count"], sorted(files.glob("*"))
     assert after == before, "nothing was created"
+
+
+def test_validation_errors_do_not_echo_the_input(server):
+    big = with_(prompts=[{"prompt": "x" * 1000}] * 2000, sampling={"n": "two"})
+    response = server.client.post("/v1/jobs", json=big)
+    assert response.status_code == 422
+    assert len(response.content) < 2000 and "sampling" in response.text
 
 
 def test_too_long_prompt_fails_that_sequence_only(server):
