@@ -36,6 +36,12 @@ def _own_parser() -> argparse.ArgumentParser:
         help="MoE layer whose router inputs engines capture (repeatable).",
     )
     own.add_argument("--token", help="Bearer token to require (or MOETRACE_TOKEN).")
+    own.add_argument(
+        "--public-metrics",
+        action="store_true",
+        default=None,
+        help="Serve /metrics without the token (the API and its docs keep it).",
+    )
     return parser
 
 
@@ -70,6 +76,7 @@ def serve(argv: list[str]) -> int:
             port=ns.port,
             hidden_layers=ns.hidden_layer,
             token=ns.token,
+            public_metrics=ns.public_metrics,
             engine_flags=engine_flags or None,
         )
     except (ValidationError, FileNotFoundError, ValueError) as exc:

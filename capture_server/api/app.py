@@ -8,15 +8,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
+from capture_server.api.body_limit import BodyLimit
 from capture_server.api.config import Settings
 from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.metrics import ServiceMetrics
 from capture_server.api.online import OnlineRecorder
 from capture_server.api.openai_routes import router as openai_router
-from capture_server.api.routes import router
+from capture_server.api.routes import Auth, router
 from capture_server.api.runner import Engines, JobRunner
 
 logger = logging.getLogger("moetrace.service")
@@ -39,7 +41,15 @@ def create_app(settings: Settings) -> FastAPI:
         idle.cancel()
         app.state.engines.shutdown()
 
-    app = FastAPI(title="moetrace capture service", version="0.1.0", lifespan=lifespan)
+    # the API docs are routes of their own below, behind the token like the API
+    app = FastAPI(
+        title="moetrace capture service",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     db = JobsDB(settings.data_dir / "jobs.sqlite")
     engines = Engines(settings)
     app.state.settings = settings
@@ -50,16 +60,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.online = OnlineRecorder(db, app.state.runner.store_path)
     app.state.metrics = ServiceMetrics()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        limit = settings.max_upload_bytes if request.url.path == "/v1/files" else None
-        limit = limit or settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > limit:
-            return JSONResponse(
-                status_code=413, content={"detail": f"request body too large (limit {limit} bytes)"}
-            )
-        return await call_next(request)
+    def body_limit(path: str) -> int:
+        return settings.max_upload_bytes if path == "/v1/files" else settings.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,4 +77,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(router)
     app.include_router(openai_router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Auth])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Auth])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
     return app

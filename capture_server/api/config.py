@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
-    """Bearer token required on every /v1 route when set."""
+    """Bearer token required on every /v1 route, /metrics and the API docs when set."""
+    public_metrics: bool = False
+    """Serve /metrics without the token (for a Prometheus that cannot send one)."""
     max_body_bytes: int = 8 * 2**20
     """Requests with a larger body are refused with 413."""
     max_upload_bytes: int = 1024 * 2**20

@@ -20,7 +20,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from capture_server.api.online import CaptureConflictError
-from capture_server.api.routes import Auth
+from capture_server.api.routes import COMMON_ERRORS, Auth, errors
 from capture_server.api.schemas import LABEL_KEY, MAX_SEED, STRICT, Capture, encodable
 from capture_server.api.tokens import check_token_ids
 from capture_server.protocol import (
@@ -30,7 +30,7 @@ from capture_server.protocol import (
     online_sequence_key,
 )
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], responses=COMMON_ERRORS)
 
 
 class OnlineCapture(Capture):
@@ -224,7 +224,7 @@ def _usage(finals: list[Any]) -> dict[str, int]:
     }
 
 
-@router.post("/v1/completions", dependencies=[Auth])
+@router.post("/v1/completions", dependencies=[Auth], responses=errors(400, 404, 409, 413))
 async def completions(body: CompletionRequest, request: Request) -> dict:
     """OpenAI-compatible text completion; ``moetrace`` in the body records routing."""
     app = request.app.state
@@ -256,7 +256,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict:
     }
 
 
-@router.post("/v1/chat/completions", dependencies=[Auth])
+@router.post("/v1/chat/completions", dependencies=[Auth], responses=errors(400, 404, 409, 413))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict:
     """OpenAI-compatible chat completion (the model's chat template); capture as above."""
     app = request.app.state

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from capture_server.api.files import UploadError, UploadTooLargeError
 from capture_server.api.runner import close_store
-from capture_server.api.schemas import JobCreate, JobPublic, JobsPublic, check_score_prompts
+from capture_server.api.schemas import (
+    ErrorBody,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    check_score_prompts,
+)
 from capture_server.api.tokens import check_token_ids
 
-router = APIRouter()
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for error statuses: ``{"detail": ...}`` bodies."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+COMMON_ERRORS = errors(401, 422, 500)
+router = APIRouter(responses=COMMON_ERRORS)
 MAX_OFFSET = 2**62  # page offsets past any table; SQLite and polars take 64-bit signed
 
 
@@ -19,12 +33,32 @@ def _state(request: Request):
     return request.app.state
 
 
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+bearer = HTTPBearer(
+    auto_error=False, description="The service's token (`--token` or MOETRACE_TOKEN), if set."
+)
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    import hmac
+
     token = request.app.state.settings.token
-    if token and authorization != f"Bearer {token}":
+    given = "" if credentials is None else credentials.credentials
+    if token and not hmac.compare_digest(given.encode(), token.encode()):
         raise HTTPException(
             401, detail="Missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+def require_token_for_metrics(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """The token, unless the service was started with ``--public-metrics``."""
+    if not request.app.state.settings.public_metrics:
+        require_token(request, credentials)
 
 
 Auth = Depends(require_token)
@@ -35,7 +69,12 @@ def _public(job: dict, store: str) -> JobPublic:
 
 
 @router.post(
-    "/v1/jobs", response_model=JobPublic, status_code=201, dependencies=[Auth], tags=["jobs"]
+    "/v1/jobs",
+    response_model=JobPublic,
+    status_code=201,
+    dependencies=[Auth],
+    tags=["jobs"],
+    responses=errors(400, 404, 413),
 )
 async def create_job(job: JobCreate, request: Request) -> JobPublic:
     """Create a rollout or score job; it starts at once."""
@@ -74,7 +113,9 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
 
 
-@router.post("/v1/files", status_code=201, dependencies=[Auth], tags=["jobs"])
+@router.post(
+    "/v1/files", status_code=201, dependencies=[Auth], tags=["jobs"], responses=errors(413)
+)
 async def upload_prompts(request: Request) -> dict:
     """Upload a JSONL file of prompts (one `PromptItem` per line) as the raw body; a job
     then names it by ``prompts_file``. Every line is validated; errors name the line."""
@@ -98,7 +139,13 @@ def list_jobs(
     return JobsPublic(data=[_public(r, app.runner.store_path(r["id"])) for r in rows], count=count)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobPublic,
+    dependencies=[Auth],
+    tags=["jobs"],
+    responses=errors(404),
+)
 def get_job(job_id: str, request: Request) -> JobPublic:
     """Get a job's state and progress."""
     app = _state(request)
@@ -108,7 +155,13 @@ def get_job(job_id: str, request: Request) -> JobPublic:
     return _public(job, app.runner.store_path(job_id))
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobPublic, dependencies=[Auth], tags=["jobs"])
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobPublic,
+    dependencies=[Auth],
+    tags=["jobs"],
+    responses=errors(404),
+)
 async def cancel_job(job_id: str, request: Request) -> JobPublic:
     """Cancel a job, or close an open online job; committed sequences stay in its store."""
     app = _state(request)
@@ -125,7 +178,9 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
 
 
-@router.get("/v1/jobs/{job_id}/sequences", dependencies=[Auth], tags=["jobs"])
+@router.get(
+    "/v1/jobs/{job_id}/sequences", dependencies=[Auth], tags=["jobs"], responses=errors(404)
+)
 def job_sequences(
     job_id: str,
     request: Request,
@@ -159,14 +214,20 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get("/readyz", tags=["health"], responses=errors(503))
 def readyz(request: Request) -> dict:
     if not _state(request).engines.engines:
         raise HTTPException(503, detail="Engines not ready")
     return {"status": "ready"}
 
 
-@router.get("/metrics", tags=["health"])
+@router.get(
+    "/metrics",
+    tags=["health"],
+    dependencies=[Depends(require_token_for_metrics)],
+    response_class=Response,
+    responses={200: {"content": {"text/plain; version=0.0.4": {}}, "description": "Prometheus"}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: jobs, tokens, expert load, store writers."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

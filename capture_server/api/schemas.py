@@ -120,6 +120,12 @@ class Capture(BaseModel):
         )
 
 
+class ErrorBody(BaseModel):
+    """Every error reply: a message, or for validation errors one entry per field."""
+
+    detail: str | list[dict[str, Any]]
+
+
 class JobCreate(BaseModel):
     """A rollout (generate) or score (teacher-force) job."""
 

@@ -23,6 +23,12 @@ def with_(**changes):
     return body
 
 
+def chunked(total: int, chunk: int = 2**16):
+    """A body sent with chunked transfer encoding (no Content-Length)."""
+    for start in range(0, total, chunk):
+        yield b"x" * min(chunk, total - start)
+
+
 def without_prompts(**changes):
     return {k: v for k, v in with_(**changes).items() if k != "prompts"}
 
@@ -166,6 +172,22 @@ CASES = [
         {"json": without_prompts(prompts_file="file-0123456789abcdef")},
         422,
         "prompts_file",
+    ),
+    (
+        "chunked oversize upload",
+        "post",
+        "/v1/files",
+        {"content": chunked(UPLOAD_LIMIT + 2**16)},
+        413,
+        "request body too large",
+    ),
+    (
+        "chunked oversize job body",
+        "post",
+        "/v1/jobs",
+        {"content": chunked(9 * 2**20), "headers": {"content-type": "application/json"}},
+        413,
+        "request body too large",
     ),
     (
         "page offset past 64 bits",
@@ -312,5 +334,19 @@ def test_too_long_prompt_fails_that_sequence_only(server):
 
 
 def test_openapi_documents_the_jobs_api(server):
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+    spec = server.client.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/sequences"} <= set(spec["paths"])
+    schemes = spec["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    create = spec["paths"]["/v1/jobs"]["post"]
+    assert {"400", "401", "404", "413", "422", "500"} <= set(create["responses"])
+    assert create["security"]
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain; version=0.0.4"]
+
+
+def test_metrics_and_api_docs_need_the_token(server):
+    for path in ("/metrics", "/openapi.json", "/docs"):
+        assert httpx.get(f"{server.url}{path}").status_code == 401, path
+        assert server.client.get(path).status_code == 200, path
+    assert httpx.get(f"{server.url}/healthz").status_code == 200  # probes stay open

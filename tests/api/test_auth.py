@@ -1,0 +1,33 @@
+"""Which routes need the token, checked on the app itself (no engine is started: the
+routes below do not use one)."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from capture_server.api.app import create_app
+from capture_server.api.config import Settings
+
+
+def _client(tmp_path, **settings) -> TestClient:
+    app = create_app(Settings(data_dir=tmp_path, token="secret", models=["/m/x"], **settings))
+    return TestClient(app)  # not entered: the lifespan (engines) does not run
+
+
+def test_metrics_are_public_only_when_asked(tmp_path):
+    closed = _client(tmp_path)
+    assert closed.get("/metrics").status_code == 401
+    assert closed.get("/metrics", headers={"Authorization": "Bearer secret"}).status_code == 200
+    opened = _client(tmp_path, public_metrics=True)
+    answer = opened.get("/metrics")
+    assert answer.status_code == 200 and "moetrace_jobs" in answer.text
+    assert opened.get("/openapi.json").status_code == 401  # the docs keep the token
+    assert opened.get("/v1/jobs").status_code == 401
+
+
+def test_a_wrong_scheme_or_token_is_refused(tmp_path):
+    client = _client(tmp_path)
+    for header in ("Basic secret", "Bearer nope", "Bearer", "secret"):
+        answer = client.get("/v1/jobs", headers={"Authorization": header})
+        assert answer.status_code == 401, header
+        assert answer.headers["www-authenticate"] == "Bearer"
