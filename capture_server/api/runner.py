@@ -183,7 +183,10 @@ class JobRunner:
                     tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
                 )
                 if annotations:  # texts go out as they come, not only at the end
-                    write_annotations(store, annotations[:])
+                    try:
+                        write_annotations(store, annotations[:])
+                    except OSError as exc:  # the store's disk: the writer fails the job
+                        progress["errors"].append(f"texts: {exc}")
                     annotations.clear()
 
         async def one(i: int, item: PromptItem) -> None:
@@ -228,15 +231,24 @@ class JobRunner:
             for i, p in enumerate(prompts)
             if not all((job_sequence_key(i), s) in committed for s in range(n))
         ]
-        cancelled = False
+        cancelled = writer_failed = False
+        work = asyncio.gather(*(one(i, p) for i, p in todo))
+        watcher = asyncio.ensure_future(watch_writer(engine, store, WRITER_POLL_SECONDS))
         try:
-            await asyncio.gather(*(one(i, p) for i, p in todo))
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            writer_failed = watcher.done()  # the store failed: generating on is wasted
+            if writer_failed:
+                work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
         except asyncio.CancelledError:
             cancelled = True
+            work.cancel()
+        watcher.cancel()
 
         async def finish() -> None:
-            """Abort what is left, commit and close the store, record the final state."""
-            if cancelled:
+            """Abort what is left, commit and close the store, record the final state and
+            how many sequences the store committed."""
+            if cancelled or writer_failed:
                 await engine.abort(request_ids)
             state = "cancelled" if cancelled else "done"
             sink_error = await close_store(engine, store, request_ids)
@@ -245,6 +257,8 @@ class JobRunner:
                 progress["errors"].append(f"store: {sink_error}")
             if state == "done" and progress["done"] == 0 and progress["failed"]:
                 state = "failed"
+            if sink_error or cancelled:  # what is in the store, not what was generated
+                progress["done"] = len(_committed_keys(store))
             report(force=True)
             self.db.update(job_id, state=state)
 
@@ -305,6 +319,18 @@ async def sink_state(engine: Any, store: str) -> str:
     """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
     engine's worker."""
     return (await sink_states_rpc([store]).run(engine))[0][store]
+
+
+WRITER_POLL_SECONDS = 1.0  # how often a running job asks whether its store writer failed
+
+
+async def watch_writer(engine: Any, store: str, every: float) -> str:
+    """Return (with the error) once the job's store writer in the worker has failed."""
+    while True:
+        await asyncio.sleep(every)
+        error = sink_error(await sink_state(engine, store))
+        if error:
+            return error
 
 
 async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:

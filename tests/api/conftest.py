@@ -33,8 +33,14 @@ class Server:
         raise TimeoutError(f"job {job_id} did not finish")
 
 
-def start_server(models: list[Path], data_dir: Path, log: Path) -> Server:
-    env = {"MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "MOETRACE_ONLINE_IDLE_SECONDS": "8"}
+def start_server(
+    models: list[Path], data_dir: Path, log: Path, env: dict[str, str] | None = None
+) -> Server:
+    env = {
+        "MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "MOETRACE_ONLINE_IDLE_SECONDS": "8",
+        **(env or {}),
+    }
     proc, url = launch(models, data_dir, log, token=TOKEN, env=env)
     return Server(url, data_dir, proc)
 
