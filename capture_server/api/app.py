@@ -24,6 +24,20 @@ from capture_server.api.runner import Engines, JobRunner
 logger = logging.getLogger("moetrace.service")
 
 
+def with_served_models(spec: dict, names: list[str]) -> dict:
+    """The OpenAPI document with ``model`` fields listing the models this server serves,
+    so that clients (and API fuzzers) know the valid values."""
+    if not names:
+        return spec
+    for name, schema in spec.get("components", {}).get("schemas", {}).items():
+        if name.endswith("Public"):  # records of earlier jobs may name other models
+            continue
+        model = schema.get("properties", {}).get("model")
+        if model is not None and model.get("type") == "string":
+            model["enum"] = sorted(names)
+    return spec
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,7 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Auth])
     def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(with_served_models(app.openapi(), list(engines.paths)))
 
     @app.get("/docs", include_in_schema=False, dependencies=[Auth])
     def docs() -> HTMLResponse:

@@ -54,7 +54,9 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = (
+        None
+    )
     stream: Literal[False] = False
     """Streaming is not offered: a response returns once its routing is committed."""
     user: str | None = None
@@ -180,9 +182,11 @@ async def _generate(
             final = out
         return rid, final
 
+    from vllm.exceptions import VLLMClientError
+
     try:
         results = await asyncio.gather(*(one(k, ids) for k, ids in enumerate(prompts)))
-    except ValueError as exc:  # e.g. a prompt longer than the model allows
+    except (ValueError, VLLMClientError) as exc:  # e.g. a prompt longer than the model allows
         if job_id is not None:
             app.db.add_progress(job_id, failed=len(prompts) * body.n)
         raise HTTPException(400, detail=str(exc)) from None

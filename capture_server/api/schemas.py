@@ -81,7 +81,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
-    stop: list[str] | None = Field(None, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=16)
     """Strings that end a sample (not included in its text), as in vLLM."""
 
     @model_validator(mode="after")
