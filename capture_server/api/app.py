@@ -7,9 +7,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from capture_server.api.body_limit import BodyLimit
 from capture_server.api.config import Settings
@@ -78,6 +80,18 @@ def create_app(settings: Settings) -> FastAPI:
         return settings.max_upload_bytes if path == "/v1/files" else settings.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=body_limit)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI answers a body it cannot decode (nested too deeply, not UTF-8) with a
+        400; like malformed JSON, that is a 422 naming the body."""
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else "undecodable"
+            detail = [
+                {"loc": ["body"], "msg": f"the body is not JSON ({cause})", "type": "json_invalid"}
+            ]
+            return JSONResponse(status_code=422, content={"detail": detail})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,3 +31,12 @@ def test_a_wrong_scheme_or_token_is_refused(tmp_path):
         answer = client.get("/v1/jobs", headers={"Authorization": header})
         assert answer.status_code == 401, header
         assert answer.headers["www-authenticate"] == "Bearer"
+
+
+def test_bodies_that_are_not_json_get_422_like_malformed_json(tmp_path):
+    client = _client(tmp_path)
+    headers = {"Authorization": "Bearer secret", "content-type": "application/json"}
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"kind": "\xff\xfe"}', b"{not json"):
+        answer = client.post("/v1/jobs", content=body, headers=headers)
+        assert answer.status_code == 422, (body[:20], answer.text)
+        assert answer.json()["detail"][0]["loc"][0] == "body"
