@@ -243,6 +243,7 @@ class JobRunner:
         except asyncio.CancelledError:
             cancelled = True
             work.cancel()
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
         watcher.cancel()
 
         async def finish() -> None:

@@ -1,15 +1,16 @@
 """The sequence index and annotations: parquet parts beside the Zarr arrays.
 
 Each commit adds one index part (``index/part-<first sequence id>.parquet``) and each
-annotation batch one info part (``info/part-<time>.parquet``), each written atomically,
-so a part is either whole or absent. The reader concatenates the parts; the newest
-annotation of a sequence wins.
+annotation batch one info part (``info/part-<time>-<random>.parquet``), each written
+atomically, so a part is either whole or absent. The reader concatenates the parts; the
+newest annotation of a sequence wins.
 """
 
 from __future__ import annotations
 
 import io
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,5 +64,7 @@ def write_annotations(store_or_url: Any, annotations: list[Annotation]) -> None:
         return
     rows = [a.row() for a in annotations]
     store = _raw.make_store(store_or_url) if isinstance(store_or_url, str | Path) else store_or_url
-    key = f"{INFO_PREFIX}part-{time.time_ns():020d}.parquet"
+    # time orders the parts (the newest annotation wins); the random suffix keeps two
+    # writes in one clock tick apart (a coarse clock gave them one name, and one was lost)
+    key = f"{INFO_PREFIX}part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
     _raw.set_bytes(store, key, parquet_bytes(pl.DataFrame(rows)))

@@ -165,3 +165,27 @@ def test_rows_past_the_returned_output_are_not_read(tmp_path):
     np.testing.assert_array_equal(arrays["topk_ids"], want)
     other = store.index.filter(store.index["request_id"] == "seq-2").row(0, named=True)
     assert other["num_rows"] == other["rows_written"] == synthetic.length_of("seq-2")
+
+
+def test_annotations_written_in_one_clock_tick_are_both_kept(tmp_path, monkeypatch):
+    """A coarse clock gives two writes the same time: neither may replace the other."""
+    from capture_server.store import index as index_module
+    from capture_server.store.index import write_annotations
+
+    sink = write_all(tmp_path / "s", ["seq-1", "seq-2"])
+    monkeypatch.setattr(index_module.time, "time_ns", lambda: 1_796_060_061_844_169_218)
+    for key in ("seq-1", "seq-2"):
+        write_annotations(
+            sink.writer.store,
+            [
+                Annotation(
+                    request_id=key,
+                    sample_index=0,
+                    completion_text=key,
+                    finish_reason="stop",
+                    generated_len=1,
+                )
+            ],
+        )
+    index = open_store(tmp_path / "s").index
+    assert sorted(index["completion_text"].to_list()) == ["seq-1", "seq-2"]
