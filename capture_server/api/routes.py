@@ -216,6 +216,19 @@ def healthz() -> dict:
 
 @router.get("/readyz", tags=["health"], responses=errors(503))
 def readyz(request: Request) -> dict:
+    """Ready when the data dir takes writes (jobs and stores live there) and the engines
+    have started."""
+    import os
+    import tempfile
+
+    data_dir = _state(request).settings.data_dir
+    try:
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".readyz-"):
+            pass
+    except OSError as exc:
+        raise HTTPException(
+            503, detail=f"data dir {os.fspath(data_dir)} is not writable: {exc.strerror}"
+        ) from None
     if not _state(request).engines.engines:
         raise HTTPException(503, detail="Engines not ready")
     return {"status": "ready"}

@@ -40,3 +40,16 @@ def test_bodies_that_are_not_json_get_422_like_malformed_json(tmp_path):
         answer = client.post("/v1/jobs", content=body, headers=headers)
         assert answer.status_code == 422, (body[:20], answer.text)
         assert answer.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_readyz_reports_an_unusable_data_dir(tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    client = _client(data)
+    assert client.get("/readyz").json()["detail"] == "Engines not ready"  # writable
+    shutil.rmtree(data)
+    data.write_text("not a directory")  # the data dir is gone: nothing can be written
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and "is not writable" in answer.json()["detail"]
