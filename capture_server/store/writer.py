@@ -123,7 +123,10 @@ class StoreWriter:
         self.options = StoreOptions(**{**asdict(opts), "chunk_tokens": chunk})
         self.chunk = chunk
 
-        root = zarr.open_group(store=self.store, mode="w")
+        # "a", never "w": the service may have written texts (info/) into this directory
+        # before the writer thread got here, and "w" would delete them. What a crashed
+        # create left is replaced array by array; no index part exists before the attributes.
+        root = zarr.open_group(store=self.store, mode="a")
         for name, (shape, dtype) in specs.items():
             self.arrays[name] = root.create_array(
                 name,
@@ -132,13 +135,17 @@ class StoreWriter:
                 dtype=dtype,
                 compressors=COMPRESSORS[opts.compressor](dtype.itemsize),
                 fill_value=0,
+                overwrite=True,
             )
-        model = root.create_group(MODEL_GROUP)
-        model.create_array("router_weights", data=meta.router_weights.astype(np.float32))
-        if meta.router_bias is not None:
-            model.create_array("router_bias", data=meta.router_bias.astype(np.float32))
-        if meta.correction_bias is not None:
-            model.create_array("correction_bias", data=meta.correction_bias.astype(np.float32))
+        model = root.create_group(MODEL_GROUP, overwrite=True)
+        weights = {
+            "router_weights": meta.router_weights,
+            "router_bias": meta.router_bias,
+            "correction_bias": meta.correction_bias,
+        }
+        for name, values in weights.items():
+            if values is not None:
+                model.create_array(name, data=values.astype(np.float32), overwrite=True)
         attrs = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

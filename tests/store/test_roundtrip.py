@@ -189,3 +189,23 @@ def test_annotations_written_in_one_clock_tick_are_both_kept(tmp_path, monkeypat
         )
     index = open_store(tmp_path / "s").index
     assert sorted(index["completion_text"].to_list()) == ["seq-1", "seq-2"]
+
+
+def test_texts_written_before_the_writer_creates_the_store_are_kept(tmp_path):
+    """The service writes a fast sample's texts as soon as its output returns, which can be
+    before the worker's writer thread creates the store: creating must not delete them."""
+    from capture_server.store.index import write_annotations
+
+    path = tmp_path / "s"
+    early = Annotation(
+        request_id="seq-1",
+        sample_index=0,
+        completion_text="early",
+        finish_reason="stop",
+        generated_len=1,
+    )
+    write_annotations(str(path), [early])
+    write_all(path, ["seq-1", "seq-2"])
+    index = open_store(path).index
+    row = index.filter(index["request_id"] == "seq-1").row(0, named=True)
+    assert row["completion_text"] == "early"
