@@ -141,7 +141,10 @@ async def _generate(
     from vllm import SamplingParams
 
     _check_lengths(prompts, engine)
-    check_token_ids(prompts, engine, "prompt")
+    named = [
+        ("prompt" if len(prompts) == 1 else f"prompt[{k}]", ids) for k, ids in enumerate(prompts)
+    ]
+    check_token_ids(named, engine)
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 

@@ -90,14 +90,15 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
             check_score_prompts(job.kind, prompts)
         except ValueError as exc:
             raise HTTPException(422, detail=f"prompts_file: {exc}") from None
-    engine = app.engines.engines[job.model]
-    for i, item in enumerate(prompts):  # out-of-vocabulary ids fail here, not mid-job
-        for field in ("prompt_token_ids", "completion_token_ids"):
-            ids = getattr(item, field)
-            if ids:
-                check_token_ids([ids], engine, f"prompts[{i}].{field}")
     if len(prompts) > app.settings.max_prompts:
         raise HTTPException(422, detail=f"prompts: at most {app.settings.max_prompts}")
+    token_ids = [  # out-of-vocabulary ids fail here, not mid-job
+        (f"prompts[{i}].{field}", ids)
+        for i, item in enumerate(prompts)
+        for field in ("prompt_token_ids", "completion_token_ids")
+        if (ids := getattr(item, field))
+    ]
+    check_token_ids(token_ids, app.engines.engines[job.model])
     if job.sampling.max_tokens > app.settings.max_tokens_limit:
         raise HTTPException(
             422, detail=f"sampling.max_tokens: at most {app.settings.max_tokens_limit}"
