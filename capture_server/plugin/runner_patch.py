@@ -34,7 +34,6 @@ def install_capture(runner: Any) -> StepCollector | None:
     model = runner.get_model()
     runners = find_moe_runners(model)
     check_supported(runners)
-    meta = describe_model(runners, runner.model_config.model, runner.model_config.hf_config)
     hidden_layers = tuple(int(x) for x in config.get("hidden_layers", ()))
     for layer in hidden_layers:
         if not 0 <= layer < len(runners):
@@ -47,6 +46,8 @@ def install_capture(runner: Any) -> StepCollector | None:
     if capture_role(runner.vllm_config, get_tensor_model_parallel_rank()) == REPLICA:
         runner._moetrace_replica = True  # TP rank 0 routes the same rows and writes them
         return None
+    # the router matrices are read from the checkpoint by the writer only
+    meta = describe_model(runners, runner.model_config.model, runner.model_config.hf_config)
     buffers = CaptureBuffers(
         num_layers=len(runners),
         max_tokens=int(runner.max_num_tokens),
