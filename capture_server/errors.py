@@ -6,8 +6,9 @@
     │   ├── StoreFormatError                       not a moetrace store, or another format version
     │   ├── StoreCorruptError                      a chunk or index part cannot be decoded
     │   └── StoreWriteError(OSError)               the writer failed (disk full, permissions, ...)
-    └── CaptureError                               capture cannot be set up or run correctly
-        └── CaptureSettingsError(ValueError)       settings name what the model does not have
+    ├── CaptureError                               capture cannot be set up or run correctly
+    │   └── CaptureSettingsError(ValueError)       settings name what the model does not have
+    └── JobsDatabaseError                          the service's job records cannot be written
 
 Every message names the path or setting concerned and fits on one line.
 """
@@ -46,3 +47,8 @@ class CaptureError(MoetraceError):
 class CaptureSettingsError(CaptureError, ValueError):
     """Raised at start-up when capture settings name something the model does not have
     (a hidden-state layer past its MoE layers)."""
+
+
+class JobsDatabaseError(MoetraceError):
+    """Raised when the service's job database cannot be opened or written (a full or
+    read-only disk); the message names the database file."""

@@ -62,7 +62,8 @@ RPC_FLUSH = "moetrace_flush"
 RPC_STATS = "moetrace_stats"
 RPC_CLOSE = "moetrace_close"
 RPC_SINK_STATES = "moetrace_sink_states"
-RPC_METHODS = (RPC_FLUSH, RPC_STATS, RPC_CLOSE, RPC_SINK_STATES)
+RPC_ANNOTATE = "moetrace_annotate"
+RPC_METHODS = (RPC_FLUSH, RPC_STATS, RPC_CLOSE, RPC_SINK_STATES, RPC_ANNOTATE)
 """Names of the worker methods the plugin installs on vLLM's ``WorkerBase``."""
 
 
@@ -95,6 +96,13 @@ def close_rpc(sink_urls: list[str], finished_ids: list[str] | None = None) -> Wo
 def sink_states_rpc(sink_urls: list[str]) -> WorkerRpc:
     """Per store: ``open``, ``closing``, ``closed`` or ``failed: <error>``."""
     return WorkerRpc(RPC_SINK_STATES, (sink_urls,))
+
+
+def annotate_rpc(sink_url: str, annotations: list[Annotation]) -> WorkerRpc:
+    """Hand sequences' texts to the worker writing their store, which commits each
+    sequence together with its texts (`CaptureOptions.texts`). Annotations travel as
+    plain dicts of every field: the engine's RPC transport serialises primitives only."""
+    return WorkerRpc(RPC_ANNOTATE, (sink_url, [asdict(a) for a in annotations]))
 
 
 def sink_error(state: str) -> str | None:

@@ -97,9 +97,15 @@ def serve(argv: list[str]) -> int:
     import uvicorn
 
     from capture_server.api.app import create_app
+    from capture_server.errors import JobsDatabaseError
 
     logging.basicConfig(level=logging.INFO)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    try:
+        app = create_app(settings)
+    except JobsDatabaseError as exc:  # a data dir that takes no writes fails now
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
 
 

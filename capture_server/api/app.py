@@ -22,8 +22,10 @@ from capture_server.api.online import OnlineRecorder
 from capture_server.api.openai_routes import router as openai_router
 from capture_server.api.routes import Auth, router
 from capture_server.api.runner import Engines, JobRunner
+from capture_server.errors import JobsDatabaseError
 
 logger = logging.getLogger("moetrace.service")
+RECORD_RETRY_SECONDS = 2.0  # how often job fields the database refused are written again
 
 
 def with_served_models(spec: dict, names: list[str]) -> dict:
@@ -53,8 +55,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         app.state.runner.resume_unfinished()
         idle = asyncio.create_task(app.state.online.close_idle(settings.online_idle_seconds))
+        records = asyncio.create_task(app.state.runner.keep_records(RECORD_RETRY_SECONDS))
         yield
         idle.cancel()
+        records.cancel()
         app.state.engines.shutdown()
 
     # the API docs are routes of their own below, behind the token like the API
@@ -92,6 +96,11 @@ def create_app(settings: Settings) -> FastAPI:
             ]
             return JSONResponse(status_code=422, content={"detail": detail})
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(JobsDatabaseError)
+    async def database_unwritable(request: Request, exc: JobsDatabaseError) -> JSONResponse:
+        """The job database cannot take a write (a full disk): 503, naming the file."""
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,8 +7,12 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from capture_server.errors import JobsDatabaseError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,16 +40,28 @@ class JobsDB:
     """Thread-safe access to the jobs table."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(SCHEMA)
+        self.path = path
         self._lock = threading.Lock()
+        with self._writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(SCHEMA)
+            # a write at start-up: a database that cannot take one fails now, not mid-job
+            self._conn.execute(f"PRAGMA user_version = {int(time.time()) % 2**31}")
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """SQLite's and the file system's errors as one `JobsDatabaseError` naming the file."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise JobsDatabaseError(f"job database {self.path}: {exc}") from None
 
     def create(self, request: dict[str, Any], sequences_total: int, state: str = "queued") -> str:
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(
                 "INSERT INTO jobs (id, name, kind, model, state, request, sequences_total, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -77,7 +93,7 @@ class JobsDB:
 
     def reserve(self, job_id: str, prompts: int, n: int) -> int:
         """Add `prompts` prompts of `n` samples to a job; returns the first prompt's index."""
-        with self._lock:
+        with self._lock, self._writing():
             (first,) = self._conn.execute(
                 "UPDATE jobs SET prompts_total = prompts_total + ?, "
                 "sequences_total = sequences_total + ?, updated_at = ? "
@@ -87,7 +103,7 @@ class JobsDB:
         return first
 
     def add_progress(self, job_id: str, *, done: int = 0, failed: int = 0, tokens: int = 0) -> None:
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(
                 "UPDATE jobs SET sequences_done = sequences_done + ?, "
                 "sequences_failed = sequences_failed + ?, tokens_done = tokens_done + ?, "
@@ -100,7 +116,7 @@ class JobsDB:
             fields["errors"] = json.dumps(fields["errors"])
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._lock:
+        with self._lock, self._writing():
             self._conn.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -131,7 +147,7 @@ class JobsDB:
     def request_cancel(self, job_id: str) -> bool:
         """Mark a queued or running job ``cancelling``, once: True for the call that did.
         A cancelling job never resumes after a restart (`unfinished` leaves it out)."""
-        with self._lock:
+        with self._lock, self._writing():
             cur = self._conn.execute(
                 "UPDATE jobs SET state = 'cancelling', updated_at = ? "
                 "WHERE id = ? AND state IN (?, ?)",
@@ -141,7 +157,7 @@ class JobsDB:
 
     def start(self, job_id: str, sequences_done: int) -> bool:
         """Mark a queued (or resumed running) job running; False if it is being cancelled."""
-        with self._lock:
+        with self._lock, self._writing():
             cur = self._conn.execute(
                 "UPDATE jobs SET state = 'running', sequences_done = ?, updated_at = ? "
                 "WHERE id = ? AND state IN (?, ?)",
@@ -153,7 +169,7 @@ class JobsDB:
         """Jobs (all, or `job_id`) whose cancel was under way when their task ended or the
         server restarted are cancelled: no writer is left; what it committed stays."""
         where, args = ("", ()) if job_id is None else (" AND id = ?", (job_id,))
-        with self._lock:
+        with self._lock, self._writing():
             cur = self._conn.execute(
                 "UPDATE jobs SET state = 'cancelled', updated_at = ? "
                 f"WHERE state = 'cancelling'{where}",

@@ -17,8 +17,7 @@ from typing import Any
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.runner import close_store, sink_state
 from capture_server.api.schemas import Capture
-from capture_server.protocol import Annotation, flush_rpc, sink_error
-from capture_server.store.index import write_annotations
+from capture_server.protocol import Annotation, annotate_rpc, flush_rpc, sink_error
 
 
 class CaptureConflictError(ValueError):
@@ -88,18 +87,19 @@ class OnlineRecorder:
         annotations: list[Annotation],
         tokens: int,
     ) -> None:
-        """End the requests in the worker, commit the store, write the texts."""
+        """Hand the texts to the store's writer, end the requests in the worker and
+        commit: each sequence is committed together with its texts."""
         pending = self._pending.setdefault(job_id, _Pending())
         pending.request_ids += request_ids
         pending.annotations += annotations
         async with pending.lock:  # whoever gets the lock commits everyone's so far
             ids, pending.request_ids = pending.request_ids, []
             rows, pending.annotations = pending.annotations, []
-            if ids:
-                store = self.store_path(job_id)
-                await flush_rpc(ids, [store]).run(engine)
+            store = self.store_path(job_id)
             if rows:
-                write_annotations(self.store_path(job_id), rows)
+                await annotate_rpc(store, rows).run(engine)
+            if ids:
+                await flush_rpc(ids, [store]).run(engine)
         self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
         self._last_commit[job_id] = (time.monotonic(), engine)
 

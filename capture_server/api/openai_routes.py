@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
@@ -167,7 +168,7 @@ async def _generate(
             opts = body.moetrace.capture().options(
                 store, key, first + k, body.moetrace.labels, body.n
             )
-            extra = opts.to_extra_args()
+            extra = replace(opts, texts=True).to_extra_args()  # committed with the texts
         params = SamplingParams(
             n=body.n,
             max_tokens=max_tokens or max(1, engine.model_config.max_model_len - len(ids)),

@@ -24,7 +24,7 @@ def errors(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
-COMMON_ERRORS = errors(401, 422, 500)
+COMMON_ERRORS = errors(401, 422, 500, 503)  # 503: the job database cannot be written
 router = APIRouter(responses=COMMON_ERRORS)
 MAX_OFFSET = 2**62  # page offsets past any table; SQLite and polars take 64-bit signed
 
@@ -137,7 +137,8 @@ def list_jobs(
     """List jobs, newest first."""
     app = _state(request)
     rows, count = app.db.list(offset, limit)
-    return JobsPublic(data=[_public(r, app.runner.store_path(r["id"])) for r in rows], count=count)
+    data = [_public(app.runner.view(r), app.runner.store_path(r["id"])) for r in rows]
+    return JobsPublic(data=data, count=count)
 
 
 @router.get(
@@ -153,7 +154,7 @@ def get_job(job_id: str, request: Request) -> JobPublic:
     job = app.db.get(job_id)
     if job is None:
         raise HTTPException(404, detail="Job not found")
-    return _public(job, app.runner.store_path(job_id))
+    return _public(app.runner.view(job), app.runner.store_path(job_id))
 
 
 @router.delete(
@@ -176,7 +177,7 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
             await close_store(engine, app.runner.store_path(job_id), [])
     elif app.db.request_cancel(job_id):  # the first cancel; later ones change nothing
         app.runner.cancel(job_id)
-    return _public(app.db.get(job_id), app.runner.store_path(job_id))
+    return _public(app.runner.view(app.db.get(job_id)), app.runner.store_path(job_id))
 
 
 @router.get(
@@ -217,19 +218,23 @@ def healthz() -> dict:
 
 @router.get("/readyz", tags=["health"], responses=errors(503))
 def readyz(request: Request) -> dict:
-    """Ready when the data dir takes writes (jobs and stores live there) and the engines
-    have started."""
+    """Ready when the data dir takes writes (jobs and stores live there), the job
+    database took the last ones, and the engines have started."""
     import os
     import tempfile
 
     data_dir = _state(request).settings.data_dir
-    try:
-        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".readyz-"):
-            pass
+    try:  # a block of data, not an empty file: a full disk still has inodes
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".readyz-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
         raise HTTPException(
             503, detail=f"data dir {os.fspath(data_dir)} is not writable: {exc.strerror}"
         ) from None
+    if _state(request).runner.unrecorded:
+        raise HTTPException(503, detail="the job database takes no writes; see the job errors")
     if not _state(request).engines.engines:
         raise HTTPException(503, detail="Engines not ready")
     return {"status": "ready"}

@@ -1,7 +1,8 @@
 """vLLM async engines with capture on, and the execution of jobs on them.
 
 The engines' workers write routing straight into each job's store (the plugin's store
-sink); this process only submits requests, tracks progress and writes the texts.
+sink); this process submits requests, tracks progress and hands each sequence's texts to
+the worker, which commits them together with its routing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
 from capture_server.capture.active import require_active
+from capture_server.errors import JobsDatabaseError
 from capture_server.protocol import (
     Annotation,
+    annotate_rpc,
     close_rpc,
     forwarded_positions,
     job_sequence_key,
@@ -27,7 +30,6 @@ from capture_server.protocol import (
     sink_states_rpc,
     stats_rpc,
 )
-from capture_server.store.index import write_annotations
 
 logger = logging.getLogger("moetrace.service")
 
@@ -93,6 +95,38 @@ class JobRunner:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancelled: set[str] = set()
         self.tokens_generated = 0
+        self.unrecorded: dict[str, dict[str, Any]] = {}
+        """Fields of jobs the database could not take (a full disk): served from here
+        (`view`) and written when it can take them again (`keep_records`)."""
+
+    def record(self, job_id: str, **fields: Any) -> str | None:
+        """Write a job's fields (with any it could not write before); on a database
+        error keep them for `view` and `keep_records`, and return the error."""
+        fields = {**self.unrecorded.pop(job_id, {}), **fields}
+        try:
+            self.db.update(job_id, **fields)
+        except JobsDatabaseError as exc:
+            self.unrecorded[job_id] = fields
+            logger.error("job %s: its record cannot be written: %s", job_id, exc)
+            return str(exc)
+        return None
+
+    def view(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A job's record as the database has it, with the fields it could not take."""
+        return {**job, **self.unrecorded.get(job["id"], {})}
+
+    async def keep_records(self, every: float) -> None:
+        """Write the fields the database could not take, once it can (runs for the
+        server's lifetime)."""
+        while True:
+            await asyncio.sleep(every)
+            for job_id in list(self.unrecorded):
+                try:
+                    self.db.update(job_id, **self.unrecorded[job_id])
+                except JobsDatabaseError:
+                    break  # still failing: try again later
+                self.unrecorded.pop(job_id, None)
+                logger.info("job %s: its record is written again", job_id)
 
     def store_path(self, job_id: str) -> str:
         """Where a job's store lives: under the data dir, or under `store_root` (an
@@ -117,10 +151,8 @@ class JobRunner:
             return
         exc = task.exception()
         logger.error("job %s failed: %s", job_id, exc, exc_info=exc)
-        job = self.db.get(job_id) or {"errors": []}
-        self.db.update(
-            job_id, state="failed", errors=[*job["errors"], f"{type(exc).__name__}: {exc}"]
-        )
+        job = self.view(self.db.get(job_id) or {"id": job_id, "errors": []})
+        self.record(job_id, state="failed", errors=[*job["errors"], f"{type(exc).__name__}: {exc}"])
 
     def resume_unfinished(self) -> int:
         """Resume queued and running jobs; cancels cut short by a restart are final."""
@@ -148,14 +180,10 @@ class JobRunner:
         prompts = request.prompts or self.files.load(request.prompts_file)
         engine = self.engines.engines[request.model]
         store = self.store_path(job_id)
-        committed = _committed_keys(store)
         n = 1 if request.kind == "score" else request.sampling.n
+        todo = _missing_samples(len(prompts), n, _committed_keys(store))
         progress = {
-            "done": n
-            * sum(
-                all((job_sequence_key(i), s) in committed for s in range(n))
-                for i in range(len(prompts))
-            ),
+            "done": len(prompts) * n - sum(len(samples) for _, samples in todo),
             "failed": 0,
             "tokens": 0,
             "errors": [],
@@ -168,76 +196,71 @@ class JobRunner:
         tokenizer = engine.get_tokenizer()
         limit = asyncio.Semaphore(self.settings.concurrency)
         request_ids: list[str] = []
-        annotations: list[Annotation] = []
+        texts: list[Annotation] = []
+        db_failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-        def report(force: bool = False) -> None:
+        async def report(force: bool = False) -> None:
+            """Progress to the database; texts to the store's writer, which commits each
+            sequence together with its texts (`CaptureOptions.texts`)."""
             now = time.monotonic()
-            if force or now - progress["last"] > 0.5:
-                progress["last"] = now
-                self.db.update(
-                    job_id,
-                    sequences_done=progress["done"],
-                    sequences_failed=progress["failed"],
-                    tokens_done=progress["tokens"],
-                    errors=progress["errors"][-50:],
-                    tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
-                )
-                if annotations:  # texts go out as they come, not only at the end
+            if not force and now - progress["last"] <= 0.5:
+                return
+            progress["last"] = now
+            if texts:
+                batch = texts[:]
+                texts.clear()
+                await annotate_rpc(store, batch).run(engine)
+            error = self.record(
+                job_id,
+                sequences_done=progress["done"],
+                sequences_failed=progress["failed"],
+                tokens_done=progress["tokens"],
+                errors=progress["errors"][-50:],
+                tokens_per_s=progress["tokens"] / max(now - started, 1e-9),
+            )
+            if error and not db_failed.done():  # a job whose record stalls is ended
+                db_failed.set_result(error)
+
+        async def one(i: int, item: PromptItem, samples: list[int]) -> None:
+            """All of a prompt's samples as one request, or the missing ones of a
+            resumed prompt one request each, recorded under their own sample index."""
+            whole = len(samples) == n
+            calls = (
+                [(f"{job_id}-p{i}", None)]
+                if whole
+                else [(f"{job_id}-p{i}-s{s}", s) for s in samples]
+            )
+            for rid, sample in calls:
+                async with limit:
                     try:
-                        write_annotations(store, annotations[:])
-                    except OSError as exc:  # the store's disk: the writer fails the job
-                        progress["errors"].append(f"texts: {exc}")
-                    annotations.clear()
+                        prompt, params = self._request(request, i, item, tokenizer, store, sample)
+                        request_ids.append(rid)
+                        final = None
+                        async for out in engine.generate(prompt, params, rid):
+                            final = out
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # one bad prompt fails its samples, not the job
+                        progress["failed"] += n if whole else 1
+                        progress["errors"].append(f"prompt {i}: {exc}")
+                        await report()
+                        continue
+                assert final is not None
+                texts.extend(self._texts(request, i, item, final, sample))
+                generated = sum(len(c.token_ids) for c in final.outputs)
+                progress["tokens"] += generated
+                self.tokens_generated += generated
+                progress["done"] += len(final.outputs)
+                await report()
 
-        async def one(i: int, item: PromptItem) -> None:
-            rid = f"{job_id}-p{i}"
-            async with limit:
-                try:
-                    prompt, params = self._request(request, i, item, tokenizer, store)
-                    request_ids.append(rid)
-                    final = None
-                    async for out in engine.generate(prompt, params, rid):
-                        final = out
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # one bad prompt fails its sequences, not the job
-                    progress["failed"] += n
-                    progress["errors"].append(f"prompt {i}: {exc}")
-                    report()
-                    return
-            assert final is not None
-            for c in final.outputs:
-                rollout = request.kind == "rollout"
-                annotations.append(
-                    Annotation(
-                        request_id=job_sequence_key(i),
-                        sample_index=c.index,
-                        completion_text=c.text if rollout else item.completion,
-                        finish_reason=(c.finish_reason or "") if rollout else "scored",
-                        generated_len=len(c.token_ids) if rollout else 0,
-                        completion_token_ids=list(c.token_ids) if rollout else [],
-                        positions=forwarded_positions(
-                            len(final.prompt_token_ids), len(c.token_ids)
-                        ),
-                    )
-                )
-                progress["tokens"] += len(c.token_ids)
-            self.tokens_generated += sum(len(c.token_ids) for c in final.outputs)
-            progress["done"] += n
-            report()
-
-        todo = [
-            (i, p)
-            for i, p in enumerate(prompts)
-            if not all((job_sequence_key(i), s) in committed for s in range(n))
-        ]
-        cancelled = writer_failed = False
-        work = asyncio.gather(*(one(i, p) for i, p in todo))
+        cancelled = stopped = False
+        work = asyncio.gather(*(one(i, prompts[i], samples) for i, samples in todo))
         watcher = asyncio.ensure_future(watch_writer(engine, store, WRITER_POLL_SECONDS))
         try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            writer_failed = watcher.done()  # the store failed: generating on is wasted
-            if writer_failed:
+            await asyncio.wait({work, watcher, db_failed}, return_when=asyncio.FIRST_COMPLETED)
+            # the store or the job's record failed: generating on is wasted
+            stopped = watcher.done() or db_failed.done()
+            if stopped:
                 work.cancel()
             await asyncio.gather(work, return_exceptions=True)
         except asyncio.CancelledError:
@@ -247,21 +270,27 @@ class JobRunner:
         watcher.cancel()
 
         async def finish() -> None:
-            """Abort what is left, commit and close the store, record the final state and
-            how many sequences the store committed."""
-            if cancelled or writer_failed:
+            """Abort what is left, hand over the last texts, commit and close the store,
+            record the final state and how many sequences the store committed."""
+            if cancelled or stopped:
                 await engine.abort(request_ids)
             state = "cancelled" if cancelled else "done"
+            await report(force=True)  # the texts before the close that commits them
             sink_error = await close_store(engine, store, request_ids)
             if sink_error:
                 state = "failed"
                 progress["errors"].append(f"store: {sink_error}")
+            if db_failed.done():
+                state = "failed"
+                progress["errors"].append(db_failed.result())
             if state == "done" and progress["done"] == 0 and progress["failed"]:
                 state = "failed"
             if sink_error or cancelled:  # what is in the store, not what was generated
                 progress["done"] = len(_committed_keys(store))
-            report(force=True)
-            self.db.update(job_id, state=state)
+            await report(force=True)
+            if state == "done" and (self.db.get(job_id) or {}).get("state") == "cancelling":
+                state = "cancelled"  # a cancel accepted while the job was ending is final
+            self.record(job_id, state=state)
 
         ending = asyncio.ensure_future(finish())
         while not ending.done():  # a later cancel of this task must not cut the ending short
@@ -271,9 +300,38 @@ class JobRunner:
                 continue
         ending.result()
 
+    @staticmethod
+    def _texts(
+        request: JobCreate, i: int, item: PromptItem, final: Any, sample: int | None
+    ) -> list[Annotation]:
+        """The texts of a finished request's samples, keyed as the worker keys their
+        routing (`sample`: the recorded index of a single resumed sample)."""
+        rollout = request.kind == "rollout"
+        return [
+            Annotation(
+                request_id=job_sequence_key(i),
+                sample_index=c.index if sample is None else sample,
+                completion_text=c.text if rollout else item.completion,
+                finish_reason=(c.finish_reason or "") if rollout else "scored",
+                generated_len=len(c.token_ids) if rollout else 0,
+                completion_token_ids=list(c.token_ids) if rollout else [],
+                positions=forwarded_positions(len(final.prompt_token_ids), len(c.token_ids)),
+            )
+            for c in final.outputs
+        ]
+
     def _request(
-        self, request: JobCreate, i: int, item: PromptItem, tokenizer: Any, store: str
+        self,
+        request: JobCreate,
+        i: int,
+        item: PromptItem,
+        tokenizer: Any,
+        store: str,
+        sample: int | None = None,
     ) -> tuple[Any, Any]:
+        """The engine prompt and sampling parameters of prompt `i`: all its samples, or
+        with `sample` the one sample of that index (a seeded job gets the seed vLLM gives
+        that sample, `seed + sample`, so the rerun draws what the lost sample drew)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -291,6 +349,7 @@ class JobRunner:
         s = request.sampling
         n = 1 if request.kind == "score" else s.n
         options = request.capture.options(store, job_sequence_key(i), i, item.labels, n)
+        options = replace(options, texts=True)
         if request.kind == "score":
             completion = (
                 list(item.completion_token_ids)
@@ -302,12 +361,16 @@ class JobRunner:
                 max_tokens=1, temperature=0.0, extra_args=options.to_extra_args()
             )
             return TokensPrompt(prompt_token_ids=prompt_ids + completion), params
+        seed = s.seed
+        if sample is not None:
+            options = replace(options, n=1, sample=sample)
+            seed = None if s.seed is None else s.seed + sample
         params = SamplingParams(
-            n=s.n,
+            n=1 if sample is not None else s.n,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
-            seed=s.seed,
+            seed=seed,
             ignore_eos=s.ignore_eos,
             stop=s.stop,
             extra_args=options.to_extra_args(),
@@ -341,6 +404,18 @@ async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | 
     while (state := await sink_state(engine, store)) == "closing":
         await asyncio.sleep(0.02)
     return sink_error(state)
+
+
+def _missing_samples(
+    prompts: int, n: int, committed: set[tuple[str, int]]
+) -> list[tuple[int, list[int]]]:
+    """(prompt index, samples not committed) of every prompt with samples to run."""
+    todo = []
+    for i in range(prompts):
+        missing = [s for s in range(n) if (job_sequence_key(i), s) not in committed]
+        if missing:
+            todo.append((i, missing))
+    return todo
 
 
 def _committed_keys(store: str) -> set[tuple[str, int]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from capture_server.capture.registry import memory_sink
 from capture_server.errors import CaptureError
 from capture_server.protocol import (
     Annotation,
+    annotate_rpc,
     call_sequence_key,
     engine_config,
     flush_rpc,
@@ -188,28 +189,11 @@ class CaptureEngine:
         from vllm import SamplingParams
 
         from capture_server.store import open_store
-        from capture_server.store.index import write_annotations
 
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
         options = {"hidden_layers": list(self.hidden_layers), **(store_options or {})}
-        outputs = self._run(prompts, sampling, labels, sink=store, store=options)
-        write_annotations(
-            store,
-            [
-                Annotation(
-                    request_id=key,
-                    sample_index=c.index,
-                    prompt_text=out.prompt or "",
-                    completion_text=c.text,
-                    finish_reason=c.finish_reason or "",
-                    generated_len=len(c.token_ids),
-                    positions=forwarded_positions(len(out.prompt_token_ids), len(c.token_ids)),
-                )
-                for key, out in outputs
-                for c in out.outputs
-            ],
-        )
+        self._run(prompts, sampling, labels, sink=store, store=options, texts=_texts_of)
         return open_store(store)
 
     def _run(
@@ -220,8 +204,13 @@ class CaptureEngine:
         *,
         sink: str,
         store: dict[str, Any] | None = None,
+        texts: Callable[[list[tuple[str, Any]]], list[Annotation]] | None = None,
     ) -> list[tuple[str, Any]]:
-        """Run the prompts with capture options; return (sequence key, RequestOutput) pairs."""
+        """Run the prompts with capture options; return (sequence key, RequestOutput) pairs.
+
+        With `texts`, the sink commits each sequence only together with the texts that
+        `texts` makes of the outputs (`CaptureOptions.texts`).
+        """
         from vllm.inputs import TokensPrompt
 
         per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
@@ -238,6 +227,7 @@ class CaptureEngine:
                 prompt_index=i,
                 labels=dict(labels[i]) if labels else {},
                 store=dict(store or {}),
+                texts=texts is not None,
             )
             p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
             params.append(p)
@@ -245,8 +235,11 @@ class CaptureEngine:
             TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p for p in prompts
         ]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        pairs = list(zip(keys, outputs, strict=True))
+        if texts is not None:
+            annotate_rpc(sink, texts(pairs)).run(self.llm)
         self._flush([o.request_id for o in outputs])
-        return list(zip(keys, outputs, strict=True))
+        return pairs
 
     def score(
         self,
@@ -335,3 +328,20 @@ def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> C
         return engine.generate(prompts, **sampling)
     finally:
         engine.close()
+
+
+def _texts_of(outputs: list[tuple[str, Any]]) -> list[Annotation]:
+    """The texts a store keeps of each (sequence key, RequestOutput) sample."""
+    return [
+        Annotation(
+            request_id=key,
+            sample_index=c.index,
+            prompt_text=out.prompt or "",
+            completion_text=c.text,
+            finish_reason=c.finish_reason or "",
+            generated_len=len(c.token_ids),
+            positions=forwarded_positions(len(out.prompt_token_ids), len(c.token_ids)),
+        )
+        for key, out in outputs
+        for c in out.outputs
+    ]

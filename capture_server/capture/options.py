@@ -28,6 +28,14 @@ class CaptureOptions:
     be one the engine captures (``additional_config["moetrace"]["hidden_layers"]``)."""
     n: int = 1
     """Samples per prompt; the worker parses the sample index from child request ids."""
+    sample: int = -1
+    """Sample index to record for a single-sample request (n = 1) that stands for one
+    sample of a prompt with more: a resumed job reruns only the samples it lacks."""
+    texts: bool = False
+    """The caller sends each sequence's texts to the worker (`protocol.annotate_rpc`),
+    and the sequence is committed only together with them: a crash never leaves routing
+    without its texts. A sequence whose texts never come (an aborted request) is not
+    committed."""
     prompt_index: int = -1
     """Caller's index of the prompt, stored in the sequence index."""
     prompt_len: int = -1

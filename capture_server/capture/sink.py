@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
+from capture_server.protocol import Annotation
 
 __all__ = ["MemorySink", "RoutingSink"]
 
@@ -33,6 +34,10 @@ class RoutingSink(ABC):
     @abstractmethod
     def end_sequence(self, end: SequenceEnd) -> None:
         """The sequence is complete; all its rows were passed to `write` before."""
+
+    def annotate(self, annotations: list[Annotation]) -> None:  # noqa: B027 - optional
+        """Texts of sequences (`CaptureOptions.texts`); a sink that keeps no texts
+        ignores them."""
 
     def flush(self) -> None:  # noqa: B027 - no-op default for sinks that hold no backlog
         """Block until everything passed so far is durable (committed, for a store)."""
@@ -65,6 +70,7 @@ class MemorySink(RoutingSink):
         # Each sequence keeps (step rows, start, stop) references; rows are sliced lazily.
         self._parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]] = defaultdict(list)
         self.ended: dict[tuple[str, int], SequenceEnd] = {}
+        self.texts: dict[tuple[str, int], Annotation] = {}
         self._lock = threading.Lock()
 
     def open(self, meta: ModelMeta) -> None:
@@ -81,6 +87,10 @@ class MemorySink(RoutingSink):
     def end_sequence(self, end: SequenceEnd) -> None:
         with self._lock:
             self.ended[(end.request_id, end.sample_index)] = end
+
+    def annotate(self, annotations: list[Annotation]) -> None:
+        with self._lock:
+            self.texts.update({(a.request_id, a.sample_index): a for a in annotations})
 
     def keys(self) -> list[tuple[str, int]]:
         """(sequence key, sample index) of every sequence seen so far."""

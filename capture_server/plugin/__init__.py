@@ -29,7 +29,9 @@ def register() -> None:
 
     choose_v1_for_capture(VllmConfig)
     # Reachable by name through collective_rpc from any process (see protocol.WorkerRpc).
-    for name, method in zip(protocol.RPC_METHODS, (flush, stats, close, sink_states), strict=True):
+    for name, method in zip(
+        protocol.RPC_METHODS, (flush, stats, close, sink_states, annotate), strict=True
+    ):
         setattr(WorkerBase, name, method)
 
     patch_model_runner(GPUModelRunner)
@@ -90,3 +92,10 @@ def sink_states(worker: Any, sink_urls: list[str]) -> dict[str, str]:
     if collector is None:
         return {}
     return collector.sink_states(sink_urls)
+
+
+def annotate(worker: Any, sink_url: str, rows: list[dict[str, Any]]) -> None:
+    """`protocol.annotate_rpc`: hand sequences' texts to the store that commits them."""
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    if collector is not None:
+        collector.annotate(sink_url, [protocol.Annotation(**row) for row in rows])

@@ -22,7 +22,7 @@ from capture_server.capture.sink import RoutingSink
 from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
-from capture_server.protocol import split_sample
+from capture_server.protocol import Annotation, split_sample
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _PendingStep:
 def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int]:
     """(sequence key, sample index) of a worker-side request id."""
     sample, parent = split_sample(external_request_id(worker_req_id), options.n)
-    return options.sequence or parent, sample
+    return options.sequence or parent, options.sample if options.sample >= 0 else sample
 
 
 def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
@@ -90,6 +90,7 @@ class StepCollector:
         self._armed = False
         self._sinks: dict[str, RoutingSink] = {}
         self._closing: dict[str, RoutingSink] = {}  # committing their last rows
+        self._early_texts: dict[str, list[Annotation]] = {}  # for sinks not open yet
         self.sink_errors: dict[str, str] = {}
         self.expert_load = np.zeros((len(meta.moe_layers), meta.num_experts), dtype=np.int64)
         """Top-k selections per (MoE layer, expert) over every captured token."""
@@ -165,11 +166,31 @@ class StepCollector:
                 except (MoetraceError, OSError) as exc:
                     self.sink_errors[url] = str(exc)
 
+    def annotate(self, url: str, annotations: list[Annotation]) -> None:
+        """Hand sequences' texts to the store at `url`, which commits each sequence
+        awaiting texts together with them. Texts may come before the sequence's last
+        rows reach the sink (the caller saw the output first), or before its first."""
+        self._complete_pending()
+        if url in self.sink_errors:
+            return
+        sink = self._sinks.get(url)
+        if sink is None:
+            self._early_texts.setdefault(url, []).extend(annotations)
+            return
+        self._deliver_texts(url, sink, annotations)
+
+    def _deliver_texts(self, url: str, sink: RoutingSink, annotations: list[Annotation]) -> None:
+        try:
+            sink.annotate(annotations)
+        except (MoetraceError, OSError) as exc:
+            self.sink_errors[url] = str(exc)
+
     def close_sinks(self, urls: list[str], finished_external_ids: list[str] | None = None) -> None:
         """End the named requests and have the named sinks commit and close (their jobs
         are over), without waiting: `sink_states` tells when they are closed."""
         self.flush(finished_external_ids, sink_urls=[])
         for url in urls:
+            self._early_texts.pop(url, None)
             sink = self._sinks.pop(url, None)
             if sink is None:
                 continue
@@ -369,6 +390,9 @@ class StepCollector:
                 sink = open_sink(url, options.store)
                 sink.open(self.meta)
                 self._sinks[url] = sink
+                early = self._early_texts.pop(url, None)
+                if early:
+                    sink.annotate(early)
             call(self._sinks[url])
         except (MoetraceError, OSError, ValueError) as exc:
             self.sink_errors[url] = str(exc)
@@ -386,5 +410,6 @@ class StepCollector:
             num_rows=state.num_rows,
             prompt_index=state.options.prompt_index,
             labels=state.options.labels,
+            awaits_texts=state.options.texts,
         )
         self._deliver(state.options, lambda sink: sink.end_sequence(end))

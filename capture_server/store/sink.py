@@ -14,6 +14,7 @@ from typing import Any
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.sink import RoutingSink
 from capture_server.errors import StoreWriteError
+from capture_server.protocol import Annotation
 from capture_server.store.format import StoreOptions
 from capture_server.store.parts import PartId
 from capture_server.store.writer import StoreWriter
@@ -60,6 +61,8 @@ class StoreSink(RoutingSink):
         self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
         self._meta: ModelMeta | None = None
         self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
+        """`dropped_*`: lost to a full queue (``on_full="drop"``); the writer's
+        `dropped_without_texts` counts sequences whose promised texts never came."""
 
     # -- RoutingSink -------------------------------------------------------------------
 
@@ -93,6 +96,11 @@ class StoreSink(RoutingSink):
         if self._uncommitted_since is None:
             self._uncommitted_since = time.monotonic()
         self._queue.put(("end", end))
+
+    def annotate(self, annotations: list[Annotation]) -> None:
+        """Texts of sequences; each awaiting sequence commits together with its texts."""
+        self._raise_if_failed()
+        self._queue.put(("texts", annotations))
 
     def flush(self) -> None:
         """Block until everything enqueued so far is committed."""
@@ -129,6 +137,7 @@ class StoreSink(RoutingSink):
             "lag_seconds": 0.0 if since is None else time.monotonic() - since,
             "bytes_written": self.writer.bytes_written,
             "sequences_committed": self.writer.sequences_committed,
+            "dropped_without_texts": self.writer.dropped_without_texts,
             **self.stats,
         }
 
@@ -158,6 +167,8 @@ class StoreSink(RoutingSink):
                     keys, bounds = item.segments()
                     for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
                         parts[key].append(item.slice(int(a), int(b)))
+                elif kind == "texts":
+                    self.writer.add_texts(item)
                 elif kind == "end":
                     self._end(item, parts)
                     if self.writer.staged_rows >= self.writer.chunk:

@@ -5,9 +5,13 @@ Invariants:
     - One writer per store, one thread per writer: every chunk has exactly one writer.
     - Only whole chunks are written: the last, partial chunk is written padded and
       rewritten whole when it grows (each write replaces the chunk object atomically).
-    - Sequences are contiguous on the token axis, in commit order.
+    - Sequences are contiguous on the token axis, in staging order.
     - A sequence is visible (in the index) only after all its rows are written: its
       index part is written after its chunks, and an index part appears atomically.
+    - A sequence awaiting texts (`SequenceEnd.awaits_texts`) is committed only once its
+      texts came, and its texts' part is written before its index part: a committed
+      sequence always has its texts. One whose texts never come is not committed; its
+      rows stay as unreferenced space.
     - Reopening resumes after the last committed row; rows past it are overwritten.
 """
 
@@ -81,6 +85,10 @@ class StoreWriter:
         self._buf_end = 0  # rows below this are staged
         self._staged: list[dict[str, Any]] = []  # index rows of staged, uncommitted sequences
         self._committed: set[tuple[str, int]] = set()
+        self._committed_before: set[tuple[str, int]] = set()  # by an earlier writer
+        self._awaiting: set[tuple[str, int]] = set()  # staged, committed with their texts
+        self._texts: dict[tuple[str, int], Annotation] = {}  # not written yet
+        self.dropped_without_texts = 0
         self._next_id = 0
         self.bytes_written = 0  # uncompressed bytes of rows written
         self.sequences_committed = 0
@@ -186,6 +194,7 @@ class StoreWriter:
             self._committed = set(
                 zip(index["request_id"].to_list(), index["sample_index"].to_list(), strict=True)
             )
+            self._committed_before = set(self._committed)
         self._buf_start = committed_end // self.chunk * self.chunk
         self._written_end = self._buf_end = committed_end
         if committed_end > self._buf_start:  # reload the committed part of the tail chunk
@@ -237,7 +246,18 @@ class StoreWriter:
             }
         )
         self._buf_end += n
+        if end.awaits_texts:
+            self._awaiting.add(key)
         return True
+
+    def add_texts(self, annotations: list[Annotation]) -> None:
+        """Texts of sequences, written with the commit of their sequence (or at the next
+        commit, for one committed already). Texts for a sequence an earlier writer
+        committed belong to another generation and are ignored."""
+        for a in annotations:
+            key = (a.request_id, a.sample_index)
+            if key not in self._committed_before:
+                self._texts[key] = a
 
     def _columns(self, rows: RoutingRows) -> dict[str, np.ndarray]:
         n = len(rows)
@@ -266,7 +286,7 @@ class StoreWriter:
         """
         total = self._buf_end - self._buf_start
         unwritten = self._buf_end - self._written_end
-        if not self._staged and unwritten == 0:
+        if not self._staged and unwritten == 0 and not self._texts:
             return 0
         upto = total if partial else total // self.chunk * self.chunk
         if self._buf_start + upto > self._written_end:
@@ -296,7 +316,18 @@ class StoreWriter:
         self._buf_start += upto // self.chunk * self.chunk
 
     def _commit(self) -> int:
-        ready = [s for s in self._staged if s["token_offset"] + s["num_rows"] <= self._written_end]
+        """Commit the staged sequences whose rows are on disk and whose texts, when they
+        await texts, came: their texts' part first, then their index part."""
+        ready = [s for s in self._staged if self._committable(s)]
+        ready_keys = {(s["request_id"], s["sample_index"]) for s in ready}
+        texts = [a for k, a in self._texts.items() if k in ready_keys or k in self._committed]
+        if texts:
+            try:
+                write_annotations(self.store, texts)
+            except OSError as exc:
+                raise StoreWriteError(f"{self.url}: writing texts failed: {exc}") from exc
+            for a in texts:
+                del self._texts[(a.request_id, a.sample_index)]
         if not ready:
             return 0
         now = time.time()
@@ -310,16 +341,36 @@ class StoreWriter:
             _raw.set_bytes(self.store, key, parquet_bytes(frame))
         except OSError as exc:
             raise StoreWriteError(f"{self.url}: writing index part {key} failed: {exc}") from exc
-        self._staged = self._staged[len(ready) :]
-        self._committed.update((s["request_id"], s["sample_index"]) for s in ready)
+        self._staged = [
+            s for s in self._staged if (s["request_id"], s["sample_index"]) not in ready_keys
+        ]
+        self._committed.update(ready_keys)
+        self._awaiting -= ready_keys
         self.sequences_committed += len(ready)
         return len(ready)
+
+    def _committable(self, staged: dict[str, Any]) -> bool:
+        key = (staged["request_id"], staged["sample_index"])
+        on_disk = staged["token_offset"] + staged["num_rows"] <= self._written_end
+        return on_disk and (key not in self._awaiting or key in self._texts)
 
     def annotate(self, annotations: list[Annotation]) -> None:
         """Add per-sequence annotations; see `index.write_annotations`."""
         write_annotations(self.store, annotations)
 
     def close(self) -> None:
-        """Commit everything staged."""
-        if self.root is not None:
-            self.flush(partial=True)
+        """Commit everything staged; sequences whose texts never came are dropped (their
+        requests were aborted, or their caller died)."""
+        if self.root is None:
+            return
+        self.flush(partial=True)
+        if self._staged:
+            self.dropped_without_texts += len(self._staged)
+            logger.warning(
+                "%s: %d sequences closed without the texts they awaited; not committed",
+                self.url,
+                len(self._staged),
+            )
+            self._staged = []
+            self._awaiting.clear()
+        self._texts.clear()

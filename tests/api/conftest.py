@@ -34,14 +34,19 @@ class Server:
 
 
 def start_server(
-    models: list[Path], data_dir: Path, log: Path, env: dict[str, str] | None = None
+    models: list[Path],
+    data_dir: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+    engine: tuple[str, ...] = ("--enforce-eager",),
 ) -> Server:
+    """A server on loopback; `engine`: vLLM engine flags for every model."""
     env = {
         "MOETRACE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "MOETRACE_ONLINE_IDLE_SECONDS": "8",
         **(env or {}),
     }
-    proc, url = launch(models, data_dir, log, token=TOKEN, env=env)
+    proc, url = launch(models, data_dir, log, token=TOKEN, env=env, engine_flags=engine)
     return Server(url, data_dir, proc)
 
 

@@ -1,0 +1,135 @@
+"""Kill -9 trials: a server killed at seeded random moments of unseeded sampled jobs
+(n > 1), again and again, so most kills land in the resume of an earlier kill.
+
+After every trial the jobs finish, and every sequence of every job has its routing
+exactly once, its texts, and texts of the generation whose routing is stored: the
+generated tokens the routing rows were forwarded with equal the start of the stored
+completion's token ids, and the completion text is those ids decoded. Unseeded sampling
+makes a rerun draw other tokens, so texts of another generation would not match.
+
+Proof against: the planted model's ground-truth routing (each stored row), and the
+tokenizer's own decoding (each text).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capture_server.specimens.planted import planted_topk
+from capture_server.store import open_store
+from tests.api.conftest import Server, start_server, stop_server
+
+LANES = 2  # servers killed side by side: a restart is mostly imports, on one core
+KILLS = int(os.environ.get("MOETRACE_KILL_TRIALS", "6"))
+"""Kills in all. A restart costs about 40 s here (three processes importing vLLM), so
+the suite runs 6; ``MOETRACE_KILL_TRIALS=20`` runs the full trial (docs/api-bad-inputs.md)."""
+SEED = 18
+PROMPTS, SAMPLES, MAX_TOKENS = 16, 4, 40
+MODEL = "qwen3_moe-planted"
+WAVES = {"MOETRACE_CONCURRENCY": "4"}  # prompts run 4 at a time: commits come steadily
+
+
+def _submit(server: Server, serial: int) -> str:
+    body = {
+        "kind": "rollout",
+        "model": MODEL,
+        "prompts": [{"prompt": f"the cell divides {serial} {i}"} for i in range(PROMPTS)],
+        "sampling": {
+            "n": SAMPLES,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 1.0,
+            "ignore_eos": True,  # no special token in a completion: text == decode(ids)
+        },
+    }
+    reply = server.client.post("/v1/jobs", json=body)
+    assert reply.status_code == 201, reply.text
+    return reply.json()["id"]
+
+
+def _kill(server: Server) -> None:
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
+
+
+def _lane(model: Path, root: Path, rng: random.Random) -> tuple[list[str], list[dict]]:
+    """Kill a server `KILLS // LANES` times, keeping a job running for each kill to land
+    in; returns the jobs and what each kill interrupted."""
+    data = root / "data"
+    start = lambda k: start_server([model], data, root / f"life{k}.log", WAVES)  # noqa: E731
+    server = start(0)
+    jobs: list[str] = []
+    kills: list[dict] = []
+    for trial in range(KILLS // LANES):
+        state = server.client.get(f"/v1/jobs/{jobs[-1]}").json()["state"] if jobs else "done"
+        resumed = state == "running" and trial > 0  # the job was resumed after a kill
+        if state != "running":
+            jobs.append(_submit(server, len(jobs)))
+        time.sleep(rng.uniform(0.5, 6.0))
+        committed = server.client.get(f"/v1/jobs/{jobs[-1]}/sequences").json()["count"]
+        _kill(server)
+        kills.append({"committed": committed, "resumed": resumed})
+        server = start(trial + 1)
+    try:
+        for job_id in jobs:
+            assert server.wait_job(job_id, timeout=300)["state"] == "done"
+        return [server.client.get(f"/v1/jobs/{j}").json()["store"] for j in jobs], kills
+    finally:
+        stop_server(server)
+
+
+def _check_store(path: str, tokenizer) -> None:
+    store = open_store(path)
+    index = store.index
+    keys = list(zip(index["request_id"].to_list(), index["sample_index"].to_list(), strict=True))
+    expected = {(f"p{i}", s) for i in range(PROMPTS) for s in range(SAMPLES)}
+    assert len(keys) == len(set(keys)), f"{path}: a sequence stored twice"
+    assert set(keys) == expected, f"{path}: missing {sorted(expected - set(keys))[:5]}"
+    for row in index.iter_rows(named=True):
+        where = f"{path} {row['request_id']}/{row['sample_index']}"
+        assert row["completion_text"] is not None, f"{where}: no texts"
+        ids = list(row["completion_token_ids"])
+        assert row["generated_len"] == len(ids) == MAX_TOKENS, where
+        arrays = store.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
+        forwarded = arrays["token_ids"][row["prompt_len"] :]
+        assert list(forwarded) == ids[: len(forwarded)] and len(forwarded) == len(ids) - 1, (
+            f"{where}: texts of another generation than the routing"
+        )
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 character
+        decoded, text = tokenizer.decode(ids, skip_special_tokens=True), row["completion_text"]
+        assert decoded.startswith(text) and set(decoded[len(text) :]) <= {"\ufffd"}, where
+        for layer in range(arrays["topk_ids"].shape[1]):
+            np.testing.assert_array_equal(
+                arrays["topk_ids"][:, layer], planted_topk(arrays["token_ids"], layer)
+            )
+
+
+@pytest.mark.slow
+def test_kill_trials_leave_every_sequence_once_with_its_own_texts(specimen, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = specimen("qwen3_moe", planted=True)
+    rngs = [random.Random(SEED * 100 + lane) for lane in range(LANES)]
+    with ThreadPoolExecutor(LANES) as pool:
+        lanes = list(
+            pool.map(
+                lambda k: _lane(model, tmp_path / f"lane{k}", rngs[k]),
+                range(LANES),
+            )
+        )
+    kills = [k for _, lane_kills in lanes for k in lane_kills]
+    assert len(kills) == KILLS // LANES * LANES
+    # the trials must have hit what they are about: jobs part committed, and resumes
+    assert sum(0 < k["committed"] < PROMPTS * SAMPLES for k in kills) >= max(1, KILLS // 4), kills
+    assert sum(k["resumed"] for k in kills) >= max(1, KILLS // 6), kills
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for stores, _ in lanes:
+        for path in stores:
+            _check_store(path, tokenizer)
