@@ -128,7 +128,11 @@ class StoreFold:
     def _add_committee(self, block: BlockProfiles) -> None:
         rows = block.sequences
         domains = np.array([str(r["labels"].get("domain", "")) for r in rows])
-        labelled = np.array(["domain" in r["labels"] for r in rows]) & block.has_last
+        # one last prompt token per prompt, not per sample: the audit counts prompts
+        labelled = np.array(
+            ["domain" in r["labels"] and r.get("prompt_first", True) for r in rows], dtype=bool
+        )
+        labelled &= block.has_last
         for domain in np.unique(domains[labelled]):
             members = labelled & (domains == domain)
             probs = None if block.last_probs is None else block.last_probs[members]

@@ -61,6 +61,15 @@ def pair_sequences(index: pl.DataFrame, limit: int = PAIR_SEQUENCES) -> set[int]
     return {sid for _, sid in heapq.nsmallest(limit, map(hashed, rows.iter_rows(named=True)))}
 
 
+def prompt_representatives(index: pl.DataFrame) -> set[int]:
+    """One sequence per prompt (its lowest committed sample): analyses that count
+    prompts, as the committee audit does, count each prompt once whatever its n."""
+    if not len(index):
+        return set()
+    first = index.sort("sample_index").unique("request_id", keep="first")
+    return set(first["sequence_id"].to_list())
+
+
 class BlockPlan:
     """A store's blocks, and on demand the index rows of a block's sequences (marked
     ``curve`` and ``keep``), which its map task is sent instead of reading the index.
@@ -98,6 +107,7 @@ class BlockPlan:
         self._ids = self._index["sequence_id"].to_numpy()
         self._curve = curve_sequences(store.index)
         self._keep = keep
+        self._prompt_first = prompt_representatives(store.index)
 
     def rows(self, block: Block) -> list[dict]:
         at = np.searchsorted(self._ids, block.sequence_ids)
@@ -108,4 +118,5 @@ class BlockPlan:
         for row in rows:
             row["curve"] = row["sequence_id"] in self._curve
             row["keep"] = self._keep is None or row["sequence_id"] in self._keep
+            row["prompt_first"] = row["sequence_id"] in self._prompt_first
         return rows

@@ -17,7 +17,7 @@ from analyzer.params import Params
 from analyzer.profiles import SequenceProfile
 from analyzer.reads import geometry_sample
 from analyzer.tables.alignment import alignment_table
-from analyzer.tables.committee import committee_table
+from analyzer.tables.committee import committee_tables
 from analyzer.tables.conditions import condition_table
 from analyzer.tables.geometry import geometry_tables
 from analyzer.tables.rollout import rollout_curve_table
@@ -96,10 +96,9 @@ def _geometry(ctx: StoreTables) -> dict[str, Table]:
 
 def _committee(ctx: StoreTables) -> dict[str, Table]:
     model = ctx.store.model
-    table = committee_table(
+    return committee_tables(
         ctx.name, ctx.fold.committee, ctx.params, model.top_k, model.num_experts
     )
-    return {"committee": table}
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -147,7 +146,8 @@ ANALYSES: dict[str, Analysis] = {
         Analysis(
             "committee",
             "Standing committee per layer across `domain` labels: members, coverage, "
-            "influence density ratio, Gini, cross-domain Jaccard.",
+            "influence density ratio, Gini, cross-domain Jaccard; experts tied at the "
+            "k-th slot per domain, and whether the committee depends on their order.",
             reads=(protocol.TOPK_WEIGHTS, protocol.ROUTER_LOGITS),
             folds=frozenset({"committee"}),
             per_store=_committee,

@@ -31,20 +31,20 @@ def eci_frequency(ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def eci_frequency_weight(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
-    """Code variant 2: frequency x mean min-max-normalised gate weight (0 when unselected).
+    """Code variant 2 (official `get_frequency_and_weight_data.py`): frequency x mean
+    min-max-normalised gate weight.
 
-    For each expert the gate weights it received across the domain's samples are scaled to
-    (w - min) / (max - min + 1e-6) over those samples; unselected samples count 0.
+    Each expert's per-sample weight is 0 where it was not selected, and min and max are
+    taken over all the domain's samples, zeros included (spec §3.6 item 1): an expert
+    selected in 1 of N samples gets a mean normalised weight of about 1/N.
     """
     n = len(ids)
     w = np.zeros((n, num_experts))
     np.put_along_axis(w, ids.astype(np.int64), weights.astype(np.float64), -1)
     sel = np.zeros((n, num_experts), dtype=bool)
     np.put_along_axis(sel, ids.astype(np.int64), True, -1)
-    lo = np.where(sel, w, np.inf).min(0)
-    hi = np.where(sel, w, -np.inf).max(0)
-    span = np.where(np.isfinite(hi - lo), hi - lo, 0.0) + 1e-6
-    norm = np.where(sel, (w - np.where(np.isfinite(lo), lo, 0.0)) / span, 0.0)
+    lo, hi = w.min(0), w.max(0)
+    norm = (w - lo) / (hi - lo + 1e-6)
     return sel.mean(0) * norm.mean(0)
 
 
@@ -136,6 +136,40 @@ def standing_committee(
         coverage=cov,
         ratio=influence_ratio(cov, len(members), experts),
     )
+
+
+TIE_ORDERS = 16  # tie orders tried, besides lowest id first and highest id first
+
+
+def ties_at_cutoff(c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per domain: experts whose contribution equals the k-th largest (tied at the k-th
+    slot), and how many of them the lowest-id-first order puts inside the top-k. A tie
+    decides membership only when some tied experts are left out.
+
+    Neither the paper nor the official code says how ties at the cutoff break (the code
+    uses `torch.topk`, whose order for equal values is unspecified)."""
+    domains, experts = c.shape
+    kth = -np.sort(-c, axis=-1)[:, min(k, experts) - 1]
+    tied = np.isclose(c, kth[:, None], rtol=1e-12, atol=0.0)
+    inside = (ranks_with_penalty(c, k) <= k) & tied
+    return tied.sum(-1), inside.sum(-1)
+
+
+def committee_under_tie_orders(
+    c: np.ndarray, k: int, gamma: float = GAMMA, seed: int = 0
+) -> list[list[int]]:
+    """The distinct committees that tie orders give: lowest id first (the default),
+    highest id first and `TIE_ORDERS` seeded random orders. One committee: stable."""
+    experts = c.shape[1]
+    rng = np.random.default_rng(seed)
+    orders = [np.arange(experts), np.arange(experts)[::-1]]
+    orders += [rng.permutation(experts) for _ in range(TIE_ORDERS)]
+    found: list[list[int]] = []
+    for order in orders:  # relabel experts so that the stable sort breaks ties by `order`
+        members = sorted(int(order[i]) for i in standing_committee(c[:, order], k, gamma).members)
+        if members not in found:
+            found.append(members)
+    return found
 
 
 def cross_domain_jaccard(c: np.ndarray, k: int) -> np.ndarray:

@@ -82,21 +82,38 @@ class CommitteeSums:
                 c.append(s["hits"] / n)
             elif variant == "softmax":
                 c.append(s["prob_sum"] / n)
-            else:  # eci_frequency_weight from sums: sum over selected of (w - lo) / span
-                lo = np.where(s["hits"] > 0, s["weight_min"], 0.0)
-                span = np.where(s["hits"] > 0, s["weight_max"] - lo, 0.0) + 1e-6
-                c.append(s["hits"] / n * (s["weight_sum"] - s["hits"] * lo) / span / n)
+            else:  # `metrics.committee.eci_frequency_weight` from sums: min and max over
+                # all samples, an unselected sample counting 0
+                hits = s["hits"]
+                lo = np.where(hits == n, s["weight_min"], 0.0)
+                hi = np.where(hits > 0, s["weight_max"], 0.0)
+                c.append(hits / n * (s["weight_sum"] - n * lo) / (hi - lo + 1e-6) / n)
         return domains, np.stack(c, axis=1)
 
 
-def committee_table(
+def committee_tables(
     store: str, sums: CommitteeSums, params: Params, top_k: int, num_experts: int
-) -> pl.DataFrame:
-    """Standing committee per layer across `domain` labels (paper (b) Stage III, B1-B5)."""
+) -> dict[str, pl.DataFrame]:
+    """``committee``: the standing committee per layer across `domain` labels (paper (b)
+    Stage III, B1-B5), with whether ties at the k-th slot could change it;
+    ``committee_ties``: per (layer, domain), the experts tied at the k-th slot."""
     domains, c = sums.contributions(params.committee_variant, num_experts)
-    rows = []
+    rows, ties = [], []
     for layer in range(c.shape[0]):
         com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
+        alternatives = cm.committee_under_tie_orders(c[layer], top_k, params.gamma)
+        tied, inside = cm.ties_at_cutoff(c[layer], top_k)
+        ties += [
+            {
+                "store": store,
+                "layer": layer,
+                "domain": domain,
+                "tied_at_k": int(t),
+                "tied_inside": int(i),
+                "decides_membership": bool(t > i),
+            }
+            for domain, t, i in zip(domains, tied, inside, strict=True)
+        ]
         jac = cm.cross_domain_jaccard(c[layer], top_k)
         off = jac[~np.eye(len(domains), dtype=bool)] if len(domains) > 1 else np.array([1.0])
         mass = cm.topk_mass(c[layer], top_k)
@@ -109,6 +126,9 @@ def committee_table(
                 "variant": params.committee_variant,
                 "members": com.members,
                 "size": len(com.members),
+                # other orders of experts tied at the k-th slot give other committees
+                "stability": "stable" if len(alternatives) == 1 else "tie-dependent",
+                "tie_alternatives": len(alternatives),
                 "avg_mean_rank": float(np.mean(com.mean_rank)),
                 "avg_rank_var": float(np.mean(com.rank_var)),
                 "coverage": com.coverage,
@@ -121,4 +141,4 @@ def committee_table(
                 "jaccard_mean": float(off.mean()),
             }
         )
-    return pl.DataFrame(rows)
+    return {"committee": pl.DataFrame(rows), "committee_ties": pl.DataFrame(ties)}

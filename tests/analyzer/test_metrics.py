@@ -118,9 +118,22 @@ def test_eci_variants():
     ids = np.array([[0, 1], [0, 2], [1, 2]])
     weights = np.array([[0.7, 0.3], [0.9, 0.1], [0.6, 0.4]])
     np.testing.assert_allclose(committee.eci_frequency(ids, 3), [2 / 3, 2 / 3, 2 / 3])
-    # expert 0 weights 0.7, 0.9 -> normalised 0, ~1; mean over 3 samples = (0 + 1) / 3
+    # the official definition: per-sample weights with 0 where unselected, min-max over
+    # all samples. Expert 0: [0.7, 0.9, 0] -> lo 0, hi 0.9; expert 1: [0.3, 0, 0.6].
     got = committee.eci_frequency_weight(ids, weights, 3)
-    assert got[0] == pytest.approx((2 / 3) * (0.2 / (0.2 + 1e-6)) / 3, rel=1e-6)
+    assert got[0] == pytest.approx((2 / 3) * (0.7 + 0.9) / (0.9 + 1e-6) / 3, rel=1e-9)
+    assert got[1] == pytest.approx((2 / 3) * (0.3 + 0.6) / (0.6 + 1e-6) / 3, rel=1e-9)
+
+
+def test_eci_frequency_weight_of_an_expert_selected_in_some_samples():
+    """Selected once in four samples: the authors' code gives frequency 1/4 x mean
+    normalised weight ~1/4 (its zeros count in the min-max), not 0."""
+    ids = np.array([[0, 1], [2, 1], [2, 1], [2, 1]])
+    weights = np.array([[0.5, 0.5], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])
+    got = committee.eci_frequency_weight(ids, weights, 3)
+    assert got[0] == pytest.approx(0.25 * (0.5 / (0.5 + 1e-6)) / 4, rel=1e-9)
+    # an expert selected in every sample: min-max over its own weights
+    assert got[1] == pytest.approx(1.0 * ((0.3 + 0.2 + 0.1 + 0.0) / (0.3 + 1e-6)) / 4, rel=1e-9)
     logits = np.log(np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]))
     np.testing.assert_allclose(committee.eci_softmax(logits), [0.375, 0.375, 0.25])
 
