@@ -1,10 +1,11 @@
-"""Pair overlap by label condition, with chance levels (paper (a) A3, A7)."""
+"""Pair overlap by label condition, with chance levels and intervals (paper (a) A3, A7)."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
+from analyzer.metrics import bootstrap as bs
 from analyzer.metrics import usage as um
 from analyzer.metrics.baselines import random_routing
 from analyzer.params import Params
@@ -40,10 +41,30 @@ def condition(a: tuple, b: tuple) -> str:
     return "other question, other author" if aa is not None else "other question"
 
 
+def _with_intervals(
+    row: dict, jac: np.ndarray, cos: np.ndarray, weights: np.ndarray, layer: int
+) -> dict:
+    """`row` with the means of one layer and their 95% intervals, from pair values
+    (pairs, layers) and the pairs' bootstrap weights (replicates, pairs)."""
+    j_lo, j_hi = bs.interval(bs.weighted_means(jac[:, layer], weights))
+    c_lo, c_hi = bs.interval(bs.weighted_means(cos[:, layer], weights))
+    return {
+        **row,
+        "layer": layer,
+        "jaccard": float(jac[:, layer].mean()),
+        "jaccard_lo": float(j_lo),
+        "jaccard_hi": float(j_hi),
+        "cosine": float(cos[:, layer].mean()),
+        "cosine_lo": float(c_lo),
+        "cosine_hi": float(c_hi),
+    }
+
+
 def condition_table(
     store: str, profiles: list[SequenceProfile], params: Params, top_k: int
 ) -> pl.DataFrame:
-    """Mean top-p Jaccard and usage cosine per (condition, layer), with two chance levels.
+    """Mean top-p Jaccard and usage cosine per (condition, layer), with two chance levels
+    and 95% intervals from resampling questions (`metrics.bootstrap`).
 
     ``label shuffle``: the same pairs with the (question, author, seed) keys permuted
     across sequences. ``random routing``: pairs of sequences of the same lengths routed
@@ -60,22 +81,24 @@ def condition_table(
     ia, ib = np.array(pairs).T
     jac = um.top_p_jaccard(f[ia], f[ib], params.top_p)  # (pairs, layers)
     cos = um.cosine(f[ia], f[ib])
+    # the sampled unit is the question: its sequences' pairs are resampled together
+    questions = {q: n for n, q in enumerate(dict.fromkeys(str(k[0]) for k in keys))}
+    unit = np.array([questions[str(k[0])] for k in keys])
+    drawn = bs.unit_multiplicities(len(questions), bs.REPLICATES, rng)
+    weights = bs.pair_weights(drawn, unit[ia], unit[ib])
     for label, key_list in (("observed", keys), ("label shuffle", shuffled)):
         conds = np.array([condition(key_list[i], key_list[j]) for i, j in pairs])
         for cond in np.unique(conds):
             sel = conds == cond
+            base = {
+                "store": store,
+                "baseline": label,
+                "condition": str(cond),
+                "pairs": int(sel.sum()),
+                "units": len(np.unique(np.concatenate([unit[ia[sel]], unit[ib[sel]]]))),
+            }
             for layer in range(f.shape[1]):
-                rows.append(
-                    {
-                        "store": store,
-                        "baseline": label,
-                        "condition": str(cond),
-                        "layer": layer,
-                        "pairs": int(sel.sum()),
-                        "jaccard": float(jac[sel, layer].mean()),
-                        "cosine": float(cos[sel, layer].mean()),
-                    }
-                )
+                rows.append(_with_intervals(base, jac[sel], cos[sel], weights[:, sel], layer))
     # random routing: same sequence lengths, uniform routing
     layers, experts = f.shape[1], f.shape[2]
     sample = pairs[: min(len(pairs), 500)]
@@ -93,16 +116,15 @@ def condition_table(
         )
         rj.append(um.top_p_jaccard(fa, fb, params.top_p))
         rc.append(um.cosine(fa, fb))
+    base = {
+        "store": store,
+        "baseline": "random routing",
+        "condition": "any",
+        "pairs": len(sample),
+        "units": len(questions),
+    }
+    sa, sb = np.array(sample).T
+    random_weights = bs.pair_weights(drawn, unit[sa], unit[sb])
     for layer in range(layers):
-        rows.append(
-            {
-                "store": store,
-                "baseline": "random routing",
-                "condition": "any",
-                "layer": layer,
-                "pairs": len(sample),
-                "jaccard": float(np.mean([r[layer] for r in rj])),
-                "cosine": float(np.mean([r[layer] for r in rc])),
-            }
-        )
+        rows.append(_with_intervals(base, np.array(rj), np.array(rc), random_weights, layer))
     return pl.DataFrame(rows)
