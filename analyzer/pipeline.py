@@ -25,6 +25,7 @@ from analyzer.params import Params
 from analyzer.plan import MAX_BLOCK_BYTES, BlockPlan, curve_sequences, pair_sequences
 from analyzer.profiles import SequenceProfile
 from analyzer.registry import Analysis, StoreTables, Table
+from analyzer.tables.findings import findings_table
 from capture_server.store import RoutingStore, open_store
 
 
@@ -143,6 +144,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         )
 
 
+FINDINGS_FROM = ("conditions", "geometry", "committee")  # small tables the claims are read from
+
+
 def run(
     stores: list[str],
     analyses: list[str],
@@ -191,4 +195,8 @@ def run(
             pl.concat(frames, how="diagonal_relaxed").sink_parquet(path)  # streams the parts
             written[table] = path
     shutil.rmtree(part_root, ignore_errors=True)
+    claims = findings_table({t: pl.read_parquet(written[t]) for t in FINDINGS_FROM if t in written})
+    if len(claims):
+        claims.write_parquet(out / "findings.parquet")
+        written = {"findings": out / "findings.parquet", **written}
     return written

@@ -61,12 +61,18 @@ def plot_rollout_curves(curve: pl.DataFrame, out: Path) -> list[Path]:
 def plot_conditions(cond: pl.DataFrame, out: Path) -> list[Path]:
     paths = []
     for store in cond["store"].unique().sort().to_list():
-        c = cond.filter(pl.col("store") == store)
+        c = cond.filter((pl.col("store") == store) & (pl.col("layer") >= 0))
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for (baseline, condition), s in c.group_by(["baseline", "condition"]):
+        for (baseline, condition), s in c.group_by(["baseline", "condition"], maintain_order=True):
             s = s.sort("layer")
             style = "-" if baseline == "observed" else ":"
-            ax.plot(s["layer"], s["jaccard"], style, marker="o", label=f"{condition} ({baseline})")
+            line = ax.plot(
+                s["layer"], s["jaccard"], style, marker="o", label=f"{condition} ({baseline})"
+            )
+            if "jaccard_lo" in s.columns:  # 95% interval, resampling questions
+                band = (s["jaccard_lo"], s["jaccard_hi"])
+                ax.fill_between(s["layer"], *band, color=line[0].get_color(), alpha=0.15)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(
             xlabel="MoE layer",
             ylabel="top-p Jaccard (P=0.8)",
@@ -121,6 +127,22 @@ def _table_html(frame: pl.DataFrame, rows: int, limit: int = 30) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
+def _findings_section(path: Path | None) -> list[str]:
+    """The papers' claims first: measured value, interval, chance, published, verdict."""
+    if path is None:
+        return []
+    frame = pl.read_parquet(path).drop("rule")
+    numbers = ["measured", "lo", "hi", "chance", "published"]
+    frame = frame.with_columns(pl.col(numbers).round(3))
+    return [
+        '<h2 id="findings">Findings</h2>',
+        "<p>Each claim of the two papers, in their words, with what these stores measure "
+        "(95% intervals from resampling questions). The verdict rules are in "
+        f'<a href="{path.name}">{path.name}</a> (column <code>rule</code>).</p>',
+        _table_html(frame, len(frame)),
+    ]
+
+
 def write_report(
     out: Path,
     tables: dict[str, Path],
@@ -139,6 +161,7 @@ def write_report(
     sections = [
         "<h1>moetrace routing report</h1>",
         f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",
+        *_findings_section(tables.get("findings")),
         "<h2>Parameters</h2>",
         f"<pre>{html.escape(json.dumps(params, indent=2, default=str))}</pre>",
         "<h2>Plots</h2>",
@@ -149,7 +172,7 @@ def write_report(
         "<h2>Tables</h2>",
     ]
     for name, path in tables.items():
-        if name == "triangle":
+        if name in ("triangle", "findings"):  # plotted, or shown first
             continue  # plotted; the pairs themselves are in the parquet file
         scan = pl.scan_parquet(path)
         rows = scan.select(pl.len()).collect().item()

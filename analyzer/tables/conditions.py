@@ -99,6 +99,7 @@ def condition_table(
             }
             for layer in range(f.shape[1]):
                 rows.append(_with_intervals(base, jac[sel], cos[sel], weights[:, sel], layer))
+            rows.append(_layer_mean(base, jac[sel], cos[sel], weights[:, sel]))
     # random routing: same sequence lengths, uniform routing
     layers, experts = f.shape[1], f.shape[2]
     sample = pairs[: min(len(pairs), 500)]
@@ -127,4 +128,14 @@ def condition_table(
     random_weights = bs.pair_weights(drawn, unit[sa], unit[sb])
     for layer in range(layers):
         rows.append(_with_intervals(base, np.array(rj), np.array(rc), random_weights, layer))
+    rows.append(_layer_mean(base, np.array(rj), np.array(rc), random_weights))
     return pl.DataFrame(rows)
+
+
+ALL_LAYERS = -1
+"""`layer` of the rows that average a pair's values over all layers first."""
+
+
+def _layer_mean(row: dict, jac: np.ndarray, cos: np.ndarray, weights: np.ndarray) -> dict:
+    mean = _with_intervals(row, jac.mean(1, keepdims=True), cos.mean(1, keepdims=True), weights, 0)
+    return {**mean, "layer": ALL_LAYERS}
