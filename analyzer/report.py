@@ -133,7 +133,7 @@ def _findings_section(path: Path | None) -> list[str]:
         return []
     frame = pl.read_parquet(path).drop("rule")
     numbers = ["measured", "lo", "hi", "chance", "published"]
-    frame = frame.with_columns(pl.col(numbers).round(3))
+    frame = frame.with_columns(pl.col(numbers).cast(pl.Float64).round(3))
     return [
         '<h2 id="findings">Findings</h2>',
         "<p>Each claim of the two papers, in their words, with what these stores measure "

@@ -200,4 +200,5 @@ def findings_table(tables: dict[str, pl.DataFrame]) -> pl.DataFrame:
         rows += _overlap_findings(cond, store)
         rows.append(_geometry_finding(geo, store))
         rows.append(_committee_finding(com, store))
-    return pl.DataFrame(rows)
+    numbers = ("measured", "lo", "hi", "chance", "published")
+    return pl.DataFrame(rows, schema_overrides=dict.fromkeys(numbers, pl.Float64))

@@ -6,6 +6,9 @@ Proof against hand-computed values on a hand-made store, through the production 
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -71,7 +74,11 @@ def test_a_prompt_with_many_samples_counts_once(tmp_path):
         writer.add_sequence(end, rows)
     writer.close()
 
-    sums = _committee_sums(tmp_path / "s")
+    # the map task runs in a process of its own, as under Ray: compiling its loops here
+    # would leave llvmlite's `ffi.lib` in this process, whose attribute lookups break
+    # vLLM's module scan when a later test starts an in-process engine
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        sums = pool.submit(_committee_sums, tmp_path / "s").result()
     assert int(sums.sums["math"]["n"]) == 2 and int(sums.sums["code"]["n"]) == 1
     domains, c = sums.contributions("frequency", EXPERTS)
     assert domains == ["code", "math"]
