@@ -19,7 +19,9 @@ def main() -> None:
 
 @app.command()
 def run(
-    stores: list[str] = typer.Argument(None, help="Routing store paths or URLs."),
+    stores: list[str] = typer.Argument(
+        None, help="Routing store paths or URLs; NAME=PATH names a store (a model, say)."
+    ),
     out: Path = typer.Option(
         Path("analysis"), help="Directory for parquet tables, plots and report.html."
     ),

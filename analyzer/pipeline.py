@@ -94,6 +94,15 @@ def map_store(
     return fold
 
 
+def store_name(spec: str) -> tuple[str, str]:
+    """(name, url) of a store argument: ``NAME=PATH`` names the store in tables and the
+    report (a model's name, say); a bare path is named by its last component."""
+    head, sep, tail = spec.partition("=")
+    if sep and head and not set(head) & set("/:\\") and tail:
+        return head, tail
+    return Path(spec.rstrip("/")).name, spec
+
+
 def analyse_store(
     url: str,
     analyses: list[Analysis],
@@ -103,8 +112,8 @@ def analyse_store(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> StoreResult:
     """One store's tables; the `sequences` table is left as parts under `part_dir`."""
+    name, url = store_name(url)
     store = open_store(url)
-    name = Path(url.rstrip("/")).name
     fold_parts = registry.fold_parts(analyses)
     keep = (
         curve_sequences(store.index) | pair_sequences(store.index)

@@ -1,4 +1,5 @@
-"""End-to-end demo: tiny MoE -> capture server -> rollout job via the CLI -> analyzer -> report.
+"""End-to-end demo: two tiny MoEs -> capture server -> rollout and score jobs via the CLI ->
+analyzer -> report with findings for both models and their cross-model alignment.
 
 python -m capture_server.demo [--out demo-out]
 """
@@ -26,6 +27,64 @@ PROMPTS = [
 ]
 
 
+MODELS = ("qwen3_moe", "olmoe")  # two architectures; their specimens share a tokenizer
+
+
+def _submit(url: str, model: str, prompts: Path, kind: str, samples: int) -> dict:
+    """Run a job with the CLI (`clients`) and return its final record."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clients",
+            "submit",
+            "--model",
+            model,
+            "--prompts",
+            str(prompts),
+            "--kind",
+            kind,
+            "--n",
+            str(samples),
+            "--max-tokens",
+            "48",
+            "--temperature",
+            "0.8",
+            "--wait",
+            "--url",
+            url,
+        ],
+        check=True,
+        stdout=subprocess.PIPE,  # the progress bar shows on stderr
+        text=True,
+    )
+    job = json.loads(done.stdout[done.stdout.index("{") :])
+    print(
+        f"      {kind} job {job['id']} on {model}: {job['state']}, {job['sequences_done']} "
+        f"sequences, {job['tokens_done']} tokens at {job['tokens_per_s']:.0f} tok/s"
+    )
+    return job
+
+
+def _texts_by_author(rollouts: dict[str, dict]) -> list[dict]:
+    """Every rollout's completion as a text to teacher-force, labelled by question,
+    author (the model that wrote it) and seed (its sample index): paper (a)'s design,
+    where each analysing model reads every author's texts."""
+    from capture_server.store import open_store
+
+    texts = []
+    for author, job in rollouts.items():
+        index = open_store(job["store"]).index
+        for row in index.iter_rows(named=True):
+            question = row["prompt_index"]
+            domain, prompt = PROMPTS[question]
+            labels = {"domain": domain, "question": question, "author": author}
+            labels["seed"] = row["sample_index"]
+            ids = row["completion_token_ids"]
+            texts.append({"prompt": prompt, "completion_token_ids": ids, "labels": labels})
+    return texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="Output directory.")
@@ -37,13 +96,13 @@ def main() -> None:
 
     from capture_server.specimens import build_specimen
 
-    model = build_specimen("qwen3_moe", out / "model")
-    print(f"[1/5] built a tiny Qwen3-MoE specimen at {model}")
+    models = [build_specimen(arch, out / arch) for arch in MODELS]
+    print(f"[1/6] built two tiny MoE specimens: {', '.join(map(str, models))}")
 
     from capture_server.api.launch import launch
 
-    server, url = launch([model], out / "data", out / "server.log")
-    print(f"[2/5] capture server ready on {url} (log: {out / 'server.log'})")
+    server, url = launch(models, out / "data", out / "server.log")
+    print(f"[2/6] capture server ready on {url}, serving {', '.join(MODELS)}")
     try:
         prompts = out / "prompts.jsonl"
         prompts.write_text(
@@ -52,55 +111,26 @@ def main() -> None:
                 for i, (d, p) in enumerate(PROMPTS)
             )
         )
-        print("[3/5] submitting a rollout job with the CLI:")
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "clients",
-                "submit",
-                "--model",
-                "model",
-                "--prompts",
-                str(prompts),
-                "--n",
-                str(args.samples),
-                "--max-tokens",
-                "48",
-                "--temperature",
-                "0.8",
-                "--wait",
-                "--url",
-                url,
-            ],
-            check=True,
-            stdout=subprocess.PIPE,  # the progress bar shows on stderr
-            text=True,
-        )
-        job = json.loads(done.stdout[done.stdout.index("{") :])
-        print(
-            f"      job {job['id']}: {job['state']}, {job['sequences_done']} sequences, "
-            f"{job['tokens_done']} tokens at {job['tokens_per_s']:.0f} tok/s"
-        )
+        print("[3/6] each model answers every prompt (rollout jobs, with the CLI):")
+        rollouts = {m: _submit(url, m, prompts, "rollout", args.samples) for m in MODELS}
+        texts = out / "texts.jsonl"
+        texts.write_text("\n".join(json.dumps(t) for t in _texts_by_author(rollouts)))
+        print("[4/6] each model reads every model's answers (score jobs):")
+        scored = {m: _submit(url, m, texts, "score", 1) for m in MODELS}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
     from capture_server.store import open_store
 
-    store = open_store(job["store"])
+    store = open_store(scored[MODELS[0]]["store"])
     print(
-        f"[4/5] routing store {job['store']}: {len(store.index)} sequences, "
-        f"{store.num_tokens} token rows"
+        f"[5/6] routing store of {MODELS[0]} reading both authors: {len(store.index)} "
+        f"sequences, {store.num_tokens} token rows"
     )
     print(
         store.index.select(
-            "sequence_id",
-            "prompt_index",
-            "sample_index",
-            "num_rows",
-            "label_domain",
-            "finish_reason",
+            "sequence_id", "label_question", "label_author", "label_seed", "num_rows"
         ).head(6)
     )
     analysis = out / "analysis"
@@ -110,7 +140,7 @@ def main() -> None:
             "-m",
             "analyzer",
             "run",
-            job["store"],
+            *(f"{m}={scored[m]['store']}" for m in MODELS),
             "--out",
             str(analysis),
             "--committee-variant",
@@ -118,7 +148,7 @@ def main() -> None:
         ],
         check=True,
     )
-    print(f"[5/5] analysis tables, plots and report: {analysis / 'report.html'}")
+    print(f"[6/6] analysis tables, plots and report: {analysis / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,11 @@ def test_blocks_hold_whole_sequences_and_respect_the_byte_cap(tmp_path, monkeypa
         assert all(block.start <= r["token_offset"] < block.stop for r in rows)
         assert (block.stop - block.start) * widest <= cap
     assert [r["keep"] for _, rows in blocks for r in rows].count(True) == 1
+
+
+def test_store_arguments_may_name_their_store():
+    from analyzer.pipeline import store_name
+
+    assert store_name("qwen3=/runs/a") == ("qwen3", "/runs/a")
+    assert store_name("/runs/a/") == ("a", "/runs/a/")
+    assert store_name("s3://bucket/x=1") == ("x=1", "s3://bucket/x=1")  # a URL, not a name
