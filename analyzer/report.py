@@ -90,6 +90,7 @@ def plot_committee(com: pl.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(c["layer"], c["coverage"], color="tab:blue", label="coverage")
         ax.set(xlabel="MoE layer", ylabel="committee coverage", ylim=(0, 1))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax2 = ax.twinx()
         ax2.plot(c["layer"], c["ratio"], color="tab:red", marker="o", label="ratio")
         ax2.set_ylabel("influence density ratio (x)")
