@@ -1,5 +1,6 @@
-"""Kill -9 trials: a server killed at seeded random moments of unseeded sampled jobs
-(n > 1), again and again, so most kills land in the resume of an earlier kill.
+"""Kill -9 trials: a server killed at seeded moments of unseeded sampled jobs
+(n > 1): mid-job, once some sequences are committed, and again in the resume that
+follows.
 
 After every trial the jobs finish, and every sequence of every job has its routing
 exactly once, its texts, and texts of the generation whose routing is stored: the
