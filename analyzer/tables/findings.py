@@ -61,6 +61,20 @@ def _row(store: str, paper: str, claim: str, statistic: str, rule: str, **values
     }
 
 
+def _verdict(holds: bool) -> str:
+    return "consistent" if holds else "not consistent"
+
+
+def _jaccard(row: dict, holds: bool) -> dict:
+    """The measured fields of a finding read from a `conditions` row."""
+    return {
+        "measured": row["jaccard"],
+        "lo": row["jaccard_lo"],
+        "hi": row["jaccard_hi"],
+        "verdict": _verdict(holds),
+    }
+
+
 def _overlap_findings(cond: pl.DataFrame | None, store: str) -> list[dict]:
     a = "(a) Myth of expert specialization, §5.1 Fig. 6"
     chance = None if cond is None or not len(cond) else _chance(cond, store)
@@ -75,12 +89,7 @@ def _overlap_findings(cond: pl.DataFrame | None, store: str) -> list[dict]:
     found = {}
     if author is not None:
         near = author["jaccard_lo"] - NEAR <= PUBLISHED_OVERLAP <= author["jaccard_hi"] + NEAR
-        found = {
-            "measured": author["jaccard"],
-            "lo": author["jaccard_lo"],
-            "hi": author["jaccard_hi"],
-            "verdict": "consistent" if near else "not consistent",
-        }
+        found = _jaccard(author, near)
     rows.append(
         _row(
             store,
@@ -99,12 +108,7 @@ def _overlap_findings(cond: pl.DataFrame | None, store: str) -> list[dict]:
     if author is not None and other_q is not None:
         overlap = author["jaccard_lo"] <= other_q["jaccard_hi"]
         overlap &= other_q["jaccard_lo"] <= author["jaccard_hi"]
-        found = {
-            "measured": other_q["jaccard"],
-            "lo": other_q["jaccard_lo"],
-            "hi": other_q["jaccard_hi"],
-            "verdict": "consistent" if overlap else "not consistent",
-        }
+        found = _jaccard(other_q, overlap)
     rows.append(
         _row(
             store,
@@ -120,13 +124,7 @@ def _overlap_findings(cond: pl.DataFrame | None, store: str) -> list[dict]:
 
     found = {}
     if seed is not None and other_q is not None:
-        above = seed["jaccard_lo"] > other_q["jaccard_hi"]
-        found = {
-            "measured": seed["jaccard"],
-            "lo": seed["jaccard_lo"],
-            "hi": seed["jaccard_hi"],
-            "verdict": "consistent" if above else "not consistent",
-        }
+        found = _jaccard(seed, seed["jaccard_lo"] > other_q["jaccard_hi"])
     rows.append(
         _row(
             store,
@@ -148,7 +146,7 @@ def _geometry_finding(geo: pl.DataFrame | None, store: str) -> dict:
         g = geo.filter(pl.col("store") == store)["pooled_vs_usage_corr"].drop_nulls()
         if len(g):
             corr = float(g.mean())
-            found = {"measured": corr, "verdict": "consistent" if corr > 0 else "not consistent"}
+            found = {"measured": corr, "verdict": _verdict(corr > 0)}
     return _row(
         store,
         "(a) §4 Fig. 5",
@@ -169,10 +167,7 @@ def _committee_finding(com: pl.DataFrame | None, store: str) -> dict:
         if len(c):
             coverage = float(c["coverage"].mean())
             inside = COMMITTEE_COVERAGE[0] <= coverage and float(c["ratio"].median()) > 1
-            found = {
-                "measured": coverage,
-                "verdict": "consistent" if inside else "not consistent",
-            }
+            found = {"measured": coverage, "verdict": _verdict(inside)}
     low, high = COMMITTEE_COVERAGE
     return _row(
         store,

@@ -199,6 +199,12 @@ class JobRunner:
         texts: list[Annotation] = []
         db_failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
+        async def send_texts() -> None:
+            if texts:
+                batch = texts[:]
+                texts.clear()
+                await annotate_rpc(store, batch).run(engine)
+
         async def report(force: bool = False) -> None:
             """Progress to the database; texts to the store's writer, which commits each
             sequence together with its texts (`CaptureOptions.texts`)."""
@@ -206,10 +212,7 @@ class JobRunner:
             if not force and now - progress["last"] <= 0.5:
                 return
             progress["last"] = now
-            if texts:
-                batch = texts[:]
-                texts.clear()
-                await annotate_rpc(store, batch).run(engine)
+            await send_texts()
             error = self.record(
                 job_id,
                 sequences_done=progress["done"],
@@ -275,7 +278,7 @@ class JobRunner:
             if cancelled or stopped:
                 await engine.abort(request_ids)
             state = "cancelled" if cancelled else "done"
-            await report(force=True)  # the texts before the close that commits them
+            await send_texts()  # before the close that commits them
             sink_error = await close_store(engine, store, request_ids)
             if sink_error:
                 state = "failed"

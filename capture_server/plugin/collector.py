@@ -169,17 +169,15 @@ class StepCollector:
     def annotate(self, url: str, annotations: list[Annotation]) -> None:
         """Hand sequences' texts to the store at `url`, which commits each sequence
         awaiting texts together with them. Texts may come before the sequence's last
-        rows reach the sink (the caller saw the output first), or before its first."""
-        self._complete_pending()
+        rows reach the sink (the caller saw the output first), or before its first: the
+        store takes them in any order, and a store not open yet gets them when it opens,
+        so no step's host copy is waited for here."""
         if url in self.sink_errors:
             return
         sink = self._sinks.get(url)
         if sink is None:
             self._early_texts.setdefault(url, []).extend(annotations)
             return
-        self._deliver_texts(url, sink, annotations)
-
-    def _deliver_texts(self, url: str, sink: RoutingSink, annotations: list[Annotation]) -> None:
         try:
             sink.annotate(annotations)
         except (MoetraceError, OSError) as exc:

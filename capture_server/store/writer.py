@@ -131,9 +131,10 @@ class StoreWriter:
         self.options = StoreOptions(**{**asdict(opts), "chunk_tokens": chunk})
         self.chunk = chunk
 
-        # "a", never "w": the service may have written texts (info/) into this directory
-        # before the writer thread got here, and "w" would delete them. What a crashed
-        # create left is replaced array by array; no index part exists before the attributes.
+        # "a", never "w": "w" deletes whatever the directory holds, texts (info/) another
+        # process wrote included (`index.write_annotations` takes any store). What a
+        # crashed create left is replaced array by array; no index part exists before the
+        # attributes.
         root = zarr.open_group(store=self.store, mode="a")
         for name, (shape, dtype) in specs.items():
             self.arrays[name] = root.create_array(

@@ -8,27 +8,20 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
 from capture_server.store import open_store
 from tests.api.conftest import start_server, stop_server
+from tests.mounts import tmpfs
 
 
 @pytest.fixture
 def data_mount(tmp_path):
-    """A 64 MiB tmpfs for the data dir, or a skip where mounting is not allowed."""
-    mount = tmp_path / "data"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 64 MiB tmpfs for the data dir."""
+    with tmpfs(tmp_path / "data", "64m", "cannot mount a tmpfs here") as mount:
+        yield mount
 
 
 def _fill(mount) -> None:

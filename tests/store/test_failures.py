@@ -20,6 +20,7 @@ from capture_server.errors import (
 )
 from capture_server.store import open_store
 from capture_server.store.sink import StoreSink
+from tests.mounts import tmpfs
 from tests.store import synthetic
 from tests.store.test_roundtrip import EXACT, assert_sequence_intact, write_all
 
@@ -42,16 +43,10 @@ def full_disk_store(store: LocalStore, budget: int) -> WrapperStore:
 
 @pytest.fixture
 def tiny_mount(tmp_path):
-    """A 384 KiB tmpfs, or a skip where mounting is not allowed."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a size-limited tmpfs here; the store-layer test covers it")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    """A 384 KiB tmpfs."""
+    why = "cannot mount a size-limited tmpfs here; the store-layer test covers it"
+    with tmpfs(tmp_path / "tiny", "384k", why) as mount:
+        yield mount
 
 
 def _stream_until_failure(sink: StoreSink, count: int) -> StoreWriteError:
