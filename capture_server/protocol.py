@@ -21,9 +21,17 @@ present), of the capture options in ``SamplingParams.extra_args``, of the store'
 attributes, and of the capture extension in the service's OpenAI-compatible bodies."""
 
 
-def engine_config(hidden_layers: list[int] | tuple[int, ...] = (), logits: bool = True) -> dict:
-    """``additional_config`` that switches capture on for an engine."""
-    return {CONFIG_KEY: {"hidden_layers": [int(x) for x in hidden_layers], "logits": logits}}
+def engine_config(
+    hidden_layers: list[int] | tuple[int, ...] = (),
+    logits: bool = True,
+    interventions: bool = False,
+) -> dict:
+    """``additional_config`` that switches capture on for an engine; with
+    `interventions`, requests may also change their routing (`CaptureOptions.intervention`)."""
+    config: dict[str, Any] = {"hidden_layers": [int(x) for x in hidden_layers], "logits": logits}
+    if interventions:
+        config["interventions"] = True
+    return {CONFIG_KEY: config}
 
 
 def capture_settings(additional_config: Any) -> dict[str, Any] | None:

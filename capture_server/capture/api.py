@@ -18,7 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from capture_server.capture.active import require_active
+from capture_server.capture.intervention import Intervention, InterventionError, check_for_engine
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
 from capture_server.capture.registry import memory_sink
@@ -32,6 +35,9 @@ from capture_server.protocol import (
     forwarded_positions,
     stats_rpc,
 )
+
+InterventionArg = Intervention | dict[str, Any] | list[Any] | None
+"""One intervention for every prompt, one per prompt, or none."""
 
 _engine_ids = itertools.count()
 _live_engines = 0  # at most one: engines in one process share vLLM's distributed state
@@ -51,10 +57,22 @@ class CapturedSequence:
     """Rows by position. A generated sequence of P prompt and G generated tokens has
     P + G - 1 rows: the last sampled token is never forwarded, so it has no routing."""
     labels: dict[str, Any] = field(default_factory=dict)
+    nll: np.ndarray | None = None
+    """Per token of `token_ids`, minus its log-probability given the tokens before it
+    (NaN for the first token); from `CaptureEngine.score`, None when not asked for."""
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def mean_nll(self, part: str) -> float:
+        """Mean per-token NLL of the ``prompt`` part (tokens after the first) or of the
+        ``completion`` part."""
+        if self.nll is None:
+            raise ValueError("this sequence has no NLL; score it with CaptureEngine.score")
+        plen = len(self.prompt_token_ids)
+        values = self.nll[1:plen] if part == "prompt" else self.nll[plen:]
+        return float(np.mean(values)) if len(values) else float("nan")
 
 
 @dataclass(slots=True)
@@ -72,6 +90,8 @@ class CaptureEngine:
         logits: keep the full router logits (engine-wide: decides what the forward copies).
         enable_prefix_caching: off by default, so every prompt token is forwarded and
             captured; when on, cached prompt positions have no rows (never invented).
+        interventions: let requests change their routing (the ``intervention`` argument
+            of `generate` and `score`); off, the forward is exactly the model's.
         **llm_kwargs: vLLM engine arguments, passed to `vllm.LLM` as they are (dtype,
             max_model_len, tensor_parallel_size, moe_backend, ...); vLLM's defaults apply
             to the rest (compiled, with CUDA graphs on GPU; ``enforce_eager=True`` starts
@@ -88,6 +108,7 @@ class CaptureEngine:
         hidden_layers: Sequence[int] = (),
         logits: bool = True,
         enable_prefix_caching: bool = False,
+        interventions: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -106,7 +127,7 @@ class CaptureEngine:
         self.llm = LLM(
             model,
             enable_prefix_caching=enable_prefix_caching,
-            additional_config=engine_config(self.hidden_layers, logits),
+            additional_config=engine_config(self.hidden_layers, logits, interventions),
             **llm_kwargs,
         )
         _live_engines += 1
@@ -119,6 +140,9 @@ class CaptureEngine:
         except CaptureError:
             self.close()
             raise
+        assert not isinstance(stats, BaseException)
+        self.routing: dict[str, Any] = stats[0]["routing"]
+        """The served routing: MoE layers, experts, top-k, and whether interventions run."""
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
@@ -127,12 +151,15 @@ class CaptureEngine:
         sampling: Any = None,
         *,
         labels: Sequence[dict[str, Any]] | None = None,
+        intervention: InterventionArg = None,
         **sampling_kwargs: Any,
     ) -> CaptureResult:
         """Generate from `prompts` (texts or token ids) and return every sample's routing.
 
         `sampling` is a `vllm.SamplingParams` (or one per prompt); without it,
         `sampling_kwargs` build one (for example ``max_tokens=16, temperature=0``).
+        `intervention` (an `Intervention`, its dict form, or one per prompt) changes the
+        routing of those requests; the engine must have been built with interventions.
         Rows come back in memory, so the engine's workers must run in this process
         (``tensor_parallel_size=1``); otherwise use `generate_to_store`.
         """
@@ -146,7 +173,9 @@ class CaptureEngine:
             )
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
-        outputs = self._run(prompts, sampling, labels, sink=f"memory://{self._sink_name}")
+        outputs = self._run(
+            prompts, sampling, labels, sink=f"memory://{self._sink_name}", intervention=intervention
+        )
         sink = memory_sink(self._sink_name)
         sequences = []
         for i, (key, out) in enumerate(outputs):
@@ -166,6 +195,7 @@ class CaptureEngine:
                             ),
                         ),
                         labels=dict(labels[i]) if labels else {},
+                        nll=_token_nll(out),
                     )
                 )
         assert sink.meta is not None
@@ -179,6 +209,7 @@ class CaptureEngine:
         *,
         labels: Sequence[dict[str, Any]] | None = None,
         store_options: dict[str, Any] | None = None,
+        intervention: InterventionArg = None,
         **sampling_kwargs: Any,
     ) -> Any:
         """Generate and stream every sample's routing into the routing store `store`.
@@ -193,7 +224,15 @@ class CaptureEngine:
         if sampling is None:
             sampling = SamplingParams(**sampling_kwargs)
         options = {"hidden_layers": list(self.hidden_layers), **(store_options or {})}
-        self._run(prompts, sampling, labels, sink=store, store=options, texts=_texts_of)
+        self._run(
+            prompts,
+            sampling,
+            labels,
+            sink=store,
+            store=options,
+            texts=_texts_of,
+            intervention=intervention,
+        )
         return open_store(store)
 
     def _run(
@@ -205,6 +244,7 @@ class CaptureEngine:
         sink: str,
         store: dict[str, Any] | None = None,
         texts: Callable[[list[tuple[str, Any]]], list[Annotation]] | None = None,
+        intervention: InterventionArg = None,
     ) -> list[tuple[str, Any]]:
         """Run the prompts with capture options; return (sequence key, RequestOutput) pairs.
 
@@ -214,6 +254,7 @@ class CaptureEngine:
         from vllm.inputs import TokensPrompt
 
         per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        interventions = self._interventions(intervention, len(prompts))
         call = next(self._calls)
         keys = [call_sequence_key(call, i) for i in range(len(prompts))]
         params = []
@@ -228,6 +269,7 @@ class CaptureEngine:
                 labels=dict(labels[i]) if labels else {},
                 store=dict(store or {}),
                 texts=texts is not None,
+                intervention=interventions[i].to_dict(),
             )
             p.extra_args = {**(p.extra_args or {}), **options.to_extra_args()}
             params.append(p)
@@ -247,12 +289,15 @@ class CaptureEngine:
         completions: Sequence[str],
         *,
         labels: Sequence[dict[str, Any]] | None = None,
+        intervention: InterventionArg = None,
     ) -> CaptureResult:
         """Teacher-force ``prompt + completion`` texts and return the routing of every token.
 
         Nothing is generated: each text is run as a prompt with ``max_tokens=1`` and the
         sampled token is discarded, so every token of the text has a row. Rows of the
-        completion part have ``is_prompt`` false.
+        completion part have ``is_prompt`` false. Each sequence's `nll` holds the
+        negative log-likelihood of every token given those before it (vLLM's prompt
+        logprobs), so `CapturedSequence.mean_nll` gives the prompt and completion NLL.
         """
         from vllm import SamplingParams
 
@@ -263,7 +308,10 @@ class CaptureEngine:
             token_lists.append(p_ids + c_ids)
             prompt_lens.append(len(p_ids))
         result = self.generate(
-            token_lists, SamplingParams(max_tokens=1, temperature=0.0), labels=labels
+            token_lists,
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+            labels=labels,
+            intervention=intervention,
         )
         for seq, plen in zip(result.sequences, prompt_lens, strict=True):
             seq.output_token_ids = seq.prompt_token_ids[plen:]
@@ -271,7 +319,21 @@ class CaptureEngine:
             seq.text = self.tokenizer.decode(seq.output_token_ids)
             seq.finish_reason = "scored"
             seq.rows.is_prompt = seq.rows.positions < plen
+            if seq.nll is not None:
+                seq.nll = seq.nll[: plen + len(seq.output_token_ids)]
         return result
+
+    def _interventions(self, intervention: InterventionArg, count: int) -> list[Intervention]:
+        """One checked `Intervention` per prompt."""
+        given = intervention if isinstance(intervention, list) else [intervention] * count
+        if len(given) != count:
+            raise InterventionError(
+                f"intervention: {len(given)} given for {count} prompts; give one, or one per prompt"
+            )
+        out = [x if isinstance(x, Intervention) else Intervention.from_dict(x) for x in given]
+        for x in out:
+            check_for_engine(x, self.routing)
+        return out
 
     def _flush(self, request_ids: list[str]) -> None:
         flush_rpc(request_ids).run(self.llm)
@@ -328,6 +390,19 @@ def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> C
         return engine.generate(prompts, **sampling)
     finally:
         engine.close()
+
+
+def _token_nll(output: Any) -> np.ndarray | None:
+    """Per-token NLL of a request's prompt from its prompt logprobs (None when the
+    request did not ask for them)."""
+    logprobs = getattr(output, "prompt_logprobs", None)
+    if not logprobs:
+        return None
+    ids = output.prompt_token_ids
+    nll = np.full(len(ids), np.nan)
+    for i in range(1, len(ids)):
+        nll[i] = -logprobs[i][ids[i]].logprob
+    return nll
 
 
 def _texts_of(outputs: list[tuple[str, Any]]) -> list[Annotation]:

@@ -45,6 +45,10 @@ class CaptureOptions:
     """Free labels stored with the sequence (domain, question id, author model, seed...)."""
     store: dict[str, Any] = field(default_factory=dict)
     """`StoreOptions` fields for a store sink, used when the store is created."""
+    intervention: dict[str, Any] = field(default_factory=dict)
+    """`Intervention.to_dict` of the routing change this request runs with (mask, keep
+    or zero experts per MoE layer); empty: the model routes as it is. Needs an engine
+    started with interventions (``additional_config["moetrace"]["interventions"]``)."""
 
     def to_extra_args(self) -> dict[str, Any]:
         d = asdict(self)

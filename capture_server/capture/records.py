@@ -183,6 +183,8 @@ class SequenceEnd:
     """Caller's index of the prompt (-1 when not given)."""
     labels: dict[str, Any] = field(default_factory=dict)
     """Free labels of the sequence (domain, question id, author model, seed, ...)."""
+    intervention: str = ""
+    """`Intervention.key` of the routing change the sequence ran with ("" for none)."""
     awaits_texts: bool = False
     """Commit the sequence only together with its texts (`RoutingSink.annotate`): the
     caller that knows them promised to send them (`CaptureOptions.texts`)."""

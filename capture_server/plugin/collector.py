@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capture_server.capture.intervention import Intervention
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.registry import forget_sink, open_sink
@@ -22,6 +23,7 @@ from capture_server.capture.sink import RoutingSink
 from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
+from capture_server.plugin.interventions import refuse_interventions
 from capture_server.protocol import Annotation, split_sample
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,16 @@ def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
 class StepCollector:
     """Attributes buffer rows to requests and streams them to each request's sink."""
 
-    def __init__(self, buffers: CaptureBuffers, meta: ModelMeta, weight_scale: float) -> None:
+    def __init__(
+        self,
+        buffers: CaptureBuffers,
+        meta: ModelMeta,
+        weight_scale: float,
+        *,
+        interventions: bool = False,
+    ) -> None:
         self.buffers = buffers
+        self.interventions = interventions  # the engine applies requests' interventions
         self.meta = meta
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
@@ -237,6 +247,8 @@ class StepCollector:
             if options is None:
                 self._requests[req_id] = None
             else:
+                if not self.interventions:
+                    refuse_interventions(options)
                 key, sample = _sequence_key(req_id, options)
                 engine_prompt = int(cached.num_prompt_tokens)
                 self._requests[req_id] = _RequestState(
@@ -408,6 +420,7 @@ class StepCollector:
             num_rows=state.num_rows,
             prompt_index=state.options.prompt_index,
             labels=state.options.labels,
+            intervention=Intervention.from_dict(state.options.intervention).key(),
             awaits_texts=state.options.texts,
         )
         self._deliver(state.options, lambda sink: sink.end_sequence(end))

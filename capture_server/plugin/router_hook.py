@@ -16,6 +16,7 @@ import torch
 from capture_server.capture.records import ModelMeta
 from capture_server.errors import CaptureError
 from capture_server.plugin.buffers import CaptureBuffers
+from capture_server.plugin.interventions import InterventionTables
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,20 @@ def output_scale(runner: Any) -> float:
     return float(getattr(runner, "routed_scaling_factor", 1.0) or 1.0)
 
 
-def hook_routers(runners: list[tuple[int, Any]], buffers: CaptureBuffers) -> None:
-    """Wrap each runner's `router.select_experts` so it also records into `buffers`.
+def hook_routers(
+    runners: list[tuple[int, Any]],
+    buffers: CaptureBuffers | None,
+    interventions: InterventionTables | None = None,
+) -> None:
+    """Wrap each runner's `router.select_experts` so it records into `buffers` (the
+    writer; None on a TP replica) and applies each row's intervention (`interventions`,
+    when the engine runs them).
+
+    The wrapper's steps:
+        1. add each row's mask (−inf for experts it may not select) to the router logits;
+        2. run the model's own selection on them;
+        3. zero each row's zeroed experts among the selected and rescale the rest;
+        4. record the router's own logits and the routing that runs.
 
     Re-entrant: a router already wrapped is left alone.
     """
@@ -159,13 +172,22 @@ def hook_routers(runners: list[tuple[int, Any]], buffers: CaptureBuffers) -> Non
             _original: Any = original,
             _slot: int = slot,
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            intervene = interventions is not None and interventions.applies()
+            # Step 1
+            logits = interventions.mask_logits(_slot, router_logits) if intervene else router_logits
+            # Step 2
             topk_weights, topk_ids = _original(
                 hidden_states=hidden_states,
-                router_logits=router_logits,
+                router_logits=logits,
                 topk_indices_dtype=topk_indices_dtype,
                 input_ids=input_ids,
             )
-            buffers.record(_slot, hidden_states, router_logits, topk_weights, topk_ids)
+            # Step 3
+            if intervene:
+                topk_weights = interventions.zero_weights(_slot, topk_weights, topk_ids)
+            # Step 4
+            if buffers is not None:
+                buffers.record(_slot, hidden_states, router_logits, topk_weights, topk_ids)
             return topk_weights, topk_ids
 
         select_experts._moetrace = True  # type: ignore[attr-defined]

@@ -6,9 +6,14 @@ import functools
 import logging
 from typing import Any
 
-from capture_server.errors import CaptureSettingsError
+from capture_server.errors import CaptureError, CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
+from capture_server.plugin.interventions import (
+    InterventionTables,
+    RequestInterventions,
+    RoutingShape,
+)
 from capture_server.plugin.layout import REPLICA, capture_role
 from capture_server.plugin.router_hook import (
     check_supported,
@@ -25,7 +30,11 @@ logger = logging.getLogger("moetrace.capture")
 
 def install_capture(runner: Any) -> StepCollector | None:
     """Hook every MoE router of `runner.model`; return the collector (None if capture is
-    off, or on a replica: a TP rank other than 0, marked ``_moetrace_replica``)."""
+    off, or on a replica: a TP rank other than 0, marked ``_moetrace_replica``).
+
+    With ``"interventions": true`` in the settings, every rank (replicas too) also gets
+    the intervention tables, as ``runner._moetrace_interventions``.
+    """
     # on when additional_config has a "moetrace" entry, e.g.
     # --additional-config '{"moetrace": {"hidden_layers": [1]}}'
     config = capture_settings(getattr(runner.vllm_config, "additional_config", None))
@@ -43,8 +52,15 @@ def install_capture(runner: Any) -> StepCollector | None:
             )
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    if capture_role(runner.vllm_config, get_tensor_model_parallel_rank()) == REPLICA:
+    role = capture_role(runner.vllm_config, get_tensor_model_parallel_rank())
+    interventions = _install_interventions(runner, runners) if config.get("interventions") else None
+    runner._moetrace_interventions = interventions
+    tables = None if interventions is None else interventions.tables
+    if role == REPLICA:
         runner._moetrace_replica = True  # TP rank 0 routes the same rows and writes them
+        if tables is not None:
+            hook_routers(runners, None, tables)
+            verify_hooked(runners)
         return None
     # the router matrices are read from the checkpoint by the writer only
     meta = describe_model(runners, runner.model_config.model, runner.model_config.hf_config)
@@ -58,19 +74,53 @@ def install_capture(runner: Any) -> StepCollector | None:
         logits=bool(config.get("logits", True)),
         device=runner.device,
     )
-    hook_routers(runners, buffers)
+    hook_routers(runners, buffers, tables)
     verify_hooked(runners)
     logger.info(
         "moetrace capture on: %d MoE layers %s, %d experts, top-%d, hidden states of "
-        "MoE layers %s; device buffers %.1f MiB",
+        "MoE layers %s; device buffers %.1f MiB; interventions %s",
         len(runners),
         meta.moe_layers,
         meta.num_experts,
         meta.top_k,
         list(hidden_layers),
         buffers.nbytes() / 2**20,
+        "on" if tables is not None else "off",
     )
-    return StepCollector(buffers, meta, weight_scale=output_scale(runners[0][1]))
+    return StepCollector(
+        buffers,
+        meta,
+        weight_scale=output_scale(runners[0][1]),
+        interventions=interventions is not None,
+    )
+
+
+def _install_interventions(runner: Any, runners: list[tuple[int, Any]]) -> RequestInterventions:
+    """Intervention tables sized for the engine: one slot per request the batch can hold,
+    plus slot 0 for "none"."""
+    if not getattr(type(runner)._prepare_inputs, "_moetrace", False):
+        raise CaptureError(
+            f"moetrace interventions: {type(runner).__name__}._prepare_inputs is not "
+            "wrapped, so rows would get no intervention"
+        )
+    router = runners[0][1].router
+    shape = RoutingShape(
+        num_layers=len(runners),
+        num_experts=int(router.global_num_experts),
+        top_k=int(router.top_k),
+        correction_bias=getattr(router, "e_score_correction_bias", None) is not None,
+    )
+    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+    tables = InterventionTables(
+        num_layers=shape.num_layers,
+        num_experts=shape.num_experts,
+        max_tokens=int(runner.max_num_tokens),
+        num_slots=int(runner.max_num_reqs) + 1,
+        # a CUDA graph replays the branch it was captured with: apply in every forward
+        always_apply=getattr(mode, "name", "UNKNOWN") != "NONE",
+        device=runner.device,
+    )
+    return RequestInterventions(tables, shape)
 
 
 def patch_model_runner(cls: type) -> None:
@@ -99,6 +149,22 @@ def patch_model_runner(cls: type) -> None:
             collector.after_step(self, scheduler_output)
         return result
 
+    original_prepare = cls.__dict__.get("_prepare_inputs")
+
+    @functools.wraps(original_prepare)
+    def _prepare_inputs(
+        self: Any, scheduler_output: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        # the batch order of this step is final here; rows follow it
+        interventions = getattr(self, "_moetrace_interventions", None)
+        if interventions is not None:
+            interventions.before_forward(self, scheduler_output, num_scheduled_tokens)
+        return original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    _prepare_inputs._moetrace = True  # type: ignore[attr-defined]
+
+    if original_prepare is not None:
+        cls._prepare_inputs = _prepare_inputs
     if original_load is not None:
         cls.load_model = load_model
     if original_execute is not None:

@@ -31,6 +31,7 @@ INDEX_SCHEMA = {
     "first_position": pl.Int64,
     "prompt_len": pl.Int64,
     "labels": pl.String,
+    "intervention": pl.String,
     "committed_at": pl.Float64,
 }
 

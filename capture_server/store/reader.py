@@ -194,6 +194,9 @@ def open_single(path_or_url: str | Path, *, read_index: bool = True) -> RoutingS
     if index is None:
         index = pl.DataFrame(schema=INDEX_SCHEMA)
     index = index.unique("sequence_id", keep="first").sort("sequence_id")
+    # stores written before interventions have no such column: nothing intervened there
+    intervention = pl.col("intervention") if "intervention" in index.columns else pl.lit(None)
+    index = index.with_columns(intervention.fill_null("").cast(pl.String).alias("intervention"))
     if read_index:
         index = join_annotations(index, read_index_parts(store, INFO_PREFIX))
     return RoutingStore(url, root, attrs, index)

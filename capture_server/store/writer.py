@@ -244,6 +244,7 @@ class StoreWriter:
                 "first_position": end.first_position,
                 "prompt_len": end.prompt_len,
                 "labels": json.dumps(end.labels, sort_keys=True),
+                "intervention": end.intervention,
             }
         )
         self._buf_end += n
