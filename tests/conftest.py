@@ -34,8 +34,9 @@ def specimen(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def qwen_engine(specimen):
-    """A Qwen3-MoE capture engine shared by a module's tests; small step budget so long
-    prompts are chunked. Module-scoped: only one in-process engine can be open at a time."""
+    """A Qwen3-MoE capture engine with interventions shared by a module's tests; small
+    step budget so long prompts are chunked. Module-scoped: only one in-process engine
+    can be open at a time."""
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
@@ -47,6 +48,7 @@ def qwen_engine(specimen):
         max_num_seqs=128,
         seed=0,
         enforce_eager=True,
+        interventions=True,  # on, and unused by most tests: plain requests run as they are
     )
     yield engine
     engine.close()

@@ -37,6 +37,48 @@ def test_batch_of_64_equals_each_request_alone(qwen_engine):
         )
 
 
+MIXED = [
+    None,
+    {"mask": {0: [0, 1], 3: [6]}},
+    {"keep": {1: [2, 3, 4, 5], 2: [0, 7]}},
+    {"zero": {0: [3], 1: [3], 2: [3], 3: [3]}},
+    {"mask": {2: [1]}, "zero": {2: [4]}},
+]
+
+
+def test_batch_mixing_interventions_equals_each_request_alone(qwen_engine):
+    """64 requests in one batch, masked, pruned, zeroed and plain side by side (so rows of
+    different interventions share steps, chunked prefill included): each request's rows
+    and tokens equal the same request run alone, and each request ran its own change."""
+    from vllm import SamplingParams
+
+    vocab = len(qwen_engine.tokenizer)
+    prompts, max_tokens = _random_prompts(64, vocab, seed=3)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    interventions = [MIXED[i % len(MIXED)] for i in range(64)]
+    batch = qwen_engine.generate(prompts, params, intervention=interventions)
+    for i, prompt in enumerate(prompts):
+        alone = qwen_engine.generate([prompt], params[i], intervention=interventions[i])
+        alone = alone.sequences[0]
+        got = batch.sequences[i]
+        assert got.output_token_ids == alone.output_token_ids
+        np.testing.assert_array_equal(got.rows.positions, alone.rows.positions)
+        np.testing.assert_array_equal(got.rows.topk_ids, alone.rows.topk_ids)
+        np.testing.assert_allclose(got.rows.topk_weights, alone.rows.topk_weights, atol=1e-5)
+        change = interventions[i] or {}
+        for layer, masked in change.get("mask", {}).items():
+            assert not np.isin(got.rows.topk_ids[:, layer], masked).any()
+        for layer, kept in change.get("keep", {}).items():
+            assert np.isin(got.rows.topk_ids[:, layer], kept).all()
+        for layer, zeroed in change.get("zero", {}).items():
+            hit = np.isin(got.rows.topk_ids[:, layer], zeroed)
+            assert (got.rows.topk_weights[:, layer][hit] == 0).all()
+    plain = [s for s, x in zip(batch.sequences, interventions, strict=True) if x is None]
+    assert any(np.isin(s.rows.topk_ids[:, 0], [0, 1]).any() for s in plain), (
+        "plain requests must still select the experts others mask"
+    )
+
+
 def test_chunked_prefill_is_attributed_across_steps(qwen_engine, specimen):
     """A 300-token prompt cannot fit one 128-token step; its rows still equal transformers."""
     vocab = len(qwen_engine.tokenizer)

@@ -9,7 +9,8 @@ from capture_server.specimens.planted import planted_topk
 
 
 @pytest.fixture(scope="module")
-def planted_result(specimen):
+def planted_engine(specimen):
+    """The planted model, interventions off (the engine's default)."""
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
@@ -19,12 +20,15 @@ def planted_result(specimen):
         seed=0,
         enforce_eager=True,
     )
-    vocab = len(engine.tokenizer)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted_engine):
+    vocab = len(planted_engine.tokenizer)
     prompts = [np.arange(1, vocab).tolist()[:200], [5, 9, 13, 200, 201], "the king signed"]
-    try:
-        yield engine.generate(prompts, max_tokens=20, temperature=0.0, ignore_eos=True)
-    finally:
-        engine.close()
+    return planted_engine.generate(prompts, max_tokens=20, temperature=0.0, ignore_eos=True)
 
 
 def test_every_token_and_layer_follows_the_plant(planted_result):
@@ -45,3 +49,13 @@ def test_planted_weights_follow_the_logit_gap(planted_result):
     first = 1 / (1 + np.exp(-(4 - 2) * s))
     np.testing.assert_allclose(seq.rows.topk_weights[..., 0], first, atol=1e-4)
     np.testing.assert_allclose(seq.rows.router_logits.max(-1), 4 * s, atol=1e-3)
+
+
+def test_engine_without_interventions_refuses_them(planted_engine):
+    """An engine started without interventions refuses a request that asks for one,
+    rather than running it unchanged."""
+    from capture_server.capture.intervention import InterventionError
+
+    engine = planted_engine
+    with pytest.raises(InterventionError, match="started without interventions"):
+        engine.generate(["the king"], max_tokens=2, intervention={"mask": {0: [1]}})
