@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import asdict
@@ -79,7 +80,9 @@ def run(
                 stores, chosen, out, params, block_tokens or None, on_progress, address
             )
         plots = registry.plots(registry.chosen(chosen))
-        report = write_report(out, tables, {**asdict(params), "analyses": chosen}, stores, plots)
+        settings = {**asdict(params), "analyses": chosen}
+        (out / "params.json").write_text(json.dumps({**settings, "stores": stores}, default=str))
+        report = write_report(out, tables, settings, stores, plots)
     except (MoetraceError, ValueError, OSError) as exc:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         typer.echo(f"{type(exc).__name__}: {exc}", err=True)
@@ -87,6 +90,26 @@ def run(
     for name, path in tables.items():
         typer.echo(f"{name}: {path}")
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="Directory of an analysis (`run --out`)."),
+) -> None:
+    """Write the report again from the tables in OUT, with tables added since the run
+    (an intervention experiment's ``interventions.parquet``)."""
+    from analyzer import registry
+    from analyzer.report import write_report
+
+    tables = {p.stem: p for p in sorted(out.glob("*.parquet"))}
+    if not tables:
+        typer.echo(f"FileNotFoundError: {out}: no parquet tables; run the analysis first", err=True)
+        raise typer.Exit(1)
+    params_path = out / "params.json"
+    params = json.loads(params_path.read_text()) if params_path.exists() else {}
+    stores = params.pop("stores", [])
+    plots = registry.plots(registry.chosen(params.get("analyses", list(registry.ANALYSES))))
+    typer.echo(f"report: {write_report(out, tables, params, stores, plots)}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,50 @@ def _findings_section(path: Path | None) -> list[str]:
     ]
 
 
+def plot_interventions(frame: pl.DataFrame, out: Path) -> list[Path]:
+    """NLL change (and choice accuracy change) per layer or depth: the intervention
+    against its random controls, with 95% intervals."""
+    paths = []
+    for experiment in frame["experiment"].unique().sort().to_list():
+        e = frame.filter((pl.col("experiment") == experiment) & (pl.col("condition") != "baseline"))
+        axis = "layer" if experiment == "committee_masking" else "depth"
+        parts = e["part"].unique().sort().to_list()
+        fig, axes = plt.subplots(1, len(parts), figsize=(3.6 * len(parts), 3), squeeze=False)
+        for ax, part in zip(axes[0], parts, strict=True):
+            conditions = e.filter(pl.col("part") == part)["condition"].unique().sort().to_list()
+            for offset, condition in enumerate(conditions):
+                c = e.filter((pl.col("part") == part) & (pl.col("condition") == condition))
+                c = c.sort(axis)
+                x = c[axis].to_numpy() + 0.12 * (offset - (len(conditions) - 1) / 2)
+                y = c["change"].to_numpy()
+                err = [y - c["change_lo"].to_numpy(), c["change_hi"].to_numpy() - y]
+                ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=condition)
+            ax.axhline(0, color="gray", linewidth=0.8)
+            ax.set_xticks(sorted(e[axis].unique().to_list()))
+            what = "accuracy change" if part == "choice_accuracy" else "relative NLL change"
+            ax.set(title=part, xlabel=f"MoE {axis}" if axis == "layer" else "last k layers")
+            ax.set_ylabel(what)
+        axes[0][-1].legend(fontsize=7)
+        paths.append(_save(fig, out / f"interventions_{experiment}.png"))
+    return paths
+
+
+def _interventions_section(path: Path | None, out: Path) -> list[str]:
+    """Intervention experiments (`capture_server.experiments`), when their table is here."""
+    if path is None:
+        return []
+    frame = pl.read_parquet(path)
+    figures = plot_interventions(frame, out)
+    return [
+        '<h2 id="interventions">Interventions</h2>',
+        "<p>Each intervention scored on the same texts as the unchanged model (baseline) "
+        "and as matched random controls; change = NLL / baseline NLL &minus; 1 (accuracy: "
+        "difference), with 95% intervals from resampling texts.</p>",
+        *[f'<figure><img src="{p.name}" alt="{p.stem}"></figure>' for p in figures],
+        _table_html(frame.drop("experiment"), len(frame), limit=60),
+    ]
+
+
 def write_report(
     out: Path,
     tables: dict[str, Path],
@@ -163,6 +207,7 @@ def write_report(
         "<h1>moetrace routing report</h1>",
         f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",
         *_findings_section(tables.get("findings")),
+        *_interventions_section(tables.get("interventions"), out),
         "<h2>Parameters</h2>",
         f"<pre>{html.escape(json.dumps(params, indent=2, default=str))}</pre>",
         "<h2>Plots</h2>",
@@ -173,7 +218,7 @@ def write_report(
         "<h2>Tables</h2>",
     ]
     for name, path in tables.items():
-        if name in ("triangle", "findings"):  # plotted, or shown first
+        if name in ("triangle", "findings", "interventions"):  # plotted, or shown first
             continue  # plotted; the pairs themselves are in the parquet file
         scan = pl.scan_parquet(path)
         rows = scan.select(pl.len()).collect().item()

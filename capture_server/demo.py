@@ -85,6 +85,23 @@ def _texts_by_author(rollouts: dict[str, dict]) -> list[dict]:
     return texts
 
 
+def _experiment_texts(rollout_store: str, out: Path) -> Path:
+    """The rollouts of one model as prompt/completion texts, to score under interventions."""
+    from capture_server.store import open_store
+
+    index = open_store(rollout_store).index.sort("sequence_id")
+    path = out / "experiment-texts.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": PROMPTS[row["prompt_index"]][1], "completion": text})
+            for row, text in zip(
+                index.iter_rows(named=True), index["completion_text"].to_list(), strict=True
+            )
+        )
+    )
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", help="Output directory.")
@@ -97,12 +114,12 @@ def main() -> None:
     from capture_server.specimens import build_specimen
 
     models = [build_specimen(arch, out / arch) for arch in MODELS]
-    print(f"[1/6] built two tiny MoE specimens: {', '.join(map(str, models))}")
+    print(f"[1/7] built two tiny MoE specimens: {', '.join(map(str, models))}")
 
     from capture_server.api.launch import launch
 
     server, url = launch(models, out / "data", out / "server.log")
-    print(f"[2/6] capture server ready on {url}, serving {', '.join(MODELS)}")
+    print(f"[2/7] capture server ready on {url}, serving {', '.join(MODELS)}")
     try:
         prompts = out / "prompts.jsonl"
         prompts.write_text(
@@ -111,11 +128,11 @@ def main() -> None:
                 for i, (d, p) in enumerate(PROMPTS)
             )
         )
-        print("[3/6] each model answers every prompt (rollout jobs, with the CLI):")
+        print("[3/7] each model answers every prompt (rollout jobs, with the CLI):")
         rollouts = {m: _submit(url, m, prompts, "rollout", args.samples) for m in MODELS}
         texts = out / "texts.jsonl"
         texts.write_text("\n".join(json.dumps(t) for t in _texts_by_author(rollouts)))
-        print("[4/6] each model reads every model's answers (score jobs):")
+        print("[4/7] each model reads every model's answers (score jobs):")
         scored = {m: _submit(url, m, texts, "score", 1) for m in MODELS}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -125,7 +142,7 @@ def main() -> None:
 
     store = open_store(scored[MODELS[0]]["store"])
     print(
-        f"[5/6] routing store of {MODELS[0]} reading both authors: {len(store.index)} "
+        f"[5/7] routing store of {MODELS[0]} reading both authors: {len(store.index)} "
         f"sequences, {store.num_tokens} token rows"
     )
     print(
@@ -148,7 +165,30 @@ def main() -> None:
         ],
         check=True,
     )
-    print(f"[6/6] analysis tables, plots and report: {analysis / 'report.html'}")
+    print("[6/7] analysis tables, plots and report written")
+    # the committee of the first model, zeroed one layer at a time against random experts
+    # of similar usage (CommitteeAudit Table 6, with the controls it lacks)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capture_server.experiments",
+            "committee",
+            str(models[0]),
+            "--analysis",
+            str(analysis),
+            "--store",
+            MODELS[0],
+            "--texts",
+            str(_experiment_texts(rollouts[MODELS[0]]["store"], out)),
+            "--engine-args",
+            json.dumps({"dtype": "float32", "enforce_eager": True, "max_model_len": 512}),
+        ],
+        check=True,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    subprocess.run([sys.executable, "-m", "analyzer", "report", str(analysis)], check=True)
+    print(f"[7/7] committee masking with random controls added: {analysis / 'report.html'}")
 
 
 if __name__ == "__main__":

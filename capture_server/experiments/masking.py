@@ -1,0 +1,320 @@
+"""Committee masking (CommitteeAudit, Table 6/13) and usage pruning ("Myth", Fig. 8), each
+against the unchanged model and matched random controls, in one engine call.
+
+Every condition (baseline, treatment, each control seed) scores the same texts; all of
+them go to the engine together, one request per (condition, text), so continuous
+batching runs the conditions side by side. The NLL change of a condition is the
+paper's NLL_condition / NLL_baseline − 1, with NLL the mean over a part's tokens of all
+texts; its 95% interval comes from a bootstrap over texts (`REPLICATES`). Random
+controls pool their seeds per text before the ratio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from capture_server.capture.intervention import Intervention, InterventionError
+
+REPLICATES = 1000
+"""Bootstrap resamples of the texts (or items) behind each interval."""
+
+NEAREST = 2
+"""A control expert is drawn among this many unused non-members nearest in usage to the
+member it stands for."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceItem:
+    """A multiple-choice item: the option with the highest log-likelihood is the answer."""
+
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Condition:
+    condition: str  # baseline, committee, random, most_used
+    intervention: Intervention
+    layer: int = -1  # the masked MoE layer (committee masking)
+    depth: int = 0  # last-k layers pruned (pruning)
+    seed: int = -1  # control seed
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+def matched_controls(
+    members: Sequence[int], usage: np.ndarray, seeds: int, *, first_seed: int = 0
+) -> list[tuple[int, ...]]:
+    """For each seed, as many non-member experts as `members`, each drawn among the
+    `NEAREST` unused non-members whose usage is closest to its member's.
+
+    `usage` is one layer's per-expert usage (counts or shares). Members are matched in
+    order of decreasing usage, so the most used get the closest stand-ins.
+    """
+    members = list(members)
+    others = [e for e in range(len(usage)) if e not in members]
+    if len(others) < len(members):
+        raise InterventionError(
+            f"controls: {len(members)} members leave only {len(others)} other experts"
+        )
+    draws = []
+    for seed in range(first_seed, first_seed + seeds):
+        rng = np.random.default_rng(seed)
+        free, chosen = list(others), []
+        for m in sorted(members, key=lambda e: -usage[e]):
+            near = sorted(free, key=lambda e: (abs(usage[e] - usage[m]), e))[:NEAREST]
+            pick = int(near[rng.integers(len(near))])
+            free.remove(pick)
+            chosen.append(pick)
+        draws.append(tuple(sorted(chosen)))
+    return draws
+
+
+def committee_masking(
+    engine: Any,
+    texts: Sequence[tuple[str, str]],
+    committee: dict[int, Sequence[int]],
+    usage: np.ndarray,
+    *,
+    kind: str = "zero",
+    seeds: int = 3,
+    items: Sequence[ChoiceItem] = (),
+) -> pl.DataFrame:
+    """Remove the committee at one MoE layer at a time, against matched random controls.
+
+    Args:
+        engine: a `CaptureEngine` started with interventions.
+        texts: (prompt, completion) pairs scored under every condition.
+        committee: MoE layer -> committee members (`committee_from_analysis`).
+        usage: (layers, experts) usage, to match the controls (`usage_from_analysis`).
+        kind: ``zero`` (CommitteeAudit: zero their weights, renormalise the rest) or
+            ``mask`` (they cannot be selected; top-k re-runs over the rest).
+        seeds: random control draws per layer.
+        items: multiple-choice items; adds option log-likelihood accuracy.
+
+    Returns:
+        One row per (layer, condition, part) with the mean NLL (or accuracy), its change
+        against the baseline and the change's 95% interval (`_table`).
+    """
+    if kind not in ("zero", "mask"):
+        raise InterventionError(f"kind: expected 'zero' or 'mask', got {kind!r}")
+    conditions = [_Condition("baseline", Intervention())]
+    for layer, members in sorted(committee.items()):
+        conditions.append(
+            _Condition("committee", Intervention.from_dict({kind: {layer: members}}), layer)
+        )
+        for seed, draw in enumerate(matched_controls(members, usage[layer], seeds)):
+            change = Intervention.from_dict({kind: {layer: draw}})
+            conditions.append(_Condition("random", change, layer, seed=seed))
+    return _table("committee_masking", engine, texts, conditions, items)
+
+
+def pruning_sweep(
+    engine: Any,
+    texts: Sequence[tuple[str, str]],
+    usage: np.ndarray,
+    *,
+    keep: int,
+    depths: Sequence[int],
+    seeds: int = 3,
+    items: Sequence[ChoiceItem] = (),
+) -> pl.DataFrame:
+    """Keep only the `keep` most-used experts in the last k MoE layers, for k in
+    `depths` ("Myth" Fig. 8: 12 of 32 in gpt-oss-20b), against keeping `keep` experts
+    drawn uniformly at random in the same layers (one draw per seed and layer).
+
+    `usage` is (layers, experts), for example `usage_of_text` of one paragraph as in
+    the paper. Rows as `committee_masking`, with ``depth`` set instead of ``layer``.
+    """
+    num_layers, num_experts = usage.shape
+    conditions = [_Condition("baseline", Intervention())]
+    for depth in depths:
+        if not 0 < depth <= num_layers:
+            raise InterventionError(f"depths: {depth} is not in 1..{num_layers}")
+        layers = range(num_layers - depth, num_layers)
+        top = {
+            layer: sorted(np.argsort(-usage[layer], kind="stable")[:keep].tolist())
+            for layer in layers
+        }
+        conditions.append(
+            _Condition("most_used", Intervention.from_dict({"keep": top}), depth=depth)
+        )
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, depth])
+            drawn = {
+                layer: sorted(rng.choice(num_experts, keep, replace=False).tolist())
+                for layer in layers
+            }
+            change = Intervention.from_dict({"keep": drawn})
+            conditions.append(_Condition("random", change, depth=depth, seed=seed))
+    return _table("pruning", engine, texts, conditions, items)
+
+
+def _table(
+    experiment: str,
+    engine: Any,
+    texts: Sequence[tuple[str, str]],
+    conditions: list[_Condition],
+    items: Sequence[ChoiceItem],
+) -> pl.DataFrame:
+    """Score every condition in one engine call and compare each with the baseline."""
+    if not texts:
+        raise InterventionError("texts: at least one (prompt, completion) pair is needed")
+    sums, tokens = _nll_sums(engine, texts, conditions)  # (conditions, texts, part)
+    choices = _choices(engine, items, conditions) if items else None  # (conditions, items)
+    rows = []
+    for group in _groups(conditions):
+        first = conditions[group[0]]
+        where = {"layer": first.layer, "depth": first.depth, "condition": first.condition}
+        for p, part in enumerate(("prompt", "completion")):
+            treated = sums[group, :, p].mean(axis=0)  # seeds pooled per text
+            base = sums[0, :, p]
+            count = max(int(tokens[:, p].sum()), 1)
+            rows.append(
+                {
+                    "experiment": experiment,
+                    **where,
+                    "seeds": len(group) if first.seed >= 0 else 0,
+                    "part": part,
+                    "value": float(treated.sum() / count),
+                    "baseline": float(base.sum() / count),
+                    **_ratio_interval(treated, base),
+                    "units": len(texts),
+                }
+            )
+        if choices is not None:
+            treated = choices[group].mean(axis=0)
+            base = choices[0]
+            rows.append(
+                {
+                    "experiment": experiment,
+                    **where,
+                    "seeds": len(group) if first.seed >= 0 else 0,
+                    "part": "choice_accuracy",
+                    "value": float(treated.mean()),
+                    "baseline": float(base.mean()),
+                    **_difference_interval(treated, base),
+                    "units": len(items),
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def _groups(conditions: list[_Condition]) -> list[list[int]]:
+    """Condition indices reported together: control seeds of one layer or depth pool."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(conditions):
+        groups.setdefault((c.condition, c.layer, c.depth), []).append(i)
+    return list(groups.values())
+
+
+def _nll_sums(
+    engine: Any, texts: Sequence[tuple[str, str]], conditions: list[_Condition]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each text's prompt and completion tokens, (conditions, texts, 2),
+    and how many tokens each sum is over, (texts, 2) (a prompt's first token has none)."""
+    prompts = [p for _ in conditions for p, _ in texts]
+    completions = [c for _ in conditions for _, c in texts]
+    per_request = [c.intervention for c in conditions for _ in texts]
+    result = engine.score(prompts, completions, intervention=per_request)
+    sums = np.zeros((len(conditions), len(texts), 2))
+    tokens = np.zeros((len(texts), 2), dtype=np.int64)
+    for i, seq in enumerate(result.sequences):
+        plen = len(seq.prompt_token_ids)
+        assert seq.nll is not None
+        sums[i // len(texts), i % len(texts)] = (np.sum(seq.nll[1:plen]), np.sum(seq.nll[plen:]))
+        tokens[i % len(texts)] = (max(plen - 1, 0), len(seq.nll) - plen)
+    return sums, tokens
+
+
+def _choices(engine: Any, items: Sequence[ChoiceItem], conditions: list[_Condition]) -> np.ndarray:
+    """(conditions, items): 1 where the option of highest log-likelihood is the answer."""
+    pairs = [(item.prompt, option) for item in items for option in item.options]
+    per_request = [c.intervention for c in conditions for _ in pairs]
+    result = engine.score(
+        [p for _ in conditions for p, _ in pairs],
+        [o for _ in conditions for _, o in pairs],
+        intervention=per_request,
+    )
+    loglik = np.array(
+        [-np.sum(s.nll[len(s.prompt_token_ids) :]) for s in result.sequences]  # type: ignore[index]
+    ).reshape(len(conditions), len(pairs))
+    correct = np.zeros((len(conditions), len(items)))
+    start = 0
+    for j, item in enumerate(items):
+        chosen = loglik[:, start : start + len(item.options)].argmax(axis=1)
+        correct[:, j] = chosen == item.answer
+        start += len(item.options)
+    return correct
+
+
+def _bootstrap_indices(units: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, units, size=(REPLICATES, units))
+
+
+def _ratio_interval(treated: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    """NLL change Σtreated / Σbase − 1 over texts, with a bootstrap-over-texts interval."""
+    picks = _bootstrap_indices(len(base))
+    reps = treated[picks].sum(axis=1) / np.maximum(base[picks].sum(axis=1), 1e-12) - 1
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return {
+        "change": float(treated.sum() / max(base.sum(), 1e-12) - 1),
+        "change_lo": float(lo),
+        "change_hi": float(hi),
+    }
+
+
+def _difference_interval(treated: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    """Accuracy change treated − base over items, with a bootstrap-over-items interval."""
+    picks = _bootstrap_indices(len(base))
+    reps = treated[picks].mean(axis=1) - base[picks].mean(axis=1)
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return {
+        "change": float(treated.mean() - base.mean()),
+        "change_lo": float(lo),
+        "change_hi": float(hi),
+    }
+
+
+def usage_of_text(engine: Any, text: str) -> np.ndarray:
+    """(layers, experts) top-k selections while reading `text` ("Myth": usage from one
+    hand-written paragraph)."""
+    seq = engine.score([text], [""]).sequences[0]
+    ids = seq.rows.topk_ids  # (tokens, layers, k)
+    layers = ids.shape[1]
+    experts = engine.routing["num_experts"]
+    return np.stack(
+        [np.bincount(ids[:, layer].ravel(), minlength=experts) for layer in range(layers)]
+    )
+
+
+def _analysis_table(out_dir: str | Path, table: str, store: str | None) -> pl.DataFrame:
+    path = Path(out_dir) / f"{table}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no {table} table; run the analyzer first")
+    frame = pl.read_parquet(path)
+    stores = frame["store"].unique().to_list()
+    if store is None and len(stores) == 1:
+        store = stores[0]
+    if store not in stores:
+        raise InterventionError(f"store: expected one of {sorted(stores)}, got {store!r}")
+    return frame.filter(pl.col("store") == store)
+
+
+def committee_from_analysis(out_dir: str | Path, store: str | None = None) -> dict[int, list[int]]:
+    """MoE layer -> standing committee, from the analyzer's ``committee`` table."""
+    frame = _analysis_table(out_dir, "committee", store)
+    return {int(r["layer"]): list(r["members"]) for r in frame.iter_rows(named=True)}
+
+
+def usage_from_analysis(out_dir: str | Path, store: str | None = None) -> np.ndarray:
+    """(layers, experts) usage shares, from the analyzer's ``usage`` table."""
+    frame = _analysis_table(out_dir, "usage", store).sort("layer", "expert")
+    layers = int(frame["layer"].max()) + 1
+    return frame["share"].to_numpy().reshape(layers, -1)
