@@ -32,6 +32,17 @@ MODES = {
     "ids + weights": {"logits": False, "hidden_layers": []},
     "ids + weights + logits": {"logits": True, "hidden_layers": []},
     "+ hidden states of 1 layer": {"logits": True, "hidden_layers": [1]},
+    # interventions (per-request expert masks) next to the same capture
+    "ids + weights, interventions on, none used": {
+        "logits": False,
+        "hidden_layers": [],
+        "interventions": 0,
+    },
+    "ids + weights, half the requests masked": {
+        "logits": False,
+        "hidden_layers": [],
+        "interventions": 2,  # every 2nd request masks two experts at every MoE layer
+    },
     # a new store per call (a 64-prompt job); the commit either blocks the engine before
     # the next call, or runs in the writer thread while the next call generates, as the
     # service commits a finished job (`moetrace_close`)
@@ -80,8 +91,8 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
             model,
             logits=config["logits"],
             hidden_layers=config["hidden_layers"],
+            interventions="interventions" in config,
             **common,
-            enforce_eager=True,
         )
         vocab = len(engine.tokenizer)
         token_prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(NUM_SEQS)]
@@ -112,6 +123,11 @@ def run_mode(model: str, mode: str) -> dict[str, float]:
                 else:
                     close_rpc([sink], ids).run(engine.llm)
                     closing.append(sink)
+            elif "interventions" in config:
+                every = config["interventions"]
+                mask = {"mask": {layer: [0, 5] for layer in range(engine.routing["num_layers"])}}
+                masks = [mask if every and i % every == 0 else None for i in range(NUM_SEQS)]
+                engine.generate(token_prompts, params, intervention=masks)
             elif config.get("record", True):
                 engine.generate(token_prompts, params)
             else:  # requests without capture options: only the in-forward copies run
@@ -155,6 +171,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds over all modes.")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="Run only these modes (exact names, separated by '|'); plain vLLM always runs.",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -172,9 +193,14 @@ def main() -> None:
         VLLM_CPU_OMP_THREADS_BIND="nobind",
         TOKENIZERS_PARALLELISM="false",
     )
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    wanted = {w.strip() for w in args.modes.split("|") if w.strip()}
+    unknown = wanted - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; expected some of {list(MODES)}")
+    modes = [m for m in MODES if m == "plain vLLM" or not wanted or m in wanted]
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for r in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             child_env = dict(env, VLLM_PLUGINS="none") if MODES[mode] is None else env
             out = subprocess.run(
                 [sys.executable, __file__, "--child", model, mode],
