@@ -331,7 +331,7 @@ class CaptureEngine:
                 f"intervention: {len(given)} given for {count} prompts; give one, or one per prompt"
             )
         out = [x if isinstance(x, Intervention) else Intervention.from_dict(x) for x in given]
-        for x in out:
+        for x in {x.key(): x for x in out}.values():  # each distinct one once
             check_for_engine(x, self.routing)
         return out
 

@@ -19,7 +19,7 @@ worker turns them into table rows (`tables`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -156,6 +156,30 @@ class Intervention:
         return bias.astype(np.float32), factor
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingShape:
+    """What an intervention is checked against: the served model's routing, as every
+    rank derives it from its routers and the writer reports it (`protocol.stats_rpc`,
+    entry ``routing``, with ``interventions``: whether the engine runs them)."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    correction_bias: bool
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoutingShape:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    def check(self, intervention: Intervention) -> None:
+        intervention.validate(
+            num_layers=self.num_layers,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            correction_bias=self.correction_bias,
+        )
+
+
 def check_for_engine(intervention: Intervention, routing: dict[str, Any]) -> None:
     """Raise `InterventionError` unless the engine whose writer reported `routing` (the
     ``routing`` entry of `protocol.stats_rpc`) can run `intervention`."""
@@ -166,9 +190,4 @@ def check_for_engine(intervention: Intervention, routing: dict[str, Any]) -> Non
             "intervention: this engine was started without interventions; start it with "
             "interventions on (additional_config moetrace.interventions = true)"
         )
-    intervention.validate(
-        num_layers=routing["num_layers"],
-        num_experts=routing["num_experts"],
-        top_k=routing["top_k"],
-        correction_bias=routing["correction_bias"],
-    )
+    RoutingShape.from_dict(routing).check(intervention)

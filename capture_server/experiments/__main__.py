@@ -29,6 +29,8 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
         missing = [f for f in fields if f not in row]
         if missing:
             raise ValueError(f"{path}:{number}: missing field {missing[0]!r}")

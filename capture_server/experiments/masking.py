@@ -11,8 +11,8 @@ controls pool their seeds per text before the ratio.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class _Condition:
     layer: int = -1  # the masked MoE layer (committee masking)
     depth: int = 0  # last-k layers pruned (pruning)
     seed: int = -1  # control seed
-    labels: dict[str, Any] = field(default_factory=dict)
 
 
 def matched_controls(
@@ -171,38 +170,31 @@ def _table(
     rows = []
     for group in _groups(conditions):
         first = conditions[group[0]]
-        where = {"layer": first.layer, "depth": first.depth, "condition": first.condition}
+        common = {
+            "experiment": experiment,
+            "layer": first.layer,
+            "depth": first.depth,
+            "condition": first.condition,
+            "seeds": len(group) if first.seed >= 0 else 0,
+        }
         for p, part in enumerate(("prompt", "completion")):
-            treated = sums[group, :, p].mean(axis=0)  # seeds pooled per text
-            base = sums[0, :, p]
             count = max(int(tokens[:, p].sum()), 1)
-            rows.append(
-                {
-                    "experiment": experiment,
-                    **where,
-                    "seeds": len(group) if first.seed >= 0 else 0,
-                    "part": part,
-                    "value": float(treated.sum() / count),
-                    "baseline": float(base.sum() / count),
-                    **_ratio_interval(treated, base),
-                    "units": len(texts),
-                }
+            # seeds pooled per text; the part's NLL is its token mean over all texts
+            compared = _compare(
+                sums[group, :, p].mean(axis=0),
+                sums[0, :, p],
+                lambda x, c=count: x.sum(axis=-1) / c,
+                relative=True,
             )
+            rows.append({**common, "part": part, **compared, "units": len(texts)})
         if choices is not None:
-            treated = choices[group].mean(axis=0)
-            base = choices[0]
-            rows.append(
-                {
-                    "experiment": experiment,
-                    **where,
-                    "seeds": len(group) if first.seed >= 0 else 0,
-                    "part": "choice_accuracy",
-                    "value": float(treated.mean()),
-                    "baseline": float(base.mean()),
-                    **_difference_interval(treated, base),
-                    "units": len(items),
-                }
+            compared = _compare(
+                choices[group].mean(axis=0),
+                choices[0],
+                lambda x: x.mean(axis=-1),
+                relative=False,
             )
+            rows.append({**common, "part": "choice_accuracy", **compared, "units": len(items)})
     return pl.DataFrame(rows)
 
 
@@ -254,29 +246,23 @@ def _choices(engine: Any, items: Sequence[ChoiceItem], conditions: list[_Conditi
     return correct
 
 
-def _bootstrap_indices(units: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, units, size=(REPLICATES, units))
+def _compare(
+    treated: np.ndarray, base: np.ndarray, stat: Callable[[np.ndarray], Any], *, relative: bool
+) -> dict[str, float]:
+    """`stat` of the per-unit values (texts or items) under the condition and the
+    baseline, and the change: stat / baseline stat − 1 (NLL) or the difference
+    (accuracy), with a 95% interval from `REPLICATES` resamples of the units."""
 
+    def change(t: Any, b: Any) -> Any:
+        return t / np.maximum(b, 1e-12) - 1 if relative else t - b
 
-def _ratio_interval(treated: np.ndarray, base: np.ndarray) -> dict[str, float]:
-    """NLL change Σtreated / Σbase − 1 over texts, with a bootstrap-over-texts interval."""
-    picks = _bootstrap_indices(len(base))
-    reps = treated[picks].sum(axis=1) / np.maximum(base[picks].sum(axis=1), 1e-12) - 1
-    lo, hi = np.percentile(reps, [2.5, 97.5])
+    picks = np.random.default_rng(0).integers(0, len(base), size=(REPLICATES, len(base)))
+    lo, hi = np.percentile(change(stat(treated[picks]), stat(base[picks])), [2.5, 97.5])
+    value, baseline = float(stat(treated)), float(stat(base))
     return {
-        "change": float(treated.sum() / max(base.sum(), 1e-12) - 1),
-        "change_lo": float(lo),
-        "change_hi": float(hi),
-    }
-
-
-def _difference_interval(treated: np.ndarray, base: np.ndarray) -> dict[str, float]:
-    """Accuracy change treated − base over items, with a bootstrap-over-items interval."""
-    picks = _bootstrap_indices(len(base))
-    reps = treated[picks].mean(axis=1) - base[picks].mean(axis=1)
-    lo, hi = np.percentile(reps, [2.5, 97.5])
-    return {
-        "change": float(treated.mean() - base.mean()),
+        "value": value,
+        "baseline": baseline,
+        "change": float(change(value, baseline)),
         "change_lo": float(lo),
         "change_hi": float(hi),
     }

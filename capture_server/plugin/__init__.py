@@ -9,6 +9,7 @@ model runner (`runner_choice`), and capture switches on when their model is load
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from capture_server import protocol
@@ -67,17 +68,10 @@ def stats(worker: Any) -> dict[str, Any]:
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:  # a TP replica captures by its rank 0; {}: capture is off
         return {"role": "replica"} if getattr(worker.model_runner, "_moetrace_replica", 0) else {}
-    meta = collector.meta
     return {
         "role": "writer",
         **collector.stats,
-        "routing": {
-            "num_layers": len(meta.moe_layers),
-            "num_experts": meta.num_experts,
-            "top_k": meta.top_k,
-            "correction_bias": meta.correction_bias is not None,
-            "interventions": collector.interventions,
-        },
+        "routing": {**asdict(collector.routing), "interventions": collector.interventions},
         "expert_load": collector.expert_load.tolist(),
         "sinks": collector.sink_metrics(),
         "sink_errors": dict(collector.sink_errors),

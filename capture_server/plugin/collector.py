@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capture_server.capture.intervention import Intervention
+from capture_server.capture.intervention import Intervention, RoutingShape
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.registry import forget_sink, open_sink
@@ -87,9 +87,11 @@ class StepCollector:
         meta: ModelMeta,
         weight_scale: float,
         *,
+        routing: RoutingShape,
         interventions: bool = False,
     ) -> None:
         self.buffers = buffers
+        self.routing = routing  # what interventions are checked against
         self.interventions = interventions  # the engine applies requests' interventions
         self.meta = meta
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights

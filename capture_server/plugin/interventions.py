@@ -6,17 +6,13 @@ tables and applies them (a replica that did not would route differently from ran
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from capture_server.capture.intervention import Intervention, InterventionError
+from capture_server.capture.intervention import Intervention, InterventionError, RoutingShape
 from capture_server.capture.options import CaptureOptions
-
-logger = logging.getLogger("moetrace.capture")
 
 _TINY = 1e-30  # floor of a renormalising sum: a fully zeroed selection stays all zero
 
@@ -75,6 +71,7 @@ class InterventionTables:
         self._dirty_rows = 0  # leading rows of row_slot that may hold a slot other than 0
         self._free = list(range(num_slots - 1, 0, -1))
         self._slot_of_key: dict[str, int] = {}
+        self._key_of_slot: dict[int, str] = {}
         self._users: dict[int, int] = {}
 
     def acquire(self, intervention: Intervention) -> int:
@@ -92,6 +89,7 @@ class InterventionTables:
             _upload(self.bias[:, slot], bias)
             _upload(self.factor[:, slot], factor)
             self._slot_of_key[key] = slot
+            self._key_of_slot[slot] = key
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot
 
@@ -99,7 +97,7 @@ class InterventionTables:
         self._users[slot] -= 1
         if not self._users[slot]:
             del self._users[slot]
-            self._slot_of_key = {k: s for k, s in self._slot_of_key.items() if s != slot}
+            del self._slot_of_key[self._key_of_slot.pop(slot)]
             self._free.append(slot)
 
     def set_rows(self, slots: np.ndarray, tokens: np.ndarray) -> None:
@@ -139,24 +137,6 @@ class InterventionTables:
         kept = topk_weights * factor.gather(1, topk_ids.long()).to(topk_weights.dtype)
         total = topk_weights.sum(dim=-1, keepdim=True)
         return kept * (total / kept.sum(dim=-1, keepdim=True).clamp_min(_TINY))
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingShape:
-    """What an intervention is checked against: the served model's routing."""
-
-    num_layers: int
-    num_experts: int
-    top_k: int
-    correction_bias: bool
-
-    def check(self, intervention: Intervention) -> None:
-        intervention.validate(
-            num_layers=self.num_layers,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            correction_bias=self.correction_bias,
-        )
 
 
 class RequestInterventions:

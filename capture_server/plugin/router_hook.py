@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capture_server.capture.intervention import RoutingShape
 from capture_server.capture.records import ModelMeta
 from capture_server.errors import CaptureError
 from capture_server.plugin.buffers import CaptureBuffers
@@ -132,6 +133,18 @@ def describe_model(runners: list[tuple[int, Any]], model_dir: str, hf_config: An
         router_weights=weights,
         router_bias=biases,
         correction_bias=corrections,
+    )
+
+
+def routing_shape(runners: list[tuple[int, Any]]) -> RoutingShape:
+    """The routing interventions are checked against, from the routers themselves (every
+    rank has them; only the writer reads the checkpoint)."""
+    router = runners[0][1].router
+    return RoutingShape(
+        num_layers=len(runners),
+        num_experts=int(router.global_num_experts),
+        top_k=int(router.top_k),
+        correction_bias=getattr(router, "e_score_correction_bias", None) is not None,
     )
 
 

@@ -6,14 +6,11 @@ import functools
 import logging
 from typing import Any
 
+from capture_server.capture.intervention import RoutingShape
 from capture_server.errors import CaptureError, CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
-from capture_server.plugin.interventions import (
-    InterventionTables,
-    RequestInterventions,
-    RoutingShape,
-)
+from capture_server.plugin.interventions import InterventionTables, RequestInterventions
 from capture_server.plugin.layout import REPLICA, capture_role
 from capture_server.plugin.router_hook import (
     check_supported,
@@ -21,6 +18,7 @@ from capture_server.plugin.router_hook import (
     find_moe_runners,
     hook_routers,
     output_scale,
+    routing_shape,
     verify_hooked,
 )
 from capture_server.protocol import capture_settings
@@ -53,7 +51,8 @@ def install_capture(runner: Any) -> StepCollector | None:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     role = capture_role(runner.vllm_config, get_tensor_model_parallel_rank())
-    interventions = _install_interventions(runner, runners) if config.get("interventions") else None
+    routing = routing_shape(runners)
+    interventions = _install_interventions(runner, routing) if config.get("interventions") else None
     runner._moetrace_interventions = interventions
     tables = None if interventions is None else interventions.tables
     if role == REPLICA:
@@ -91,11 +90,12 @@ def install_capture(runner: Any) -> StepCollector | None:
         buffers,
         meta,
         weight_scale=output_scale(runners[0][1]),
+        routing=routing,
         interventions=interventions is not None,
     )
 
 
-def _install_interventions(runner: Any, runners: list[tuple[int, Any]]) -> RequestInterventions:
+def _install_interventions(runner: Any, shape: RoutingShape) -> RequestInterventions:
     """Intervention tables sized for the engine: one slot per request the batch can hold,
     plus slot 0 for "none"."""
     if not getattr(type(runner)._prepare_inputs, "_moetrace", False):
@@ -103,13 +103,6 @@ def _install_interventions(runner: Any, runners: list[tuple[int, Any]]) -> Reque
             f"moetrace interventions: {type(runner).__name__}._prepare_inputs is not "
             "wrapped, so rows would get no intervention"
         )
-    router = runners[0][1].router
-    shape = RoutingShape(
-        num_layers=len(runners),
-        num_experts=int(router.global_num_experts),
-        top_k=int(router.top_k),
-        correction_bias=getattr(router, "e_score_correction_bias", None) is not None,
-    )
     mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
     tables = InterventionTables(
         num_layers=shape.num_layers,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from capture_server.capture.active import CaptureInactiveError, require_active
+from capture_server.capture.intervention import RoutingShape
 from capture_server.errors import CaptureError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.router_hook import verify_hooked
@@ -121,7 +122,9 @@ def test_the_first_step_proof_raises_naming_the_silent_blocks():
     from capture_server.capture.records import ModelMeta
     from capture_server.plugin.collector import StepCollector
 
-    collector = StepCollector(_buffers(), ModelMeta.synthetic([1, 3, 5], 4, 2, 5), 1.0)
+    routing = RoutingShape(num_layers=3, num_experts=4, top_k=2, correction_bias=False)
+    meta = ModelMeta.synthetic([1, 3, 5], 4, 2, 5)
+    collector = StepCollector(_buffers(), meta, 1.0, routing=routing)
     collector.before_step(SimpleNamespace(total_num_scheduled_tokens=4))
     collector.buffers.record(
         0, torch.zeros(4, 5), torch.zeros(4, 4), torch.ones(4, 2), torch.ones(4, 2)

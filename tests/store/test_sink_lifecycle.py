@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from capture_server.capture.intervention import RoutingShape
 from capture_server.capture.options import CaptureOptions
 from capture_server.plugin.collector import StepCollector
 from capture_server.store import open_store
@@ -18,7 +19,9 @@ from tests.store.synthetic import EXACT
 def test_closing_store_is_never_written_by_two_writers(tmp_path):
     url = str(tmp_path / "job")
     options = CaptureOptions(sink=url, store=dataclasses.asdict(EXACT))
-    collector = StepCollector(buffers=None, meta=synthetic.meta(), weight_scale=1.0)
+    meta = synthetic.meta()
+    routing = RoutingShape(len(meta.moe_layers), meta.num_experts, meta.top_k, False)
+    collector = StepCollector(buffers=None, meta=meta, weight_scale=1.0, routing=routing)
 
     def send(key: str) -> None:
         rows = synthetic.sequence_rows(key, synthetic.length_of(key))
