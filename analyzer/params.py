@@ -20,6 +20,7 @@ class Params:
     gamma: float = cm.GAMMA  # committee presence threshold
     coverage_denominator: str = "topk_table"  # topk_table | all_experts
     retention_ks: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)  # audit k sweep (paper (b) B7)
+    ablation_directions: tuple[int, ...] = (0, 1, 2, 4, 8)  # top-K directions removed (E-a3)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -41,3 +42,7 @@ class Params:
             raise ValueError(f"max_pairs: expected at least 1, got {self.max_pairs}")
         if not self.retention_ks or min(self.retention_ks) < 1:
             raise ValueError(f"retention_ks: expected positive integers, got {self.retention_ks}")
+        if not self.ablation_directions or min(self.ablation_directions) < 0:
+            raise ValueError(
+                f"ablation_directions: expected integers >= 0, got {self.ablation_directions}"
+            )

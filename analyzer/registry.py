@@ -19,7 +19,7 @@ from analyzer.reads import geometry_sample
 from analyzer.tables.alignment import alignment_table
 from analyzer.tables.committee import committee_tables
 from analyzer.tables.conditions import condition_table
-from analyzer.tables.geometry import geometry_tables
+from analyzer.tables.geometry import direction_ablation_table, geometry_tables
 from analyzer.tables.rollout import rollout_curve_table
 from analyzer.tables.usage import usage_table
 from capture_server import protocol
@@ -89,9 +89,11 @@ def _alignment(profiles: dict[str, list[SequenceProfile]], params: Params) -> di
 
 def _geometry(ctx: StoreTables) -> dict[str, Table]:
     sample = geometry_sample(ctx.store)
-    weights = ctx.store.router_weights()["router_weights"]
+    router = ctx.store.router_weights()
+    weights = router["router_weights"]
     summary, triangle = geometry_tables(sample, weights, ctx.name, ctx.whole, ctx.params)
-    return {"geometry": summary, "triangle": triangle}
+    ablation = direction_ablation_table(sample, router, ctx.store.model, ctx.name, ctx.params)
+    return {"geometry": summary, "triangle": triangle, "direction_ablation": ablation}
 
 
 def _committee(ctx: StoreTables) -> dict[str, Table]:
@@ -137,11 +139,15 @@ ANALYSES: dict[str, Analysis] = {
             "geometry",
             "Layers with captured router inputs: pooled hidden-state similarity vs usage "
             "similarity, Lipschitz ratio vs the router's operator norm, shared-direction "
-            "energy, same-token overlap across contexts.",
+            "energy, same-token overlap across contexts; re-routing with the top-K "
+            "singular directions of the router inputs removed (E-a3).",
             reads=(protocol.HIDDEN_PREFIX,),
             folds=frozenset({"whole"}),
             per_store=_geometry,
-            plots={"triangle": report.plot_triangle},
+            plots={
+                "triangle": report.plot_triangle,
+                "direction_ablation": report.plot_direction_ablation,
+            },
         ),
         Analysis(
             "committee",

@@ -114,6 +114,24 @@ def plot_triangle(tri: pl.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def plot_direction_ablation(frame: pl.DataFrame, out: Path) -> list[Path]:
+    """E-a3: how much routing changes as top singular directions of its input go."""
+    paths = []
+    for store in frame["store"].unique().sort().to_list():
+        s = frame.filter(pl.col("store") == store)
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        for layer in sorted(s["layer"].unique().to_list()):
+            c = s.filter(pl.col("layer") == layer).sort("directions")
+            axes[0].plot(c["directions"], c["token_overlap"], marker="o", label=f"layer {layer}")
+            axes[1].plot(c["directions"], c["usage_cosine"], marker="o", label=f"layer {layer}")
+        axes[0].set(xlabel="top singular directions removed", ylabel="top-k overlap per token")
+        axes[1].set(xlabel="top singular directions removed", ylabel="usage cosine")
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"{store}: direction ablation")
+        paths.append(_save(fig, out / f"direction_ablation_{store}.png"))
+    return paths
+
+
 def _table_html(frame: pl.DataFrame, rows: int, limit: int = 30) -> str:
     """The first `limit` rows of a table of `rows` rows."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzer.metrics.usage import cosine
+from analyzer.metrics.usage import TOP_P, cosine, top_p_jaccard, topk_overlap, usage_frequency
 
 
 def pooled_similarity(h_a: np.ndarray, h_b: np.ndarray, mean: np.ndarray | None = None) -> float:
@@ -92,3 +92,82 @@ def same_token_overlap(token_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
                 total += (a[:, :, None] == b[:, None, :]).any(-1).sum(-1) / k
                 pairs += 1
     return total / pairs if pairs else np.full(ids.shape[1], np.nan)
+
+
+def reroute(
+    h: np.ndarray,
+    w: np.ndarray,
+    top_k: int,
+    scoring: str = "softmax",
+    bias: np.ndarray | None = None,
+    correction: np.ndarray | None = None,
+) -> np.ndarray:
+    """The experts a linear router picks for inputs `h`: (tokens, top_k) ids, best first.
+
+    Selection follows the model's scores: softmax is monotone in the logits, so it picks
+    the top-k logits (+ `bias`, gpt-oss); sigmoid routers pick the top-k of
+    sigmoid(logit) + `correction` (DeepSeek-V3's selection-only bias). Group-limited
+    selection (DeepSeek ``n_group`` > 1) is not modelled: agreement with the captured
+    ids (`direction_ablation`) shows where that matters. Ties go to the lower id.
+    """
+    z = h @ w.T
+    if bias is not None:
+        z = z + bias
+    if scoring == "sigmoid":
+        z = 1.0 / (1.0 + np.exp(-z))
+        if correction is not None:
+            z = z + correction
+    elif scoring != "softmax":
+        raise ValueError(f"scoring: expected softmax or sigmoid, got {scoring!r}")
+    return np.argsort(-z, axis=-1, kind="stable")[:, :top_k]
+
+
+def remove_directions(h: np.ndarray, directions: int) -> tuple[np.ndarray, float]:
+    """E-a3: h' = h - V_K V_K^T h with V_K the top-K right singular vectors of the
+    (uncentred) stacked inputs; returns h' and the share of energy removed."""
+    if directions == 0:
+        return h, 0.0
+    _, s, vt = np.linalg.svd(h, full_matrices=False)
+    v = vt[:directions]
+    energy = float((s[:directions] ** 2).sum() / max((s**2).sum(), 1e-300))
+    return h - (h @ v.T) @ v, energy
+
+
+def direction_ablation(
+    h: np.ndarray,
+    w: np.ndarray,
+    top_k: int,
+    directions: tuple[int, ...],
+    scoring: str = "softmax",
+    bias: np.ndarray | None = None,
+    correction: np.ndarray | None = None,
+    top_p: float = TOP_P,
+) -> list[dict[str, float]]:
+    """Paper (a) E-a3 (reconstruction, spec §2.3): remove the top-K singular directions
+    of the router inputs, re-route, and compare with re-routing the unchanged inputs.
+
+    One row per K: ``removed_energy`` (share of the inputs' energy removed),
+    ``token_overlap`` (mean |K_t ∩ K'_t| / k, A4), ``tokens_changed`` (share of tokens
+    whose expert set changed), ``usage_cosine`` and ``top_p_jaccard`` (A2 and A3 of the
+    usage of all tokens before and after).
+    """
+    e = w.shape[0]
+    before = reroute(h, w, top_k, scoring, bias, correction)
+    f_before = usage_frequency(before[:, None], e)[0]
+    rows = []
+    for k in directions:
+        ablated, energy = remove_directions(h, k)
+        after = reroute(ablated, w, top_k, scoring, bias, correction)
+        overlap = topk_overlap(before[:, None], after[:, None], e)["overlap"][:, 0]
+        f_after = usage_frequency(after[:, None], e)[0]
+        rows.append(
+            {
+                "directions": k,
+                "removed_energy": energy,
+                "token_overlap": float(overlap.mean()),
+                "tokens_changed": float((overlap < 1).mean()),
+                "usage_cosine": float(cosine(f_before, f_after)),
+                "top_p_jaccard": float(top_p_jaccard(f_before, f_after, top_p)),
+            }
+        )
+    return rows

@@ -12,6 +12,7 @@ from analyzer.params import Params
 from analyzer.profiles import SequenceProfile
 from analyzer.tables.common import frequencies, sample_pairs
 from capture_server import protocol
+from capture_server.capture.records import ModelSummary
 
 
 def geometry_tables(
@@ -90,3 +91,46 @@ def geometry_tables(
             }
         )
     return pl.DataFrame(out), pl.concat(triangle_rows)
+
+
+def direction_ablation_table(
+    sample: dict[str, np.ndarray],
+    router: dict[str, np.ndarray],
+    model: ModelSummary,
+    store: str,
+    params: Params,
+) -> pl.DataFrame:
+    """Paper (a) E-a3 per MoE layer with captured router inputs: one row per number of
+    top singular directions removed (`Params.ablation_directions`).
+
+    `router` is the store's `router_weights()`. ``captured_agreement`` is the share of
+    sample tokens whose captured expert set the offline re-routing of the unchanged
+    inputs reproduces: below 1 where stored inputs were rounded (float16) or the model
+    routes in a way `reroute` does not model (group-limited selection).
+    """
+    hidden = {protocol.hidden_layer_of(name): name for name in sample}
+    rows = []
+    for layer in sorted(layer for layer in hidden if layer is not None):
+        h = sample[hidden[layer]].astype(np.float64)
+        w = router["router_weights"][layer].astype(np.float64)
+        extra = {
+            "bias": router["router_bias"][layer] if "router_bias" in router else None,
+            "correction": router["correction_bias"][layer] if "correction_bias" in router else None,
+        }
+        selected = gm.reroute(h, w, model.top_k, model.scoring_func, **extra)
+        captured = sample[protocol.TOPK_IDS][:, layer].astype(np.int64)
+        agreement = (np.sort(selected, -1) == np.sort(captured, -1)).all(-1).mean()
+        usable = tuple(k for k in params.ablation_directions if k <= min(h.shape))
+        for row in gm.direction_ablation(
+            h, w, model.top_k, usable, model.scoring_func, top_p=params.top_p, **extra
+        ):
+            rows.append(
+                {
+                    "store": store,
+                    "layer": layer,
+                    "tokens": len(h),
+                    **row,
+                    "captured_agreement": float(agreement),
+                }
+            )
+    return pl.DataFrame(rows)

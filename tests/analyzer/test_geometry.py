@@ -57,3 +57,42 @@ def test_same_token_overlap():
     ids = np.array([[[0, 1]], [[2, 3]], [[1, 4]]])  # token 5 rows share expert 1 of 2
     assert geometry.same_token_overlap(tokens, ids)[0] == pytest.approx(0.5)
     assert np.isnan(geometry.same_token_overlap(np.array([1, 2]), ids[:2])[0])
+
+
+def test_reroute_follows_the_models_selection_rule():
+    h = np.array([[1.0, 0.0]])
+    w = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # logits 2, 1, 0
+    assert geometry.reroute(h, w, 2).tolist() == [[0, 1]]
+    # gpt-oss: a logit bias changes the order
+    assert geometry.reroute(h, w, 1, bias=np.array([0.0, 0.0, 3.0])).tolist() == [[2]]
+    # DeepSeek-V3: sigmoid(2) + 0 < sigmoid(0) + 0.5, so the corrected expert 2 wins
+    corrected = geometry.reroute(h, w, 1, "sigmoid", correction=np.array([0.0, 0.0, 0.5]))
+    assert corrected.tolist() == [[2]]
+    # ties go to the lower id
+    assert geometry.reroute(np.zeros((1, 2)), w, 2).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="scoring"):
+        geometry.reroute(h, w, 1, "relu")
+
+
+def test_direction_ablation_when_routing_ignores_the_shared_direction():
+    """Rows share e0 (the top singular direction); the router decides on e1 only, so
+    removing one direction changes nothing and removing both leaves all-zero logits."""
+    h = np.array([[10.0, 1.0], [10.0, -1.0], [10.0, 1.0], [10.0, -1.0]])
+    w = np.array([[0.0, 1.0], [0.0, -1.0], [0.05, 0.0]])
+    rows = geometry.direction_ablation(h, w, 1, (0, 1, 2))
+    k0, k1, k2 = rows
+    assert k0["removed_energy"] == 0 and k0["tokens_changed"] == 0
+    assert k1["removed_energy"] == pytest.approx(400 / 404)
+    assert k1["token_overlap"] == 1 and k1["usage_cosine"] == pytest.approx(1)
+    # all-zero logits pick expert 0 everywhere: the rows that chose expert 1 change
+    assert k2["tokens_changed"] == pytest.approx(0.5)
+    assert k2["usage_cosine"] == pytest.approx(0.5 / np.sqrt(0.5))  # [.5,.5,0] vs [1,0,0]
+    assert k2["top_p_jaccard"] == pytest.approx(0.5)  # {0,1} vs {0}
+
+
+def test_direction_ablation_when_routing_rides_the_shared_direction():
+    h = np.array([[10.0, 1.0], [10.0, -1.0], [10.0, 1.0], [10.0, -1.0]])
+    w = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # expert 0 reads e0: always first
+    _, k1 = geometry.direction_ablation(h, w, 1, (0, 1))
+    assert k1["tokens_changed"] == 1 and k1["token_overlap"] == 0
+    assert k1["usage_cosine"] == pytest.approx(0) and k1["top_p_jaccard"] == 0

@@ -155,3 +155,17 @@ def test_geometry_on_the_planted_residual_stream(analysis):
     # identical router inputs give identical logits: zero hidden distance, zero logit distance
     same = tri.filter(pl.col("hidden_distance") < 1e-6)
     assert (same["logit_distance"] < 1e-4).all()
+
+
+def test_direction_ablation_reroutes_the_stored_inputs_as_the_engine_did(analysis):
+    """Proof of the offline re-routing: numpy on the stored router inputs and router
+    weights picks exactly the experts vLLM picked, for every sampled token."""
+    ablation = analysis["direction_ablation"].sort("layer", "directions")
+    assert ablation["layer"].unique().to_list() == [0, 2]
+    assert (ablation["captured_agreement"] == 1.0).all()
+    assert ablation["directions"].unique().to_list() == list(Params().ablation_directions)
+    none = ablation.filter(pl.col("directions") == 0)
+    assert (none["token_overlap"] == 1).all() and (none["tokens_changed"] == 0).all()
+    for layer in (0, 2):
+        energy = ablation.filter(pl.col("layer") == layer)["removed_energy"].to_numpy()
+        assert (np.diff(energy) >= 0).all() and energy[-1] <= 1
