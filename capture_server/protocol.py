@@ -200,6 +200,10 @@ class Annotation:
     - 1 (`forwarded_positions`). The engine may forward more (a stop string ends the
     output inside a step; async scheduling forwards a finished request once more); the
     reader drops the rows past it."""
+    prompt_nll: list[float | None] | None = None
+    """Score jobs: each prompt token's NLL given those before it (None for the first)."""
+    completion_nll: list[float] | None = None
+    """Score jobs: each completion token's NLL given the prompt and those before it."""
 
     def row(self) -> dict[str, Any]:
         """The parquet row: optional fields are left out when not given."""

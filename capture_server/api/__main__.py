@@ -35,6 +35,12 @@ def _own_parser() -> argparse.ArgumentParser:
         action="append",
         help="MoE layer whose router inputs engines capture (repeatable).",
     )
+    own.add_argument(
+        "--interventions",
+        action="store_true",
+        default=None,
+        help="Let jobs mask, keep or zero experts per request (engines hold the tables).",
+    )
     own.add_argument("--token", help="Bearer token to require (or MOETRACE_TOKEN).")
     own.add_argument(
         "--public-metrics",
@@ -76,6 +82,7 @@ def serve(argv: list[str]) -> int:
             port=ns.port,
             hidden_layers=ns.hidden_layer,
             token=ns.token,
+            interventions=ns.interventions,
             public_metrics=ns.public_metrics,
             engine_flags=engine_flags or None,
         )

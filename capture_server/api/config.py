@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_tokens_limit: int = 32_768
     hidden_layers: Annotated[list[int], NoDecode] = Field(default_factory=list)
     """MoE layers whose router inputs the engines capture (jobs may keep a subset)."""
+    interventions: bool = False
+    """Start the engines with per-request interventions on, so jobs may mask, keep or
+    zero experts (`capture.intervention`)."""
     engine: dict[str, Any] = Field(default_factory=dict)
     """vLLM engine settings for every model, by ``vllm serve`` flag name (``-`` or ``_``);
     vLLM's defaults apply to the rest (see `api.engine_args`)."""

@@ -56,7 +56,14 @@ def flag_given(argv: list[str], name: str) -> bool:
     return any(t.split("=", 1)[0].replace("_", "-") in wanted for t in argv)
 
 
-def build_engine_args(model: str, argv: list[str], hidden_layers: list[int], *, cpu: bool) -> Any:
+def build_engine_args(
+    model: str,
+    argv: list[str],
+    hidden_layers: list[int],
+    *,
+    cpu: bool,
+    interventions: bool = False,
+) -> Any:
     """`AsyncEngineArgs` for serving `model` with capture on, from vLLM flags `argv`.
 
     Raises `SystemExit` (vLLM's parser, after printing which flag is wrong) on a bad flag.
@@ -69,5 +76,8 @@ def build_engine_args(model: str, argv: list[str], hidden_layers: list[int], *, 
         args.enable_prefix_caching = False
     if cpu and not flag_given(argv, "enable-chunked-prefill"):
         args.enable_chunked_prefill = False
-    args.additional_config = {**(args.additional_config or {}), **engine_config(hidden_layers)}
+    args.additional_config = {
+        **(args.additional_config or {}),
+        **engine_config(hidden_layers, interventions=interventions),
+    }
     return args

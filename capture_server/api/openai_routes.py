@@ -22,8 +22,16 @@ from pydantic import BaseModel, Field, model_validator
 
 from capture_server.api.online import CaptureConflictError
 from capture_server.api.routes import COMMON_ERRORS, Auth, errors
-from capture_server.api.schemas import LABEL_KEY, MAX_SEED, STRICT, Capture, encodable
+from capture_server.api.schemas import (
+    LABEL_KEY,
+    MAX_SEED,
+    STRICT,
+    Capture,
+    encodable,
+    intervention_field,
+)
 from capture_server.api.tokens import check_token_ids
+from capture_server.capture.intervention import Intervention, InterventionError, check_for_engine
 from capture_server.protocol import (
     CONFIG_KEY,
     Annotation,
@@ -41,6 +49,14 @@ class OnlineCapture(Capture):
     labels: dict[Annotated[str, Field(pattern=LABEL_KEY)], str | int | float | bool] = Field(
         default_factory=dict
     )
+    intervention: dict[str, Any] | None = None
+    """This request's routing change (docs/interventions.md); needs a server started
+    with ``--interventions``."""
+
+    @model_validator(mode="after")
+    def parsed_intervention(self) -> OnlineCapture:
+        self.intervention = intervention_field(self.intervention, "moetrace.intervention")
+        return self
 
     def capture(self) -> Capture:
         return Capture(**self.model_dump(include=set(Capture.model_fields)))
@@ -116,6 +132,15 @@ def _limits(body: _Common, app: Any) -> tuple[Any, int | None]:
             detail=f"moetrace.hidden_layers: the server captures only "
             f"{sorted(app.settings.hidden_layers)}",
         )
+    if body.moetrace and body.moetrace.intervention:
+        try:
+            check_for_engine(
+                Intervention.from_dict(body.moetrace.intervention),
+                app.engines.routing.get(body.model, {}),
+            )
+        except InterventionError as exc:
+            detail = str(exc).replace("intervention", "moetrace.intervention", 1)
+            raise HTTPException(422, detail=detail) from None
     return app.engines.engines[body.model], max_tokens
 
 
@@ -168,7 +193,9 @@ async def _generate(
             opts = body.moetrace.capture().options(
                 store, key, first + k, body.moetrace.labels, body.n
             )
-            extra = replace(opts, texts=True).to_extra_args()  # committed with the texts
+            extra = replace(  # committed with the texts
+                opts, texts=True, intervention=body.moetrace.intervention or {}
+            ).to_extra_args()
         params = SamplingParams(
             n=body.n,
             max_tokens=max_tokens or max(1, engine.model_config.max_model_len - len(ids)),

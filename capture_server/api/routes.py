@@ -15,8 +15,10 @@ from capture_server.api.schemas import (
     JobPublic,
     JobsPublic,
     check_score_prompts,
+    prompt_interventions,
 )
 from capture_server.api.tokens import check_token_ids
+from capture_server.capture.intervention import InterventionError, check_for_engine
 
 
 def errors(*statuses: int) -> dict[int | str, dict]:
@@ -108,6 +110,11 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
         raise HTTPException(
             422, detail=f"capture.hidden_layers: the server captures only {sorted(layers)}"
         )
+    for name, intervention in prompt_interventions(job, prompts).items():
+        try:
+            check_for_engine(intervention, app.engines.routing.get(job.model, {}))
+        except InterventionError as exc:
+            raise HTTPException(422, detail=str(exc).replace("intervention", name, 1)) from None
     n = 1 if job.kind == "score" else job.sampling.n
     job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)

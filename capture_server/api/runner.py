@@ -19,6 +19,7 @@ from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
 from capture_server.capture.active import require_active
+from capture_server.capture.scoring import split_nll, token_nll
 from capture_server.errors import JobsDatabaseError
 from capture_server.protocol import (
     Annotation,
@@ -41,6 +42,9 @@ class Engines:
         self.settings = settings
         self.engines: dict[str, Any] = {}
         self.paths: dict[str, str] = {}
+        self.routing: dict[str, dict[str, Any]] = {}
+        """Per engine, the routing facts its workers report (`protocol.stats_rpc`):
+        what interventions are checked against."""
 
     def engine_args(self, path: str) -> Any:
         """vLLM's `AsyncEngineArgs` of the model at `path` (`api.engine_args`)."""
@@ -48,7 +52,13 @@ class Engines:
 
         argv = self.settings.engine_argv(path)
         cpu = current_platform.is_cpu()
-        return build_engine_args(path, argv, self.settings.hidden_layers, cpu=cpu)
+        return build_engine_args(
+            path,
+            argv,
+            self.settings.hidden_layers,
+            cpu=cpu,
+            interventions=self.settings.interventions,
+        )
 
     def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -75,6 +85,8 @@ class Engines:
             except Exception as exc:
                 stats = exc
             require_active(stats, name)
+            assert not isinstance(stats, BaseException)
+            self.routing[name] = stats[0]["routing"]
 
     def shutdown(self) -> None:
         for engine in self.engines.values():
@@ -236,7 +248,9 @@ class JobRunner:
             for rid, sample in calls:
                 async with limit:
                     try:
-                        prompt, params = self._request(request, i, item, tokenizer, store, sample)
+                        prompt, params, prompt_len = self._request(
+                            request, i, item, tokenizer, store, sample
+                        )
                         request_ids.append(rid)
                         final = None
                         async for out in engine.generate(prompt, params, rid):
@@ -249,7 +263,7 @@ class JobRunner:
                         await report()
                         continue
                 assert final is not None
-                texts.extend(self._texts(request, i, item, final, sample))
+                texts.extend(self._texts(request, i, item, final, sample, prompt_len))
                 generated = sum(len(c.token_ids) for c in final.outputs)
                 progress["tokens"] += generated
                 self.tokens_generated += generated
@@ -305,11 +319,19 @@ class JobRunner:
 
     @staticmethod
     def _texts(
-        request: JobCreate, i: int, item: PromptItem, final: Any, sample: int | None
+        request: JobCreate,
+        i: int,
+        item: PromptItem,
+        final: Any,
+        sample: int | None,
+        prompt_len: int,
     ) -> list[Annotation]:
         """The texts of a finished request's samples, keyed as the worker keys their
-        routing (`sample`: the recorded index of a single resumed sample)."""
+        routing (`sample`: the recorded index of a single resumed sample); a scored
+        text's per-token NLL when the job asked for it (`JobCreate.nll`)."""
         rollout = request.kind == "rollout"
+        nll = None if rollout else token_nll(final)
+        prompt_nll, completion_nll = (None, None) if nll is None else split_nll(nll, prompt_len)
         return [
             Annotation(
                 request_id=job_sequence_key(i),
@@ -319,6 +341,8 @@ class JobRunner:
                 generated_len=len(c.token_ids) if rollout else 0,
                 completion_token_ids=list(c.token_ids) if rollout else [],
                 positions=forwarded_positions(len(final.prompt_token_ids), len(c.token_ids)),
+                prompt_nll=prompt_nll,
+                completion_nll=completion_nll,
             )
             for c in final.outputs
         ]
@@ -331,10 +355,11 @@ class JobRunner:
         tokenizer: Any,
         store: str,
         sample: int | None = None,
-    ) -> tuple[Any, Any]:
-        """The engine prompt and sampling parameters of prompt `i`: all its samples, or
-        with `sample` the one sample of that index (a seeded job gets the seed vLLM gives
-        that sample, `seed + sample`, so the rerun draws what the lost sample drew)."""
+    ) -> tuple[Any, Any, int]:
+        """The engine prompt, sampling parameters and prompt length of prompt `i`: all
+        its samples, or with `sample` the one sample of that index (a seeded job gets
+        the seed vLLM gives that sample, `seed + sample`, so the rerun draws what the
+        lost sample drew). A score job's prompt is followed by its completion."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -352,7 +377,8 @@ class JobRunner:
         s = request.sampling
         n = 1 if request.kind == "score" else s.n
         options = request.capture.options(store, job_sequence_key(i), i, item.labels, n)
-        options = replace(options, texts=True)
+        intervention = item.intervention or request.intervention or {}
+        options = replace(options, texts=True, intervention=intervention)
         if request.kind == "score":
             completion = (
                 list(item.completion_token_ids)
@@ -361,9 +387,12 @@ class JobRunner:
             )
             options = replace(options, prompt_len=len(prompt_ids))
             params = SamplingParams(
-                max_tokens=1, temperature=0.0, extra_args=options.to_extra_args()
+                max_tokens=1,
+                temperature=0.0,
+                prompt_logprobs=0 if request.nll else None,
+                extra_args=options.to_extra_args(),
             )
-            return TokensPrompt(prompt_token_ids=prompt_ids + completion), params
+            return TokensPrompt(prompt_token_ids=prompt_ids + completion), params, len(prompt_ids)
         seed = s.seed
         if sample is not None:
             options = replace(options, n=1, sample=sample)
@@ -379,7 +408,7 @@ class JobRunner:
             extra_args=options.to_extra_args(),
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples
         )
-        return TokensPrompt(prompt_token_ids=prompt_ids), params
+        return TokensPrompt(prompt_token_ids=prompt_ids), params, len(prompt_ids)
 
 
 async def sink_state(engine: Any, store: str) -> str:

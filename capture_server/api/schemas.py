@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from capture_server.capture.intervention import Intervention, InterventionError
 from capture_server.capture.options import CaptureOptions
 
 LABEL_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -13,6 +14,16 @@ MAX_SEED = 2**63 - 1  # vLLM seeds a 64-bit signed generator
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32; the vocabulary is checked per model
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 """Request models: unknown fields, NaN and infinities are refused."""
+
+
+def intervention_field(value: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """An intervention in its canonical JSON form (`Intervention.to_dict`), or None for
+    none; its shape is checked here, the model's layers and experts when a job is made."""
+    try:
+        parsed = Intervention.from_dict(value)
+    except InterventionError as exc:
+        raise ValueError(str(exc).replace("intervention", field, 1)) from None
+    return parsed.to_dict() or None
 
 
 def encodable(text: str | None, field: str) -> str | None:
@@ -40,6 +51,9 @@ class PromptItem(BaseModel):
     completion_token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = None
     """Score jobs: the tokens to teacher-force (exact, no re-tokenisation)."""
     labels: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    intervention: dict[str, Any] | None = None
+    """This prompt's routing change, over the job's (``{"mask": {"3": [5, 9]}}``, ``keep``
+    or ``zero``; see docs/interventions.md)."""
 
     @model_validator(mode="after")
     def one_input(self) -> PromptItem:
@@ -55,6 +69,7 @@ class PromptItem(BaseModel):
         for i, message in enumerate(self.messages or []):
             for key, value in message.items():
                 encodable(value, f"messages[{i}].{key}")
+        self.intervention = intervention_field(self.intervention, "intervention")
         return self
 
     @field_validator("labels")
@@ -139,12 +154,20 @@ class JobCreate(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     capture: Capture = Field(default_factory=Capture)
     chat_template: bool = False
+    nll: bool = True
+    """Score jobs: keep each text's per-token NLL (``prompt_nll``, ``completion_nll`` in
+    the index), from vLLM's prompt logprobs (one log-softmax over the vocabulary per
+    token)."""
+    intervention: dict[str, Any] | None = None
+    """The routing change of every prompt without its own (docs/interventions.md); needs
+    a server started with ``--interventions``."""
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @model_validator(mode="after")
     def prompts_inline_or_uploaded(self) -> JobCreate:
         if (self.prompts is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of prompts or prompts_file")
+        self.intervention = intervention_field(self.intervention, "intervention")
         if self.prompts is not None:
             check_score_prompts(self.kind, self.prompts)
         return self
@@ -155,6 +178,20 @@ def check_score_prompts(kind: str, prompts: list[PromptItem]) -> None:
         p.completion is None and p.completion_token_ids is None for p in prompts
     ):
         raise ValueError("score jobs need a completion or completion_token_ids per prompt")
+
+
+def prompt_interventions(job: JobCreate, prompts: list[PromptItem]) -> dict[str, Intervention]:
+    """Field name -> each distinct intervention the job's prompts run, to check against
+    the model before the job starts."""
+    given = {"intervention": job.intervention} if job.intervention else {}
+    for i, item in enumerate(prompts):
+        if item.intervention:
+            given[f"prompts[{i}].intervention"] = item.intervention
+    distinct: dict[str, tuple[str, Intervention]] = {}
+    for name, value in given.items():
+        parsed = Intervention.from_dict(value)
+        distinct.setdefault(parsed.key(), (name, parsed))
+    return dict(distinct.values())
 
 
 class JobPublic(BaseModel):

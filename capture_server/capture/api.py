@@ -25,6 +25,7 @@ from capture_server.capture.intervention import Intervention, InterventionError,
 from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
 from capture_server.capture.registry import memory_sink
+from capture_server.capture.scoring import token_nll
 from capture_server.errors import CaptureError
 from capture_server.protocol import (
     Annotation,
@@ -195,7 +196,7 @@ class CaptureEngine:
                             ),
                         ),
                         labels=dict(labels[i]) if labels else {},
-                        nll=_token_nll(out),
+                        nll=token_nll(out),
                     )
                 )
         assert sink.meta is not None
@@ -390,19 +391,6 @@ def generate(model: str, prompts: Sequence[str | list[int]], **kwargs: Any) -> C
         return engine.generate(prompts, **sampling)
     finally:
         engine.close()
-
-
-def _token_nll(output: Any) -> np.ndarray | None:
-    """Per-token NLL of a request's prompt from its prompt logprobs (None when the
-    request did not ask for them)."""
-    logprobs = getattr(output, "prompt_logprobs", None)
-    if not logprobs:
-        return None
-    ids = output.prompt_token_ids
-    nll = np.full(len(ids), np.nan)
-    for i in range(1, len(ids)):
-        nll[i] = -logprobs[i][ids[i]].logprob
-    return nll
 
 
 def _texts_of(outputs: list[tuple[str, Any]]) -> list[Annotation]:

@@ -95,6 +95,20 @@ def install_capture(runner: Any) -> StepCollector | None:
     )
 
 
+def _traced(compilation: Any) -> bool:
+    """Whether the forward runs as a traced graph, where a Python branch is fixed at
+    trace time: a CUDA graph replays the branch it was captured with, and vLLM's
+    compiled graphs drop Dynamo's guards, so they never retrace when a value changes
+    (on CPU the MoE forward is traced, not an opaque op: `MoERunner._select_forward` in
+    vllm/model_executor/layers/fused_moe/runner/moe_runner.py). Unknown modes count as
+    traced."""
+    names = [
+        getattr(getattr(compilation, attr, None), "name", "UNKNOWN")
+        for attr in ("mode", "cudagraph_mode")
+    ]
+    return any(name != "NONE" for name in names)
+
+
 def _install_interventions(runner: Any, shape: RoutingShape) -> RequestInterventions:
     """Intervention tables sized for the engine: one slot per request the batch can hold,
     plus slot 0 for "none"."""
@@ -103,14 +117,12 @@ def _install_interventions(runner: Any, shape: RoutingShape) -> RequestIntervent
             f"moetrace interventions: {type(runner).__name__}._prepare_inputs is not "
             "wrapped, so rows would get no intervention"
         )
-    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
     tables = InterventionTables(
         num_layers=shape.num_layers,
         num_experts=shape.num_experts,
         max_tokens=int(runner.max_num_tokens),
         num_slots=int(runner.max_num_reqs) + 1,
-        # a CUDA graph replays the branch it was captured with: apply in every forward
-        always_apply=getattr(mode, "name", "UNKNOWN") != "NONE",
+        always_apply=_traced(runner.vllm_config.compilation_config),
         device=runner.device,
     )
     return RequestInterventions(tables, shape)

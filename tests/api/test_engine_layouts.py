@@ -6,24 +6,30 @@ writer: no store error).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from capture_server.api.launch import launch
-from capture_server.specimens.planted import planted_topk
+from capture_server.specimens.planted import planted_ranking, planted_topk
 from capture_server.store import open_store
 from tests.api.conftest import TOKEN, Server, stop_server
 
 PROMPTS = [f"the king signed the treaty {i}" for i in range(5)]
+LAYERS = 4  # MoE layers of the specimen
 
 
-def _serve(specimen, tmp_path, engine_flags: tuple[str, ...]) -> Server:
+def _serve(
+    specimen, tmp_path, engine_flags: tuple[str, ...], env: dict[str, str] | None = None
+) -> Server:
     data = tmp_path / "data"
     proc, url = launch(
         [specimen("qwen3_moe", planted=True)],
         data,
         tmp_path / "server.log",
         token=TOKEN,
+        env=env,
         engine_flags=engine_flags,
         timeout=600,
     )
@@ -55,11 +61,51 @@ def _run_and_check(server: Server, log) -> dict:
     return job
 
 
+def _run_interventions(server: Server) -> None:
+    """A job whose prompts mask expert i at every layer (prompt i), with a job-wide
+    `keep` for the rest, in one compiled engine: each row is the planted ranking without
+    the removed experts (ground truth), and the index names each sequence's change."""
+    masks = [{"mask": {str(layer): [i] for layer in range(LAYERS)}} for i in range(4)]
+    keep = {"keep": {str(layer): [0, 1, 2, 3] for layer in range(LAYERS)}}
+    masked = [{"prompt": p, "intervention": m} for p, m in zip(PROMPTS, masks, strict=False)]
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe-planted",
+        "prompts": [*masked, {"prompt": PROMPTS[4]}],
+        "intervention": keep,
+        "sampling": {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+    }
+    created = server.client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = server.wait_job(created.json()["id"])
+    assert job["state"] == "done" and job["sequences_done"] == 5, job
+    store = open_store(job["store"])
+    for row in store.index.iter_rows(named=True):
+        i = row["prompt_index"]
+        rows = store.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
+        for layer in range(LAYERS):
+            ranking = planted_ranking(rows["token_ids"], layer)
+            if i < 4:  # expert i masked
+                want = np.array([[e for e in r if e != i][:2] for r in ranking])
+            else:  # only experts 0-3 kept: the planted third replaces the second
+                want = ranking[:, [0, 2]]
+            np.testing.assert_array_equal(rows["topk_ids"][:, layer], want)
+        want_change = masks[i] if i < 4 else keep
+        assert json.loads(row["intervention"]) == want_change
+    too_many = {"mask": {"0": [8]}}
+    refused = server.client.post("/v1/jobs", json={**body, "intervention": too_many})
+    assert refused.status_code == 422
+    assert "intervention.mask: expert 8 of MoE layer 0 does not exist" in refused.text
+
+
 @pytest.mark.slow
 def test_compiled_engine_captures_the_planted_routing(specimen, tmp_path):
-    server = _serve(specimen, tmp_path, engine_flags=())
+    """vLLM's default compiled engine, with interventions on: the tables are applied
+    inside the compiled graph."""
+    server = _serve(specimen, tmp_path, engine_flags=(), env={"MOETRACE_INTERVENTIONS": "1"})
     try:
         _run_and_check(server, tmp_path / "server.log")
+        _run_interventions(server)
         stats = server.client.get("/metrics").text
         assert "moetrace_tokens_captured" in stats
     finally:

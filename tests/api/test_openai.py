@@ -108,6 +108,12 @@ def test_plain_requests_are_not_recorded(server, sdk):
     [
         ({"moetrace": {"job": "../escape"}}, 422, "job"),
         ({"moetrace": {"job": "x", "hidden_layers": [3]}}, 422, "moetrace.hidden_layers"),
+        (
+            {"moetrace": {"job": "x", "intervention": {"mask": {"0": [1]}}}},
+            422,
+            "moetrace.intervention: this engine was started without interventions",
+        ),
+        ({"moetrace": {"job": "x", "intervention": {"drop": {}}}}, 422, "unknown kind 'drop'"),
         ({"stream": True}, 422, "stream"),
         ({"max_tokens": 10**6}, 422, "max_tokens"),
         ({"model": "nope"}, 404, "Model not found"),
