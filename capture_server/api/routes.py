@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
+import polars as pl
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -92,6 +94,8 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
             check_score_prompts(job.kind, prompts)
         except ValueError as exc:
             raise HTTPException(422, detail=f"prompts_file: {exc}") from None
+    if job.kind == "experiment":
+        job, prompts = _expand_experiment(job, prompts, app)
     if len(prompts) > app.settings.max_prompts:
         raise HTTPException(422, detail=f"prompts: at most {app.settings.max_prompts}")
     token_ids = [  # out-of-vocabulary ids fail here, not mid-job
@@ -115,10 +119,31 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
             check_for_engine(intervention, app.engines.routing.get(job.model, {}))
         except InterventionError as exc:
             raise HTTPException(422, detail=str(exc).replace("intervention", name, 1)) from None
-    n = 1 if job.kind == "score" else job.sampling.n
+    n = 1 if job.kind != "rollout" else job.sampling.n
     job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
+
+
+def _expand_experiment(job: JobCreate, prompts: list, app: Any) -> tuple[JobCreate, list]:
+    """An experiment job with its prompts expanded into its conditions (422 naming the
+    field when the experiment cannot run on this model)."""
+    from capture_server.api.experiment_jobs import expand, usage_of_store
+
+    spec = job.experiment
+    assert spec is not None
+    try:
+        if spec.usage_job is not None:
+            if app.db.get(spec.usage_job) is None:
+                raise InterventionError("experiment.usage_job: no job with this id")
+            usage = usage_of_store(app.runner.store_path(spec.usage_job))
+        else:
+            usage = np.asarray(spec.usage, dtype=np.float64)
+        job = expand(job, prompts, app.engines.routing.get(job.model, {}), usage)
+    except InterventionError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    assert job.prompts is not None
+    return job, job.prompts
 
 
 @router.post(
@@ -209,6 +234,28 @@ def job_sequences(
         return {"data": [], "count": 0}
     page = index.slice(offset, limit).drop("labels", strict=False)
     return {"data": page.to_dicts(), "count": len(index)}
+
+
+@router.get(
+    "/v1/jobs/{job_id}/result", dependencies=[Auth], tags=["jobs"], responses=errors(404, 409)
+)
+def job_result(job_id: str, request: Request) -> dict:
+    """An experiment job's table: one row per (layer or depth, condition, part) with the
+    value, its change against the baseline and the change's 95% interval."""
+    from capture_server.api.experiment_jobs import result_path
+
+    app = _state(request)
+    job = app.db.get(job_id)
+    if job is None:
+        raise HTTPException(404, detail="Job not found")
+    path = result_path(app.settings.data_dir, job_id)
+    if job["kind"] != "experiment" or not path.exists():
+        raise HTTPException(
+            409,
+            detail=f"no result: a {job['kind']} job, {job['state']} (experiment jobs "
+            "have one once done)",
+        )
+    return {"data": pl.read_parquet(path).to_dicts()}
 
 
 @router.get("/v1/models", dependencies=[Auth], tags=["models"])

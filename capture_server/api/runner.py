@@ -192,7 +192,7 @@ class JobRunner:
         prompts = request.prompts or self.files.load(request.prompts_file)
         engine = self.engines.engines[request.model]
         store = self.store_path(job_id)
-        n = 1 if request.kind == "score" else request.sampling.n
+        n = 1 if request.kind != "rollout" else request.sampling.n
         todo = _missing_samples(len(prompts), n, _committed_keys(store))
         progress = {
             "done": len(prompts) * n - sum(len(samples) for _, samples in todo),
@@ -302,6 +302,11 @@ class JobRunner:
                 progress["errors"].append(db_failed.result())
             if state == "done" and progress["done"] == 0 and progress["failed"]:
                 state = "failed"
+            if state == "done" and request.kind == "experiment":
+                error = self._write_result(job_id, request, store)
+                if error:
+                    state = "failed"
+                    progress["errors"].append(error)
             if sink_error or cancelled:  # what is in the store, not what was generated
                 progress["done"] = len(_committed_keys(store))
             await report(force=True)
@@ -316,6 +321,23 @@ class JobRunner:
             except asyncio.CancelledError:
                 continue
         ending.result()
+
+    def _write_result(self, job_id: str, request: JobCreate, store: str) -> str | None:
+        """Tabulate a finished experiment job from its store; the error, if any."""
+        from capture_server.api.experiment_jobs import result_path, result_table
+        from capture_server.store import open_store
+
+        try:
+            table = result_table(request, open_store(store).index)
+            path = result_path(self.settings.data_dir, job_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            table.write_parquet(partial)
+            partial.replace(path)  # whole or absent
+        except Exception as exc:  # the job fails with the reason; its store stays
+            logger.exception("job %s: experiment table", job_id)
+            return f"experiment: {type(exc).__name__}: {exc}"
+        return None
 
     @staticmethod
     def _texts(
@@ -375,11 +397,11 @@ class JobRunner:
                 )
             prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         s = request.sampling
-        n = 1 if request.kind == "score" else s.n
+        n = 1 if request.kind != "rollout" else s.n
         options = request.capture.options(store, job_sequence_key(i), i, item.labels, n)
         intervention = item.intervention or request.intervention or {}
         options = replace(options, texts=True, intervention=intervention)
-        if request.kind == "score":
+        if request.kind != "rollout":  # score and experiment jobs teacher-force
             completion = (
                 list(item.completion_token_ids)
                 if item.completion_token_ids is not None

@@ -135,6 +135,64 @@ class Capture(BaseModel):
         )
 
 
+class ChoiceItemBody(BaseModel):
+    """A multiple-choice item: the option of highest log-likelihood is the model's answer."""
+
+    model_config = STRICT
+
+    prompt: str = Field(min_length=1)
+    options: list[Annotated[str, Field(min_length=1)]] = Field(min_length=2, max_length=26)
+    answer: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def answer_is_an_option(self) -> ChoiceItemBody:
+        if self.answer >= len(self.options):
+            raise ValueError(f"answer: {self.answer} is not an option index")
+        return self
+
+
+class ExperimentSpec(BaseModel):
+    """An intervention experiment with random controls (`capture_server.experiments`),
+    run as one job: every condition scores every prompt's text (and every item's
+    options); the result table is at ``GET /v1/jobs/{id}/result``."""
+
+    model_config = STRICT
+
+    name: Literal["committee_masking", "pruning"]
+    usage: list[list[Annotated[float, Field(ge=0)]]] | None = None
+    """(MoE layers, experts) expert usage (counts or shares), to match controls
+    (committee masking) or to pick the most-used experts (pruning)."""
+    usage_job: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")
+    """Instead of `usage`: a finished job whose store's top-k selections give it (a score
+    job of one hand-written paragraph, as in "Myth" Fig. 8)."""
+    committee: dict[str, list[Annotated[int, Field(ge=0)]]] | None = None
+    """Committee masking: MoE layer -> committee members (the analyzer's `committee`)."""
+    kind: Literal["zero", "mask"] = "zero"
+    """Committee masking: zero their weights (CommitteeAudit) or mask them."""
+    keep: int | None = Field(None, ge=1)
+    """Pruning: experts kept per layer."""
+    depths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=64)
+    """Pruning: numbers of last MoE layers pruned."""
+    seeds: int = Field(3, ge=0, le=16)
+    """Random control draws per layer (committee) or depth (pruning)."""
+    items: list[ChoiceItemBody] = Field(default_factory=list, max_length=10_000)
+    conditions: list[dict[str, Any]] | None = None
+    """Filled by the server: the conditions the prompts were expanded into."""
+    texts: int = 0
+    """Filled by the server: how many of the job's prompts are texts (the rest are the
+    items' options)."""
+
+    @model_validator(mode="after")
+    def complete(self) -> ExperimentSpec:
+        if (self.usage is None) == (self.usage_job is None):
+            raise ValueError("give exactly one of usage or usage_job")
+        if self.name == "committee_masking" and not self.committee:
+            raise ValueError("committee_masking needs a committee (MoE layer -> experts)")
+        if self.name == "pruning" and (self.keep is None or not self.depths):
+            raise ValueError("pruning needs keep and depths")
+        return self
+
+
 class ErrorBody(BaseModel):
     """Every error reply: a message, or for validation errors one entry per field."""
 
@@ -146,7 +204,7 @@ class JobCreate(BaseModel):
 
     model_config = STRICT
 
-    kind: Literal["rollout", "score"]
+    kind: Literal["rollout", "score", "experiment"]
     model: str = Field(min_length=1, max_length=200)
     prompts: list[PromptItem] | None = Field(None, min_length=1)
     prompts_file: str | None = Field(None, pattern=r"^file-[0-9a-f]{16}$")
@@ -154,6 +212,9 @@ class JobCreate(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     capture: Capture = Field(default_factory=Capture)
     chat_template: bool = False
+    experiment: ExperimentSpec | None = None
+    """Experiment jobs: what to run; their prompts are the texts scored (prompt and
+    completion text)."""
     nll: bool = True
     """Score jobs: keep each text's per-token NLL (``prompt_nll``, ``completion_nll`` in
     the index), from vLLM's prompt logprobs (one log-softmax over the vocabulary per
@@ -167,14 +228,28 @@ class JobCreate(BaseModel):
     def prompts_inline_or_uploaded(self) -> JobCreate:
         if (self.prompts is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of prompts or prompts_file")
+        if (self.kind == "experiment") != (self.experiment is not None):
+            raise ValueError("experiment: give it exactly for kind experiment")
         self.intervention = intervention_field(self.intervention, "intervention")
-        if self.prompts is not None:
+        if self.prompts is not None and not self.expanded:
             check_score_prompts(self.kind, self.prompts)
         return self
 
+    @property
+    def expanded(self) -> bool:
+        """An experiment job whose prompts the server has expanded into its conditions."""
+        return self.experiment is not None and self.experiment.conditions is not None
+
 
 def check_score_prompts(kind: str, prompts: list[PromptItem]) -> None:
-    if kind == "score" and any(
+    if kind == "experiment" and any(
+        p.prompt is None or p.completion is None or p.intervention for p in prompts
+    ):
+        raise ValueError(
+            "experiment jobs need a prompt and a completion text per prompt, "
+            "and no intervention of their own"
+        )
+    if kind in ("score", "experiment") and any(
         p.completion is None and p.completion_token_ids is None for p in prompts
     ):
         raise ValueError("score jobs need a completion or completion_token_ids per prompt")

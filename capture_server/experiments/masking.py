@@ -39,12 +39,27 @@ class ChoiceItem:
 
 
 @dataclass(frozen=True, slots=True)
-class _Condition:
+class Condition:
+    """One arm of an experiment: every text is scored under its intervention."""
+
     condition: str  # baseline, committee, random, most_used
     intervention: Intervention
     layer: int = -1  # the masked MoE layer (committee masking)
     depth: int = 0  # last-k layers pruned (pruning)
     seed: int = -1  # control seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "condition": self.condition,
+            "intervention": self.intervention.to_dict(),
+            "layer": self.layer,
+            "depth": self.depth,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Condition:
+        return cls(**{**d, "intervention": Intervention.from_dict(d["intervention"])})
 
 
 def matched_controls(
@@ -101,17 +116,27 @@ def committee_masking(
         One row per (layer, condition, part) with the mean NLL (or accuracy), its change
         against the baseline and the change's 95% interval (`_table`).
     """
+    conditions = committee_conditions(committee, usage, kind=kind, seeds=seeds)
+    return _table("committee_masking", engine, texts, conditions, items)
+
+
+def committee_conditions(
+    committee: dict[int, Sequence[int]], usage: np.ndarray, *, kind: str, seeds: int
+) -> list[Condition]:
+    """Baseline, then per layer the committee and its matched controls (`committee_masking`)."""
     if kind not in ("zero", "mask"):
         raise InterventionError(f"kind: expected 'zero' or 'mask', got {kind!r}")
-    conditions = [_Condition("baseline", Intervention())]
+    conditions = [Condition("baseline", Intervention())]
     for layer, members in sorted(committee.items()):
+        if not 0 <= layer < len(usage):
+            raise InterventionError(f"committee: MoE layer {layer} is not in the usage")
         conditions.append(
-            _Condition("committee", Intervention.from_dict({kind: {layer: members}}), layer)
+            Condition("committee", Intervention.from_dict({kind: {layer: members}}), layer)
         )
         for seed, draw in enumerate(matched_controls(members, usage[layer], seeds)):
             change = Intervention.from_dict({kind: {layer: draw}})
-            conditions.append(_Condition("random", change, layer, seed=seed))
-    return _table("committee_masking", engine, texts, conditions, items)
+            conditions.append(Condition("random", change, layer, seed=seed))
+    return conditions
 
 
 def pruning_sweep(
@@ -131,8 +156,18 @@ def pruning_sweep(
     `usage` is (layers, experts), for example `usage_of_text` of one paragraph as in
     the paper. Rows as `committee_masking`, with ``depth`` set instead of ``layer``.
     """
+    conditions = pruning_conditions(usage, keep=keep, depths=depths, seeds=seeds)
+    return _table("pruning", engine, texts, conditions, items)
+
+
+def pruning_conditions(
+    usage: np.ndarray, *, keep: int, depths: Sequence[int], seeds: int
+) -> list[Condition]:
+    """Baseline, then per depth the most-used kept sets and random ones (`pruning_sweep`)."""
     num_layers, num_experts = usage.shape
-    conditions = [_Condition("baseline", Intervention())]
+    if not 0 < keep <= num_experts:
+        raise InterventionError(f"keep: expected 1..{num_experts} experts, got {keep}")
+    conditions = [Condition("baseline", Intervention())]
     for depth in depths:
         if not 0 < depth <= num_layers:
             raise InterventionError(f"depths: {depth} is not in 1..{num_layers}")
@@ -142,7 +177,7 @@ def pruning_sweep(
             for layer in layers
         }
         conditions.append(
-            _Condition("most_used", Intervention.from_dict({"keep": top}), depth=depth)
+            Condition("most_used", Intervention.from_dict({"keep": top}), depth=depth)
         )
         for seed in range(seeds):
             rng = np.random.default_rng([seed, depth])
@@ -151,15 +186,15 @@ def pruning_sweep(
                 for layer in layers
             }
             change = Intervention.from_dict({"keep": drawn})
-            conditions.append(_Condition("random", change, depth=depth, seed=seed))
-    return _table("pruning", engine, texts, conditions, items)
+            conditions.append(Condition("random", change, depth=depth, seed=seed))
+    return conditions
 
 
 def _table(
     experiment: str,
     engine: Any,
     texts: Sequence[tuple[str, str]],
-    conditions: list[_Condition],
+    conditions: list[Condition],
     items: Sequence[ChoiceItem],
 ) -> pl.DataFrame:
     """Score every condition in one engine call and compare each with the baseline."""
@@ -167,6 +202,20 @@ def _table(
         raise InterventionError("texts: at least one (prompt, completion) pair is needed")
     sums, tokens = _nll_sums(engine, texts, conditions)  # (conditions, texts, part)
     choices = _choices(engine, items, conditions) if items else None  # (conditions, items)
+    return tabulate(experiment, conditions, sums, tokens, choices)
+
+
+def tabulate(
+    experiment: str,
+    conditions: list[Condition],
+    sums: np.ndarray,
+    tokens: np.ndarray,
+    choices: np.ndarray | None,
+) -> pl.DataFrame:
+    """The experiment's table from its scores: `sums` (conditions, texts, 2) summed NLL
+    of prompt and completion tokens, `tokens` (texts, 2) how many tokens each sum is
+    over, `choices` (conditions, items) 1 where the choice was right (or None)."""
+    texts = sums.shape[1]
     rows = []
     for group in _groups(conditions):
         first = conditions[group[0]]
@@ -186,7 +235,7 @@ def _table(
                 lambda x, c=count: x.sum(axis=-1) / c,
                 relative=True,
             )
-            rows.append({**common, "part": part, **compared, "units": len(texts)})
+            rows.append({**common, "part": part, **compared, "units": texts})
         if choices is not None:
             compared = _compare(
                 choices[group].mean(axis=0),
@@ -194,11 +243,12 @@ def _table(
                 lambda x: x.mean(axis=-1),
                 relative=False,
             )
-            rows.append({**common, "part": "choice_accuracy", **compared, "units": len(items)})
+            units = choices.shape[1]
+            rows.append({**common, "part": "choice_accuracy", **compared, "units": units})
     return pl.DataFrame(rows)
 
 
-def _groups(conditions: list[_Condition]) -> list[list[int]]:
+def _groups(conditions: list[Condition]) -> list[list[int]]:
     """Condition indices reported together: control seeds of one layer or depth pool."""
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(conditions):
@@ -207,7 +257,7 @@ def _groups(conditions: list[_Condition]) -> list[list[int]]:
 
 
 def _nll_sums(
-    engine: Any, texts: Sequence[tuple[str, str]], conditions: list[_Condition]
+    engine: Any, texts: Sequence[tuple[str, str]], conditions: list[Condition]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL of each text's prompt and completion tokens, (conditions, texts, 2),
     and how many tokens each sum is over, (texts, 2) (a prompt's first token has none)."""
@@ -225,7 +275,7 @@ def _nll_sums(
     return sums, tokens
 
 
-def _choices(engine: Any, items: Sequence[ChoiceItem], conditions: list[_Condition]) -> np.ndarray:
+def _choices(engine: Any, items: Sequence[ChoiceItem], conditions: list[Condition]) -> np.ndarray:
     """(conditions, items): 1 where the option of highest log-likelihood is the answer."""
     pairs = [(item.prompt, option) for item in items for option in item.options]
     per_request = [c.intervention for c in conditions for _ in pairs]
@@ -237,7 +287,13 @@ def _choices(engine: Any, items: Sequence[ChoiceItem], conditions: list[_Conditi
     loglik = np.array(
         [-np.sum(s.nll[len(s.prompt_token_ids) :]) for s in result.sequences]  # type: ignore[index]
     ).reshape(len(conditions), len(pairs))
-    correct = np.zeros((len(conditions), len(items)))
+    return choice_correct(loglik, items)
+
+
+def choice_correct(loglik: np.ndarray, items: Sequence[ChoiceItem]) -> np.ndarray:
+    """(conditions, items): 1 where the option of highest log-likelihood is the answer;
+    `loglik` is (conditions, options of all items in order)."""
+    correct = np.zeros((len(loglik), len(items)))
     start = 0
     for j, item in enumerate(items):
         chosen = loglik[:, start : start + len(item.options)].argmax(axis=1)

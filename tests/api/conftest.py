@@ -62,11 +62,14 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="package")
 def server(specimen, tmp_path_factory):
+    """The shared server, with interventions on: every other test's requests run with the
+    tables installed and must come out unchanged."""
     root = tmp_path_factory.mktemp("service")
     srv = start_server(
         [specimen("qwen3_moe"), specimen("qwen3_moe", planted=True)],
         root / "data",
         root / "server.log",
+        env={"MOETRACE_INTERVENTIONS": "1"},
     )
     yield srv
     stop_server(srv)

@@ -120,6 +120,12 @@ def test_tensor_parallel_engine_has_one_writer(specimen, tmp_path):
     )
     try:
         _run_and_check(server, tmp_path / "server.log")
+        body = {"kind": "rollout", "model": "qwen3_moe-planted", "prompts": [{"prompt": "hi"}]}
+        refused = server.client.post(
+            "/v1/jobs", json={**body, "intervention": {"zero": {"0": [1]}}}
+        )
+        assert refused.status_code == 422, refused.text
+        assert "intervention: this engine was started without interventions" in refused.text
     finally:
         stop_server(server)
     assert "tensor_parallel_size=2" in (tmp_path / "server.log").read_text()

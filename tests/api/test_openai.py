@@ -109,9 +109,9 @@ def test_plain_requests_are_not_recorded(server, sdk):
         ({"moetrace": {"job": "../escape"}}, 422, "job"),
         ({"moetrace": {"job": "x", "hidden_layers": [3]}}, 422, "moetrace.hidden_layers"),
         (
-            {"moetrace": {"job": "x", "intervention": {"mask": {"0": [1]}}}},
+            {"moetrace": {"job": "x", "intervention": {"mask": {"0": [9]}}}},
             422,
-            "moetrace.intervention: this engine was started without interventions",
+            "moetrace.intervention.mask: expert 9 of MoE layer 0 does not exist",
         ),
         ({"moetrace": {"job": "x", "intervention": {"drop": {}}}}, 422, "unknown kind 'drop'"),
         ({"stream": True}, 422, "stream"),
