@@ -78,6 +78,10 @@ class _BaseClient:
         return _Call("GET", f"/v1/jobs/{job_id}/sequences", params=params)
 
     @staticmethod
+    def _experiment_result(job_id: str) -> _Call:
+        return _Call("GET", f"/v1/jobs/{job_id}/result")
+
+    @staticmethod
     def _upload(path: str | Path) -> _Call:
         """The server checks the declared length before reading the body."""
         size = {"content-length": str(Path(path).stat().st_size)}
@@ -154,6 +158,10 @@ class Client(_BaseClient):
     def sequences(self, job_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
         return self._send(self._sequences(job_id, offset, limit))
 
+    def experiment_result(self, job_id: str) -> dict[str, Any]:
+        """A finished experiment job's table (``{"data": [rows]}``)."""
+        return self._send(self._experiment_result(job_id))
+
     def wait(
         self,
         job_id: str,
@@ -219,6 +227,10 @@ class AsyncClient(_BaseClient):
 
     async def sequences(self, job_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
         return await self._send(self._sequences(job_id, offset, limit))
+
+    async def experiment_result(self, job_id: str) -> dict[str, Any]:
+        """A finished experiment job's table (``{"data": [rows]}``)."""
+        return await self._send(self._experiment_result(job_id))
 
     async def wait(
         self,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clients.client import Client
+from tests.api.conftest import TOKEN
 from tests.capture.reference import TransformersReference
 
 
@@ -132,7 +134,8 @@ def test_committee_experiment_job_equals_separate_score_jobs(server):
     assert created.json()["sequences_total"] == conditions * (len(TEXTS) + options)
     job = server.wait_job(created.json()["id"])
     assert job["state"] == "done", job
-    result = server.client.get(f"/v1/jobs/{job['id']}/result").json()["data"]
+    with Client(server.url, token=TOKEN) as client:
+        result = client.experiment_result(job["id"])["data"]
     rows = {(r["condition"], r["part"]): r for r in result}
     assert {c for c, _ in rows} == {"baseline", "committee", "random"}
     assert rows[("random", "prompt")]["seeds"] == 2
