@@ -122,17 +122,6 @@ def reroute(
     return np.argsort(-z, axis=-1, kind="stable")[:, :top_k]
 
 
-def remove_directions(h: np.ndarray, directions: int) -> tuple[np.ndarray, float]:
-    """E-a3: h' = h - V_K V_K^T h with V_K the top-K right singular vectors of the
-    (uncentred) stacked inputs; returns h' and the share of energy removed."""
-    if directions == 0:
-        return h, 0.0
-    _, s, vt = np.linalg.svd(h, full_matrices=False)
-    v = vt[:directions]
-    energy = float((s[:directions] ** 2).sum() / max((s**2).sum(), 1e-300))
-    return h - (h @ v.T) @ v, energy
-
-
 def direction_ablation(
     h: np.ndarray,
     w: np.ndarray,
@@ -142,32 +131,43 @@ def direction_ablation(
     bias: np.ndarray | None = None,
     correction: np.ndarray | None = None,
     top_p: float = TOP_P,
+    captured: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
-    """Paper (a) E-a3 (reconstruction, spec §2.3): remove the top-K singular directions
-    of the router inputs, re-route, and compare with re-routing the unchanged inputs.
+    """Paper (a) E-a3 (reconstruction, spec §2.3): remove the top-K right singular
+    directions V_K of the (uncentred) stacked router inputs, h' = h - V_K V_K^T h,
+    re-route, and compare with re-routing the unchanged inputs.
 
     One row per K: ``removed_energy`` (share of the inputs' energy removed),
     ``token_overlap`` (mean |K_t ∩ K'_t| / k, A4), ``tokens_changed`` (share of tokens
     whose expert set changed), ``usage_cosine`` and ``top_p_jaccard`` (A2 and A3 of the
-    usage of all tokens before and after).
+    usage of all tokens before and after). With `captured` (tokens, k) ids, each row
+    also has ``captured_agreement``: the share of tokens whose captured set the
+    re-routing of the unchanged inputs reproduces.
     """
     e = w.shape[0]
     before = reroute(h, w, top_k, scoring, bias, correction)
     f_before = usage_frequency(before[:, None], e)[0]
+    _, s, vt = np.linalg.svd(h, full_matrices=False)  # once for every K
+    energy = np.concatenate([[0.0], np.cumsum(s**2)]) / max(float((s**2).sum()), 1e-300)
+    extra = {}
+    if captured is not None:
+        same = (np.sort(before, -1) == np.sort(captured, -1)).all(-1)
+        extra["captured_agreement"] = float(same.mean())
     rows = []
     for k in directions:
-        ablated, energy = remove_directions(h, k)
-        after = reroute(ablated, w, top_k, scoring, bias, correction)
+        ablated = h - (h @ vt[:k].T) @ vt[:k]
+        after = before if k == 0 else reroute(ablated, w, top_k, scoring, bias, correction)
         overlap = topk_overlap(before[:, None], after[:, None], e)["overlap"][:, 0]
         f_after = usage_frequency(after[:, None], e)[0]
         rows.append(
             {
                 "directions": k,
-                "removed_energy": energy,
+                "removed_energy": float(energy[k]),
                 "token_overlap": float(overlap.mean()),
                 "tokens_changed": float((overlap < 1).mean()),
                 "usage_cosine": float(cosine(f_before, f_after)),
                 "top_p_jaccard": float(top_p_jaccard(f_before, f_after, top_p)),
+                **extra,
             }
         )
     return rows

@@ -31,17 +31,16 @@ def geometry_tables(
     pairs); A9-A11 use the sample rows. The triangle table holds sampled (hidden
     distance, logit distance) pairs.
     """
-    hidden = {protocol.hidden_layer_of(name): name for name in sample}
-    layers = sorted(layer for layer in hidden if layer is not None)
-    if not layers:
+    hidden = hidden_arrays(sample)
+    if not hidden:
         return pl.DataFrame(), pl.DataFrame()
     weights, n = router_weights, len(sample[protocol.TOPK_IDS])
     same_token = gm.same_token_overlap(sample[protocol.TOKEN_IDS], sample[protocol.TOPK_IDS])
     rng = np.random.default_rng(params.seed)
     pairs = sample_pairs(len(profiles), min(params.max_pairs, 2000), rng)
     out, triangle_rows = [], []
-    for layer in layers:
-        h = sample[hidden[layer]].astype(np.float64)
+    for layer, name in hidden:
+        h = sample[name].astype(np.float64)
         if protocol.ROUTER_LOGITS in sample:
             z = sample[protocol.ROUTER_LOGITS][:, layer].astype(np.float64)
         else:  # the router is linear: its logits follow from its input and weights
@@ -108,29 +107,31 @@ def direction_ablation_table(
     inputs reproduces: below 1 where stored inputs were rounded (float16) or the model
     routes in a way `reroute` does not model (group-limited selection).
     """
-    hidden = {protocol.hidden_layer_of(name): name for name in sample}
     rows = []
-    for layer in sorted(layer for layer in hidden if layer is not None):
-        h = sample[hidden[layer]].astype(np.float64)
+    for layer, name in hidden_arrays(sample):
+        h = sample[name].astype(np.float64)
         w = router["router_weights"][layer].astype(np.float64)
-        extra = {
-            "bias": router["router_bias"][layer] if "router_bias" in router else None,
-            "correction": router["correction_bias"][layer] if "correction_bias" in router else None,
-        }
-        selected = gm.reroute(h, w, model.top_k, model.scoring_func, **extra)
-        captured = sample[protocol.TOPK_IDS][:, layer].astype(np.int64)
-        agreement = (np.sort(selected, -1) == np.sort(captured, -1)).all(-1).mean()
+        bias, correction = (
+            router[key][layer] if key in router else None
+            for key in ("router_bias", "correction_bias")
+        )
         usable = tuple(k for k in params.ablation_directions if k <= min(h.shape))
         for row in gm.direction_ablation(
-            h, w, model.top_k, usable, model.scoring_func, top_p=params.top_p, **extra
+            h,
+            w,
+            model.top_k,
+            usable,
+            model.scoring_func,
+            bias,
+            correction,
+            top_p=params.top_p,
+            captured=sample[protocol.TOPK_IDS][:, layer].astype(np.int64),
         ):
-            rows.append(
-                {
-                    "store": store,
-                    "layer": layer,
-                    "tokens": len(h),
-                    **row,
-                    "captured_agreement": float(agreement),
-                }
-            )
+            rows.append({"store": store, "layer": layer, "tokens": len(h), **row})
     return pl.DataFrame(rows)
+
+
+def hidden_arrays(sample: dict[str, np.ndarray]) -> list[tuple[int, str]]:
+    """(MoE layer, array name) of the captured router inputs in `sample`, by layer."""
+    layers = ((protocol.hidden_layer_of(name), name) for name in sample)
+    return sorted((layer, name) for layer, name in layers if layer is not None)

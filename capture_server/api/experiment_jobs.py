@@ -25,6 +25,7 @@ from capture_server.experiments.masking import (
     choice_correct,
     committee_conditions,
     pruning_conditions,
+    selection_counts,
     tabulate,
 )
 
@@ -96,8 +97,7 @@ def usage_of_store(url: str, block: int = 1 << 16) -> np.ndarray:
     counts = np.zeros((layers, experts), dtype=np.float64)
     for start in range(0, store.num_tokens, block):
         ids = store.read_rows(start, min(start + block, store.num_tokens), ("topk_ids",))
-        for layer in range(layers):
-            counts[layer] += np.bincount(ids["topk_ids"][:, layer].ravel(), minlength=experts)
+        counts += selection_counts(ids["topk_ids"], experts)
     if not counts.any():
         raise InterventionError("experiment.usage_job: its store has no rows")
     return counts

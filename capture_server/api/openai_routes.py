@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from capture_server.api.online import CaptureConflictError
-from capture_server.api.routes import COMMON_ERRORS, Auth, errors
+from capture_server.api.routes import COMMON_ERRORS, Auth, check_interventions, errors
 from capture_server.api.schemas import (
     LABEL_KEY,
     MAX_SEED,
@@ -31,7 +31,7 @@ from capture_server.api.schemas import (
     intervention_field,
 )
 from capture_server.api.tokens import check_token_ids
-from capture_server.capture.intervention import Intervention, InterventionError, check_for_engine
+from capture_server.capture.intervention import Intervention
 from capture_server.protocol import (
     CONFIG_KEY,
     Annotation,
@@ -133,14 +133,8 @@ def _limits(body: _Common, app: Any) -> tuple[Any, int | None]:
             f"{sorted(app.settings.hidden_layers)}",
         )
     if body.moetrace and body.moetrace.intervention:
-        try:
-            check_for_engine(
-                Intervention.from_dict(body.moetrace.intervention),
-                app.engines.routing.get(body.model, {}),
-            )
-        except InterventionError as exc:
-            detail = str(exc).replace("intervention", "moetrace.intervention", 1)
-            raise HTTPException(422, detail=detail) from None
+        named = {"moetrace.intervention": Intervention.from_dict(body.moetrace.intervention)}
+        check_interventions(named, app.engines.routing.get(body.model, {}))
     return app.engines.engines[body.model], max_tokens
 
 

@@ -20,7 +20,7 @@ from capture_server.api.schemas import (
     prompt_interventions,
 )
 from capture_server.api.tokens import check_token_ids
-from capture_server.capture.intervention import InterventionError, check_for_engine
+from capture_server.capture.intervention import Intervention, InterventionError, check_for_engine
 
 
 def errors(*statuses: int) -> dict[int | str, dict]:
@@ -114,15 +114,24 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
         raise HTTPException(
             422, detail=f"capture.hidden_layers: the server captures only {sorted(layers)}"
         )
-    for name, intervention in prompt_interventions(job, prompts).items():
-        try:
-            check_for_engine(intervention, app.engines.routing.get(job.model, {}))
-        except InterventionError as exc:
-            raise HTTPException(422, detail=str(exc).replace("intervention", name, 1)) from None
+    if not job.expanded:  # an experiment's conditions were checked as it was expanded
+        check_interventions(
+            prompt_interventions(job, prompts), app.engines.routing.get(job.model, {})
+        )
     n = 1 if job.kind != "rollout" else job.sampling.n
     job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
+
+
+def check_interventions(named: dict[str, Intervention], routing: dict[str, Any]) -> None:
+    """422 naming the field of the first intervention the engine (its `routing` facts)
+    cannot run."""
+    for field, intervention in named.items():
+        try:
+            check_for_engine(intervention, routing)
+        except InterventionError as exc:
+            raise HTTPException(422, detail=exc.at(field)) from None
 
 
 def _expand_experiment(job: JobCreate, prompts: list, app: Any) -> tuple[JobCreate, list]:

@@ -22,7 +22,7 @@ def intervention_field(value: dict[str, Any] | None, field: str) -> dict[str, An
     try:
         parsed = Intervention.from_dict(value)
     except InterventionError as exc:
-        raise ValueError(str(exc).replace("intervention", field, 1)) from None
+        raise ValueError(exc.at(field)) from None
     return parsed.to_dict() or None
 
 

@@ -33,6 +33,11 @@ class InterventionError(CaptureSettingsError):
     """Raised when an intervention names layers or experts the model does not have, or
     would leave a token fewer experts than it selects."""
 
+    def at(self, field: str) -> str:
+        """The message with the intervention named as the caller's request names it
+        (messages start with ``intervention``)."""
+        return str(self).replace("intervention", field, 1)
+
 
 def _layer_map(kind: str, value: Any) -> dict[int, tuple[int, ...]]:
     if not isinstance(value, dict):

@@ -328,11 +328,14 @@ def usage_of_text(engine: Any, text: str) -> np.ndarray:
     """(layers, experts) top-k selections while reading `text` ("Myth": usage from one
     hand-written paragraph)."""
     seq = engine.score([text], [""]).sequences[0]
-    ids = seq.rows.topk_ids  # (tokens, layers, k)
-    layers = ids.shape[1]
-    experts = engine.routing["num_experts"]
+    return selection_counts(seq.rows.topk_ids, engine.routing["num_experts"])
+
+
+def selection_counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(layers, experts) how often each expert was selected in top-k ids (tokens,
+    layers, k)."""
     return np.stack(
-        [np.bincount(ids[:, layer].ravel(), minlength=experts) for layer in range(layers)]
+        [np.bincount(ids[:, layer].ravel(), minlength=num_experts) for layer in range(ids.shape[1])]
     )
 
 

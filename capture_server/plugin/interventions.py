@@ -64,8 +64,9 @@ class InterventionTables:
         self.factor = torch.ones(num_layers, num_slots, num_experts, device=device)
         self.row_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.always_apply = always_apply
-        """Apply the tables in every forward. Required when the forward is replayed
-        from a CUDA graph, which keeps whatever branch it was captured with."""
+        """Apply the tables in every forward. Required when the forward is traced (a
+        CUDA graph or a compiled graph), which keeps whatever branch it was traced with
+        (`runner_patch._traced`)."""
         self.active = False
         """Some row of this step intervenes (used when not `always_apply`)."""
         self._dirty_rows = 0  # leading rows of row_slot that may hold a slot other than 0
