@@ -1,8 +1,8 @@
 """The per-task fold: what a map task keeps of its block's profiles, merged by the driver.
 
-Memory does not grow with the store: usage sums and committee sums take every sequence,
-each sequence leaves its rows of the `sequences` table, and whole profiles are kept
-only for a bounded set of sequences.
+Memory does not grow with the store's tokens: usage sums take every sequence, the
+committee audit one row per prompt, each sequence leaves its rows of the `sequences`
+table, and whole profiles are kept only for a bounded set of sequences.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from analyzer import parts
 from analyzer.metrics import usage as um
 from analyzer.params import Params
 from analyzer.profiles import BlockProfiles, SequenceProfile, profile_block
-from analyzer.tables.committee import CommitteeSums
+from analyzer.tables.committee import CommitteeRows
 from analyzer.tables.common import frequencies
 
 
@@ -63,16 +63,18 @@ FOLD_PARTS = frozenset({"stats", "committee", "whole"})
 
 class StoreFold:
     """One store's profiles folded into what the tables need, so that memory does not
-    grow with the store: usage sums and committee sums take every sequence, each
-    sequence leaves its rows of the `sequences` table, and whole profiles are kept only
-    for the `keep` set (pair statistics, rollout curves).
+    grow with the store's tokens: usage sums take every sequence, the committee audit
+    one row per prompt (its last token), each sequence leaves its rows of the
+    `sequences` table, and whole profiles are kept only for the `keep` set (pair
+    statistics, rollout curves).
 
     Map tasks fold their block's profiles (`add`); the driver takes each task's table
     rows out (`pop_sequence_table`, written to disk as they come) and merges the rest
     (`merge`), so it never handles token rows, table rows or whole profiles it drops.
 
     `parts` (of `FOLD_PARTS`) says what is folded besides usage sums: ``stats`` (the
-    `sequences` table), ``committee`` (committee sums) and ``whole`` (whole profiles).
+    `sequences` table), ``committee`` (each prompt's last-token routing) and ``whole``
+    (whole profiles).
     """
 
     def __init__(
@@ -91,7 +93,7 @@ class StoreFold:
         self.ids: list[np.ndarray] = []  # (sequences, 4): sequence, prompt, sample, rows
         self.stats: list[dict[str, np.ndarray]] = []  # name -> (sequences, layers)
         self.profiles: list[SequenceProfile] = []
-        self.committee = CommitteeSums()
+        self.committee = CommitteeRows()
         self.num_sequences = 0
 
     def add(self, block: BlockProfiles) -> None:
@@ -142,7 +144,6 @@ class StoreFold:
                 block.last_ids[members],
                 weights,
                 None if probs is None or np.isnan(probs).any() else probs,
-                block.num_experts,
             )
 
     def merge(self, other: StoreFold) -> None:

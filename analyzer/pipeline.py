@@ -153,7 +153,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         )
 
 
-FINDINGS_FROM = ("conditions", "geometry", "committee")  # small tables the claims are read from
+FINDINGS_FROM = (
+    "conditions",
+    "geometry",
+    "committee",
+    "rollout_curve",
+    "rollout_prediction",
+)  # small tables the claims are read from
 
 
 def run(

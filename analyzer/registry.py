@@ -20,7 +20,7 @@ from analyzer.tables.alignment import alignment_table
 from analyzer.tables.committee import committee_tables
 from analyzer.tables.conditions import condition_table
 from analyzer.tables.geometry import direction_ablation_table, geometry_tables
-from analyzer.tables.rollout import rollout_curve_table
+from analyzer.tables.rollout import rollout_curve_table, rollout_prediction_table
 from analyzer.tables.usage import usage_table
 from capture_server import protocol
 from capture_server.store import RoutingStore
@@ -76,6 +76,7 @@ def _rollout(ctx: StoreTables) -> dict[str, Table]:
     return {
         **_sequences(ctx),
         "rollout_curve": rollout_curve_table(ctx.name, ctx.whole, ctx.params),
+        "rollout_prediction": rollout_prediction_table(ctx.name, ctx.whole, ctx.params),
     }
 
 
@@ -118,7 +119,8 @@ ANALYSES: dict[str, Analysis] = {
         Analysis(
             "rollout",
             "Prompt-vs-rollout usage similarity per sequence; similarity of sample "
-            "pairs through growing rollout windows, cumulative and generated-only.",
+            "pairs through growing rollout windows, cumulative and generated-only; "
+            "whether pairs alike at the prompt stay alike in the rollout (correlation).",
             folds=frozenset({"stats", "whole"}),
             per_store=_rollout,
             plots={"rollout_curve": report.plot_rollout_curves},

@@ -1,7 +1,9 @@
-"""Plots in the spirit of the papers' figures, and a self-contained HTML report."""
+"""Plots in the spirit of the papers' figures, and a self-contained HTML report (images
+inlined, so the one file opens offline; the parquet tables it links sit beside it)."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from collections.abc import Callable
@@ -31,6 +33,8 @@ def plot_usage_heatmaps(usage: pl.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(4, experts * 0.25), max(2.5, layers * 0.3)))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set(xlabel="expert", ylabel="MoE layer", title=f"{store}: share of top-k slots")
+        ax.set_yticks(range(layers))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         fig.colorbar(im, ax=ax)
         paths.append(_save(fig, out / f"usage_{store}.png"))
     return paths
@@ -48,7 +52,12 @@ def plot_rollout_curves(curve: pl.DataFrame, out: Path) -> list[Path]:
             for relation in sorted(c["relation"].unique().to_list()):
                 s = c.filter((pl.col("layer") == layer) & (pl.col("relation") == relation))
                 s = s.sort("rollout_tokens")
-                ax.plot(s["rollout_tokens"], s["cosine"], marker="o", label=relation)
+                line = ax.plot(s["rollout_tokens"], s["cosine"], marker="o", label=relation)
+                if "cosine_lo" in s.columns:  # 95% interval, resampling prompts
+                    band = (s["cosine_lo"], s["cosine_hi"])
+                    ax.fill_between(
+                        s["rollout_tokens"], *band, color=line[0].get_color(), alpha=0.15
+                    )
             ax.axvline(0, color="gray", linestyle="--", label="prompt boundary")
             ax.set_xscale("symlog", linthresh=4)
             ax.set(title=f"layer {layer}", xlabel="rollout tokens", xlim=(0, None))
@@ -84,17 +93,32 @@ def plot_conditions(cond: pl.DataFrame, out: Path) -> list[Path]:
 
 
 def plot_committee(com: pl.DataFrame, out: Path) -> list[Path]:
+    """Coverage per layer with its 95% interval and random-routing level; the influence
+    density ratio on the right axis."""
     paths = []
     for store in com["store"].unique().sort().to_list():
-        c = com.filter(pl.col("store") == store).sort("layer")
+        c = com.filter((pl.col("store") == store) & (pl.col("layer") >= 0)).sort("layer")
         fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar(c["layer"], c["coverage"], color="tab:blue", label="coverage")
+        layers, coverage = c["layer"].to_numpy(), c["coverage"].to_numpy()
+        err = None
+        if "coverage_lo" in c.columns:
+            err = [coverage - c["coverage_lo"].to_numpy(), c["coverage_hi"].to_numpy() - coverage]
+        ax.bar(layers, coverage, yerr=err, capsize=3, color="tab:blue", label="coverage")
+        if "coverage_random_routing" in c.columns:
+            ax.plot(
+                layers,
+                c["coverage_random_routing"],
+                "k_",
+                markersize=14,
+                label="coverage, random routing",
+            )
         ax.set(xlabel="MoE layer", ylabel="committee coverage", ylim=(0, 1))
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xticks(layers)
         ax2 = ax.twinx()
-        ax2.plot(c["layer"], c["ratio"], color="tab:red", marker="o", label="ratio")
+        ax2.plot(layers, c["ratio"], color="tab:red", marker="o", label="ratio")
         ax2.set_ylabel("influence density ratio (x)")
-        ax.set_title(f"{store}: standing committee")
+        ax.set_title(f"{store}: standing committee (95% intervals, resampling prompts)")
+        ax.legend(fontsize=7, loc="upper left")
         paths.append(_save(fig, out / f"committee_{store}.png"))
     return paths
 
@@ -132,6 +156,12 @@ def plot_direction_ablation(frame: pl.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def _img(path: Path) -> str:
+    """An image inlined as a data URI, so that the report is one file that opens offline."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
 def _table_html(frame: pl.DataFrame, rows: int, limit: int = 30) -> str:
     """The first `limit` rows of a table of `rows` rows."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
@@ -156,7 +186,8 @@ def _findings_section(path: Path | None) -> list[str]:
     return [
         '<h2 id="findings">Findings</h2>',
         "<p>Each claim of the two papers, in their words, with what these stores measure "
-        "(95% intervals from resampling questions). The verdict rules are in "
+        "(95% intervals from resampling the sampled unit: questions, or prompts). The "
+        "verdict rules are in "
         f'<a href="{path.name}">{path.name}</a> (column <code>rule</code>).</p>',
         _table_html(frame, len(frame)),
     ]
@@ -201,9 +232,18 @@ def _interventions_section(path: Path | None, out: Path) -> list[str]:
         "<p>Each intervention scored on the same texts as the unchanged model (baseline) "
         "and as matched random controls; change = NLL / baseline NLL &minus; 1 (accuracy: "
         "difference), with 95% intervals from resampling texts.</p>",
-        *[f'<figure><img src="{p.name}" alt="{p.stem}"></figure>' for p in figures],
+        *[f"<figure>{_img(p)}</figure>" for p in figures],
         _table_html(frame.drop("experiment"), len(frame), limit=60),
     ]
+
+
+def _store_names(tables: dict[str, Path]) -> list[str]:
+    """The stores the tables speak of, for a report written without the run's list."""
+    names: set[str] = set()
+    for path in tables.values():
+        if "store" in pl.read_parquet_schema(path):
+            names |= set(pl.scan_parquet(path).select("store").unique().collect()["store"])
+    return sorted(n for n in names if n)
 
 
 def write_report(
@@ -223,16 +263,13 @@ def write_report(
             plots += plot(frames[name], out)
     sections = [
         "<h1>moetrace routing report</h1>",
-        f"<p>Stores: {', '.join(html.escape(s) for s in stores)}</p>",
+        f"<p>Stores: {', '.join(html.escape(s) for s in stores or _store_names(tables))}</p>",
         *_findings_section(tables.get("findings")),
         *_interventions_section(tables.get("interventions"), out),
         "<h2>Parameters</h2>",
         f"<pre>{html.escape(json.dumps(params, indent=2, default=str))}</pre>",
         "<h2>Plots</h2>",
-        *[
-            f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
-            for p in plots
-        ],
+        *[f"<figure>{_img(p)}<figcaption>{p.stem}</figcaption></figure>" for p in plots],
         "<h2>Tables</h2>",
     ]
     for name, path in tables.items():

@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# the report's browser test renders it in a real headless Chromium (Debian's package)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  echo "moetrace: installing Chromium for the report's browser test" >&2
+  apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }
+fi
+
 PY=${PYTHON:-python3}
 STAMP=.venv/.moetrace-setup
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

@@ -7,6 +7,6 @@ Production computes the same quantities from counts folded per block (`profiles`
 them another way it is tested equal to them here, on random and edge-case inputs:
 profiles, per-sequence statistics and rollout curves
 (test_production_equals_reference.py), compiled statistics (test_kernels.py),
-committee sums (test_alignment.py). Pair tables call `usage.cosine` and
+committee rows (test_alignment.py). Pair tables call `usage.cosine` and
 `usage.top_p_jaccard` directly.
 """

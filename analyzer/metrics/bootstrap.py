@@ -44,3 +44,18 @@ def pair_weights(multiplicity: np.ndarray, unit_a: np.ndarray, unit_b: np.ndarra
     """(replicates, pairs) weights of pairs of sequences from units `unit_a`, `unit_b`:
     a pair appears as often as both its sequences' units are drawn together."""
     return multiplicity[:, unit_a] * multiplicity[:, unit_b]
+
+
+def weighted_correlations(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(replicates, ...) Pearson correlation across items of `x` and `y` (items, ...),
+    items weighted per replicate by `weights` (replicates, items), from weighted moments
+    (memory: replicates x ..., not replicates x items); NaN where either has no spread."""
+    mean = lambda v: weighted_means(v, weights)  # noqa: E731
+    mx, my = mean(x), mean(y)
+    var_x, var_y = mean(x * x) - mx * mx, mean(y * y) - my * my
+    # a constant input leaves only rounding error in its variance: no correlation then
+    flat_x = var_x <= 1e-12 * np.maximum(mean(x * x), 1e-300)
+    flat_y = var_y <= 1e-12 * np.maximum(mean(y * y), 1e-300)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (mean(x * y) - mx * my) / np.sqrt(var_x * var_y)
+    return np.where(flat_x | flat_y, np.nan, corr)

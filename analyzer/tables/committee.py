@@ -1,25 +1,33 @@
-"""The standing committee across domains (paper (b) Stage III, B1-B5): sums folded in the
-map step, and the table reduced from them."""
+"""The standing committee across domains (paper (b) Stage III, B1-B5): each prompt's last
+token folded in the map step, and the table, with intervals and chance levels, reduced
+from them."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
+from analyzer.metrics import bootstrap as bs
 from analyzer.metrics import committee as cm
 from analyzer.metrics import usage as um
 from analyzer.params import Params
 from analyzer.profiles import token_counts
+from analyzer.tables.conditions import ALL_LAYERS
+
+COMMITTEE_REPLICATES = 200  # bootstrap replicates: each re-runs the audit on every layer
+ARRAYS = ("ids", "weights", "probs")
 
 
-class CommitteeSums:
-    """Per `domain` label, what the committee audit needs of the last prompt tokens, as
-    sums: top-k hits, gate-weight sums and extremes, softmax sums (layers, experts) each.
-    Contributions are functions of these sums (paper (b) Eq. 2, official code's two
-    variants), so folds merge by adding and memory does not grow with the store."""
+class CommitteeRows:
+    """Per `domain` label, the last prompt token of each prompt: top-k ids and gate
+    weights (layers, k) and full-softmax probabilities (layers, experts) when captured.
+
+    Rows, not sums, so that the audit can be re-run on prompts drawn with replacement
+    (the bootstrap) and with labels or experts permuted (the chance levels). Memory grows
+    with prompts, not tokens: layers x (k x 6 + experts x 4) bytes per prompt."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, dict[str, np.ndarray]] = {}
+        self.rows: dict[str, dict[str, np.ndarray]] = {}
 
     def add(
         self,
@@ -27,78 +35,202 @@ class CommitteeSums:
         ids: np.ndarray,
         weights: np.ndarray | None,
         probs: np.ndarray | None,
-        num_experts: int,
     ) -> None:
         """One domain's last tokens: ids and weights (n, layers, k), probs (n, layers, E)."""
-        n, layers, _ = ids.shape
-        hits = token_counts(ids, num_experts) > 0  # (n, layers, E)
-        part = {"n": np.array(n), "hits": hits.sum(0)}
+        part = {"ids": np.asarray(ids)}
         if weights is not None:
-            w = np.zeros(hits.shape)
-            np.put_along_axis(w, ids.astype(np.int64), weights.astype(np.float64), -1)
-            part["weight_sum"] = w.sum(0)
-            part["weight_min"] = np.where(hits, w, np.inf).min(0)
-            part["weight_max"] = np.where(hits, w, -np.inf).max(0)
+            part["weights"] = np.asarray(weights, np.float32)
         if probs is not None:
-            part["prob_sum"] = probs.astype(np.float64).sum(0)
+            part["probs"] = np.asarray(probs, np.float32)
         self._merge_one(domain, part)
 
-    def merge(self, other: CommitteeSums) -> None:
-        for domain, part in other.sums.items():
+    def merge(self, other: CommitteeRows) -> None:
+        for domain, part in other.rows.items():
             self._merge_one(domain, part)
 
     def _merge_one(self, domain: str, part: dict[str, np.ndarray]) -> None:
-        mine = self.sums.get(domain)
+        mine = self.rows.get(domain)
         if mine is None:
-            self.sums[domain] = {k: np.array(v, copy=True) for k, v in part.items()}
+            self.rows[domain] = {k: np.array(v, copy=True) for k, v in part.items()}
             return
-        for key in set(mine) - set(part) | set(part) - set(mine):  # a part without weights
+        for key in set(mine) ^ set(part):  # an array one part lacks is lacking
             mine.pop(key, None)
         for key in mine:
-            combine = {"weight_min": np.minimum, "weight_max": np.maximum}.get(key, np.add)
-            mine[key] = combine(mine[key], part[key])
+            mine[key] = np.concatenate([mine[key], part[key]])
 
-    def contributions(self, variant: str, num_experts: int) -> tuple[list[str], np.ndarray]:
-        """(domains, c) with c of shape (layers, domains, experts)."""
-        domains = sorted(self.sums)
+    def count(self, domain: str) -> int:
+        """Prompts of `domain`."""
+        return len(self.rows[domain]["ids"])
+
+    def contributions(
+        self,
+        variant: str,
+        num_experts: int,
+        draws: dict[str, np.ndarray] | None = None,
+    ) -> tuple[list[str], np.ndarray]:
+        """(domains, c) with c of shape (layers, domains, experts).
+
+        `draws`: per domain, how often each prompt is drawn (a bootstrap resample);
+        without it each prompt counts once."""
+        domains = sorted(self.rows)
         if not domains:
             return [], np.zeros((0, 0, num_experts))
-        need = {"frequency": "hits", "frequency_weight": "weight_sum", "softmax": "prob_sum"}
+        need = {"frequency": "ids", "frequency_weight": "weights", "softmax": "probs"}
         if variant not in need:
             raise ValueError(
                 f"committee_variant: expected softmax, frequency or frequency_weight, "
                 f"got {variant!r}"
             )
-        if any(need[variant] not in self.sums[d] for d in domains):
+        if any(need[variant] not in self.rows[d] for d in domains):
             raise ValueError(
                 f"committee_variant={variant} needs stored "
                 f"{'router logits' if variant == 'softmax' else 'gate weights'}"
             )
         c = []
         for d in domains:
-            s = self.sums[d]
-            n = float(s["n"])
-            if variant == "frequency":
-                c.append(s["hits"] / n)
-            elif variant == "softmax":
-                c.append(s["prob_sum"] / n)
-            else:  # `metrics.committee.eci_frequency_weight` from sums: min and max over
-                # all samples, an unselected sample counting 0
-                hits = s["hits"]
-                lo = np.where(hits == n, s["weight_min"], 0.0)
-                hi = np.where(hits > 0, s["weight_max"], 0.0)
-                c.append(hits / n * (s["weight_sum"] - n * lo) / (hi - lo + 1e-6) / n)
+            rows = self.rows[d]
+            times = np.ones(len(rows["ids"])) if draws is None else draws[d]
+            c.append(domain_contribution(rows, variant, num_experts, times))
         return domains, np.stack(c, axis=1)
 
 
+def domain_contribution(
+    rows: dict[str, np.ndarray], variant: str, num_experts: int, times: np.ndarray
+) -> np.ndarray:
+    """(layers, experts) contribution index of one domain's prompts, prompt i counted
+    `times[i]` times: `metrics.committee.eci_*` with multiplicities (equal to them when
+    every prompt counts once, `test_committee_rows_give_the_contribution_indices`)."""
+    n = times.sum()
+    drawn = times > 0
+    if variant == "softmax":
+        return np.tensordot(times, rows["probs"].astype(np.float64), 1) / n
+    hits = token_counts(rows["ids"], num_experts) > 0  # (prompts, layers, E)
+    frequency = np.tensordot(times, hits.astype(np.float64), 1) / n
+    if variant == "frequency":
+        return frequency
+    # the official code's min-max normalisation over all drawn samples, an unselected
+    # sample counting 0 (`metrics.committee.eci_frequency_weight`)
+    w = np.zeros(hits.shape)
+    np.put_along_axis(w, rows["ids"].astype(np.int64), rows["weights"].astype(np.float64), -1)
+    lo, hi = w[drawn].min(0), w[drawn].max(0)
+    norm = (w - lo) / (hi - lo + 1e-6)
+    return frequency * np.tensordot(times, norm, 1) / n
+
+
+def _audit(c: np.ndarray, top_k: int, params: Params) -> np.ndarray:
+    """(layers, 3): committee coverage, influence ratio and size per layer."""
+    out = np.empty((c.shape[0], 3))
+    for layer in range(c.shape[0]):
+        com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
+        out[layer] = com.coverage, com.ratio, len(com.members)
+    return out
+
+
+def replicated_audits(
+    rows: CommitteeRows, params: Params, top_k: int, num_experts: int
+) -> np.ndarray:
+    """(replicates, layers, 3): coverage, ratio and size of the audit re-run on each
+    domain's prompts resampled with replacement (the audit's sampled unit; domains are
+    the design and stay fixed)."""
+    rng = np.random.default_rng(params.seed)
+    domains = sorted(rows.rows)
+    drawn = {d: bs.unit_multiplicities(rows.count(d), COMMITTEE_REPLICATES, rng) for d in domains}
+    replicated = []
+    for r in range(COMMITTEE_REPLICATES):
+        draws = {d: drawn[d][r] for d in domains}
+        _, c = rows.contributions(params.committee_variant, num_experts, draws)
+        replicated.append(_audit(c, top_k, params))
+    return np.stack(replicated)
+
+
+def _over_layers(audit: np.ndarray) -> np.ndarray:
+    """(..., layers, 3) -> (..., 3): mean coverage, median ratio (a layer whose committee
+    takes everything has an infinite one), mean size."""
+    return np.stack(
+        [audit[..., 0].mean(-1), np.median(audit[..., 1], -1), audit[..., 2].mean(-1)], -1
+    )
+
+
+def random_routing_rows(
+    rows: CommitteeRows, num_experts: int, rng: np.random.Generator
+) -> CommitteeRows:
+    """The chance level: each prompt's expert labels permuted at random in every layer,
+    its gate weights and probabilities kept. No expert is then preferred by any domain."""
+    chance = CommitteeRows()
+    for domain, part in rows.rows.items():
+        n, layers, _ = part["ids"].shape
+        perm = np.argsort(rng.random((n, layers, num_experts)), axis=-1)  # old -> new label
+        moved = {"ids": np.take_along_axis(perm, part["ids"].astype(np.int64), -1)}
+        if "weights" in part:
+            moved["weights"] = part["weights"]
+        if "probs" in part:
+            probs = np.empty_like(part["probs"])
+            np.put_along_axis(probs, perm, part["probs"], -1)
+            moved["probs"] = probs
+        chance.rows[domain] = moved
+    return chance
+
+
+def label_shuffled_rows(rows: CommitteeRows, rng: np.random.Generator) -> CommitteeRows:
+    """The other chance level: `domain` labels permuted across prompts (domain sizes
+    kept), so that every domain draws from the same routing."""
+    domains = sorted(rows.rows)
+    arrays = set.intersection(*(set(rows.rows[d]) for d in domains))
+    pooled = {k: np.concatenate([rows.rows[d][k] for d in domains]) for k in arrays}
+    order = rng.permutation(len(pooled["ids"]))
+    shuffled, start = CommitteeRows(), 0
+    for d in domains:
+        take = order[start : start + rows.count(d)]
+        shuffled.rows[d] = {k: v[take] for k, v in pooled.items()}
+        start += len(take)
+    return shuffled
+
+
+CHANCE_DRAWS = 8  # random draws averaged for each chance level
+
+
+def _chance(
+    rows: CommitteeRows,
+    make: str,
+    params: Params,
+    top_k: int,
+    num_experts: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(layers, 3): median coverage, ratio and size over `CHANCE_DRAWS` draws of a chance
+    level (``random routing`` or ``label shuffle``); the median, as a draw whose committee
+    takes everything has an infinite ratio."""
+    audits = []
+    for _ in range(CHANCE_DRAWS):
+        if make == "random routing":
+            drawn = random_routing_rows(rows, num_experts, rng)
+        else:
+            drawn = label_shuffled_rows(rows, rng)
+        _, c = drawn.contributions(params.committee_variant, num_experts)
+        audits.append(_audit(c, top_k, params))
+    return np.median(audits, axis=0)
+
+
 def committee_tables(
-    store: str, sums: CommitteeSums, params: Params, top_k: int, num_experts: int
+    store: str, rows: CommitteeRows, params: Params, top_k: int, num_experts: int
 ) -> dict[str, pl.DataFrame]:
     """``committee``: the standing committee per layer across `domain` labels (paper (b)
-    Stage III, B1-B5), with whether ties at the k-th slot could change it;
-    ``committee_ties``: per (layer, domain), the experts tied at the k-th slot."""
-    domains, c = sums.contributions(params.committee_variant, num_experts)
-    rows, ties = [], []
+    Stage III, B1-B5), with 95% intervals of coverage, ratio and size (prompts resampled
+    within domains), their chance levels, and whether ties at the k-th slot could change
+    it, and a row with `layer` = `ALL_LAYERS` (coverage and size averaged over layers, the
+    ratio's median); ``committee_ties``: per (layer, domain), the experts tied at the k-th
+    slot."""
+    domains, c = rows.contributions(params.committee_variant, num_experts)
+    if not domains:
+        return {"committee": pl.DataFrame(), "committee_ties": pl.DataFrame()}
+    replicated = replicated_audits(rows, params, top_k, num_experts)
+    rng = np.random.default_rng(params.seed + 1)
+    random = _chance(rows, "random routing", params, top_k, num_experts, rng)
+    shuffled = _chance(rows, "label shuffle", params, top_k, num_experts, rng)
+    with np.errstate(invalid="ignore"):  # an infinite ratio (coverage 1) has no spread
+        lo, hi = bs.interval(replicated)
+        all_lo, all_hi = bs.interval(_over_layers(replicated))
+    out, ties = [], []
     for layer in range(c.shape[0]):
         com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
         alternatives = cm.committee_under_tie_orders(c[layer], top_k, params.gamma)
@@ -118,21 +250,31 @@ def committee_tables(
         off = jac[~np.eye(len(domains), dtype=bool)] if len(domains) > 1 else np.array([1.0])
         mass = cm.topk_mass(c[layer], top_k)
         sweep = cm.retention(c[layer], top_k, params.retention_ks, params.gamma)
-        rows.append(
+        out.append(
             {
                 "store": store,
                 "layer": layer,
                 "domains": len(domains),
+                "prompts": sum(rows.count(d) for d in domains),
                 "variant": params.committee_variant,
                 "members": com.members,
-                "size": len(com.members),
+                "size": float(len(com.members)),
+                "size_lo": float(lo[layer, 2]),
+                "size_hi": float(hi[layer, 2]),
                 # other orders of experts tied at the k-th slot give other committees
                 "stability": "stable" if len(alternatives) == 1 else "tie-dependent",
                 "tie_alternatives": len(alternatives),
                 "avg_mean_rank": float(np.mean(com.mean_rank)),
                 "avg_rank_var": float(np.mean(com.rank_var)),
                 "coverage": com.coverage,
+                "coverage_lo": float(lo[layer, 0]),
+                "coverage_hi": float(hi[layer, 0]),
+                "coverage_random_routing": float(random[layer, 0]),
+                "coverage_label_shuffle": float(shuffled[layer, 0]),
                 "ratio": com.ratio,
+                "ratio_lo": float(lo[layer, 1]),
+                "ratio_hi": float(hi[layer, 1]),
+                "ratio_random_routing": float(random[layer, 1]),
                 "gini": float(um.gini(c[layer].mean(0))),
                 "topk_mass_mean": float(mass.mean()),
                 "topk_mass_std": float(mass.std()),
@@ -141,4 +283,34 @@ def committee_tables(
                 "jaccard_mean": float(off.mean()),
             }
         )
-    return {"committee": pl.DataFrame(rows), "committee_ties": pl.DataFrame(ties)}
+    point = _over_layers(np.array([[r["coverage"], r["ratio"], r["size"]] for r in out]))
+    out.append(
+        {
+            "store": store,
+            "layer": ALL_LAYERS,
+            "domains": len(domains),
+            "prompts": out[0]["prompts"],
+            "variant": params.committee_variant,
+            "size": float(point[2]),
+            "size_lo": float(all_lo[2]),
+            "size_hi": float(all_hi[2]),
+            "coverage": float(point[0]),
+            "coverage_lo": float(all_lo[0]),
+            "coverage_hi": float(all_hi[0]),
+            "coverage_random_routing": float(_over_layers(random)[0]),
+            "coverage_label_shuffle": float(_over_layers(shuffled)[0]),
+            "ratio": float(point[1]),
+            "ratio_lo": float(all_lo[1]),
+            "ratio_hi": float(all_hi[1]),
+            "ratio_random_routing": float(_over_layers(random)[1]),
+            **{
+                f"retention_k{k}": float(np.mean([r[f"retention_k{k}"] for r in out]))
+                for k in params.retention_ks
+                if f"retention_k{k}" in out[0]
+            },
+        }
+    )
+    return {
+        "committee": pl.DataFrame(out, infer_schema_length=None),
+        "committee_ties": pl.DataFrame(ties),
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from analyzer.metrics import bootstrap as bs
 from analyzer.metrics import geometry as gm
 from analyzer.metrics import usage as um
 from analyzer.params import Params
@@ -28,8 +29,8 @@ def geometry_tables(
     ``token_ids``, ``router_logits`` when stored, and the ``hidden_states_<layer>``
     arrays; `router_weights` is (layers, experts, hidden). A8 compares pooled router
     inputs of sequence pairs with their usage similarity (the correlation across
-    pairs); A9-A11 use the sample rows. The triangle table holds sampled (hidden
-    distance, logit distance) pairs.
+    pairs, with a 95% interval from resampling prompts); A9-A11 use the sample rows.
+    The triangle table holds sampled (hidden distance, logit distance) pairs.
     """
     hidden = hidden_arrays(sample)
     if not hidden:
@@ -60,7 +61,7 @@ def geometry_tables(
                 }
             )
         )
-        pooled, usage_cos = [], []
+        pooled, usage_cos, units = [], [], []
         mean = np.mean([p.pooled_hidden[layer] for p in profiles if p.pooled_hidden], axis=0)
         for i, j in pairs:
             a, b = profiles[i], profiles[j]
@@ -71,7 +72,8 @@ def geometry_tables(
                 fa = frequencies(a.scope_counts[params.scope][layer].astype(np.float64))
                 fb = frequencies(b.scope_counts[params.scope][layer].astype(np.float64))
                 usage_cos.append(float(um.cosine(fa, fb)))
-        corr = float(np.corrcoef(pooled, usage_cos)[0, 1]) if len(pooled) > 2 else float("nan")
+                units.append((a.prompt_index, b.prompt_index))
+        corr, lo, hi = _correlation(np.ravel(pooled), np.array(usage_cos), units, rng)
         out.append(
             {
                 "store": store,
@@ -86,10 +88,26 @@ def geometry_tables(
                 "retained_logit_energy": energy["retained_logit_energy"],
                 "same_token_overlap": float(same_token[layer]),
                 "pooled_vs_usage_corr": corr,
+                "pooled_vs_usage_corr_lo": lo,
+                "pooled_vs_usage_corr_hi": hi,
                 "pairs": len(pooled),
             }
         )
     return pl.DataFrame(out), pl.concat(triangle_rows)
+
+
+def _correlation(
+    x: np.ndarray, y: np.ndarray, units: list[tuple[int, int]], rng: np.random.Generator
+) -> tuple[float, float, float]:
+    """Correlation across pairs and its 95% interval, resampling the prompts the pairs'
+    sequences came from; NaN with fewer than three pairs."""
+    if len(x) < 3:
+        return float("nan"), float("nan"), float("nan")
+    index = {p: n for n, p in enumerate(dict.fromkeys(p for pair in units for p in pair))}
+    ua, ub = (np.array([index[pair[side]] for pair in units]) for side in (0, 1))
+    drawn = bs.unit_multiplicities(len(index), bs.REPLICATES, rng)
+    lo, hi = bs.interval(bs.weighted_correlations(x, y, bs.pair_weights(drawn, ua, ub)))
+    return float(np.corrcoef(x, y)[0, 1]), float(lo), float(hi)
 
 
 def direction_ablation_table(

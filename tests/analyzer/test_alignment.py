@@ -123,8 +123,8 @@ def test_fold_keeps_sums_of_all_and_whole_profiles_of_some():
     assert fold.num_sequences == 4
     assert [p.sequence_id for p in fold.whole()] == [1, 3]
     np.testing.assert_array_equal(fold.whole()[1].scope_counts["generated"], [USAGE[3]])
-    # only sequence 0 has a domain: the committee sums hold its last token alone
-    assert list(fold.committee.sums) == ["math"] and int(fold.committee.sums["math"]["n"]) == 1
+    # only sequence 0 has a domain: the committee rows hold its last token alone
+    assert list(fold.committee.rows) == ["math"] and fold.committee.count("math") == 1
     table = fold.pop_sequence_table()
     assert table["sequence_id"].to_list() == [0, 1, 2, 3]
     assert table["confidence"].null_count() == 4  # no logits: null, not NaN
@@ -158,11 +158,11 @@ def test_pair_sample_follows_keys_not_sequence_ids():
     assert pair_sequences(index(forward), limit=100) == set(range(50))
 
 
-def test_committee_sums_give_the_contribution_indices_of_all_members():
-    """Contributions from sums merged across folds equal the metric functions (hand-tested
+def test_committee_rows_give_the_contribution_indices_of_all_members():
+    """Contributions from rows merged across folds equal the metric functions (hand-tested
     in test_metrics) applied to every member's last token at once."""
     from analyzer.metrics import committee as cm
-    from analyzer.tables.committee import CommitteeSums
+    from analyzer.tables.committee import CommitteeRows
 
     rng = np.random.default_rng(3)
     n, layers, k, experts = 40, 2, 3, 7
@@ -170,10 +170,10 @@ def test_committee_sums_give_the_contribution_indices_of_all_members():
     weights = rng.random((n, layers, k))
     logits = rng.normal(size=(n, layers, experts))
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    merged = CommitteeSums()
+    merged = CommitteeRows()
     for part in (slice(0, 15), slice(15, 40)):  # two map tasks
-        sums = CommitteeSums()
-        sums.add("code", ids[part], weights[part], probs[part], experts)
+        sums = CommitteeRows()
+        sums.add("code", ids[part], weights[part], probs[part])
         merged.merge(sums)
     for variant, expected in (
         ("frequency", [cm.eci_frequency(ids[:, layer], experts) for layer in range(layers)]),
@@ -188,17 +188,43 @@ def test_committee_sums_give_the_contribution_indices_of_all_members():
     ):
         domains, c = merged.contributions(variant, experts)
         assert domains == ["code"]
-        np.testing.assert_allclose(c[:, 0], np.stack(expected), rtol=1e-9, atol=1e-12)
+        # rows keep weights and probabilities in float32: agreement to its precision
+        np.testing.assert_allclose(c[:, 0], np.stack(expected), rtol=1e-6, atol=1e-9)
 
 
-def test_committee_sums_say_what_a_variant_lacks():
-    from analyzer.tables.committee import CommitteeSums
+def test_committee_rows_say_what_a_variant_lacks():
+    from analyzer.tables.committee import CommitteeRows
 
-    sums = CommitteeSums()
-    sums.add("math", np.zeros((2, 1, 1), dtype=np.uint8), None, None, 3)
+    sums = CommitteeRows()
+    sums.add("math", np.zeros((2, 1, 1), dtype=np.uint8), None, None)
     with pytest.raises(ValueError, match="gate weights"):
         sums.contributions("frequency_weight", 3)
     with pytest.raises(ValueError, match="router logits"):
         sums.contributions("softmax", 3)
     with pytest.raises(ValueError, match="committee_variant"):
         sums.contributions("median", 3)
+
+
+def test_resampled_contributions_equal_the_metric_functions_on_repeated_rows():
+    """A bootstrap draw counts prompt i `times[i]` times: equal to the metric functions
+    on the rows repeated that often (prompts drawn 0 times left out of min-max too)."""
+    from analyzer.metrics import committee as cm
+    from analyzer.tables.committee import CommitteeRows
+
+    rng = np.random.default_rng(5)
+    n, k, experts = 12, 2, 6
+    ids = np.argsort(rng.random((n, 1, experts)), -1)[..., :k]
+    weights = rng.random((n, 1, k)).astype(np.float32)
+    logits = rng.normal(size=(n, 1, experts))
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    rows = CommitteeRows()
+    rows.add("math", ids, weights, probs)
+    times = np.array([0, 3, 1, 0, 2, 1, 1, 0, 0, 2, 1, 1], np.float64)
+    rep = np.repeat(np.arange(n), times.astype(int))
+    for variant, expected in (
+        ("frequency", cm.eci_frequency(ids[rep, 0], experts)),
+        ("frequency_weight", cm.eci_frequency_weight(ids[rep, 0], weights[rep, 0], experts)),
+        ("softmax", probs[rep, 0].astype(np.float64).mean(0)),
+    ):
+        _, c = rows.contributions(variant, experts, {"math": times})
+        np.testing.assert_allclose(c[0, 0], expected, rtol=1e-6, atol=1e-9)

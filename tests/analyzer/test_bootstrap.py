@@ -12,6 +12,7 @@ often (pairs of one question are not independent): checked too, so the test can 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from analyzer.metrics import bootstrap as bs
 from analyzer.metrics import usage as um
@@ -79,3 +80,67 @@ def test_intervals_cover_the_planted_value_at_their_rate():
     # 95% intervals over 40 studies: 38 expected; 33 is three binomial s.d. below
     assert covered[SAME] >= 33 and covered[OTHER] >= 33, covered
     assert naive_covered < covered[SAME], (naive_covered, covered)
+
+
+COMMITTEE_EXPERTS, DOMAINS, PROMPTS, CONCENTRATION_ROWS = 8, 4, 40, 20.0
+COMMITTEE_STUDIES = 30
+
+
+def _domain_means() -> np.ndarray:
+    """(domains, experts) mean router probabilities: expert 0 shared by every domain's
+    top-2 (the planted committee), expert 2 + d second in domain d, the rest below."""
+    means = np.full((DOMAINS, COMMITTEE_EXPERTS), 0.0)
+    for d in range(DOMAINS):
+        means[d, 0], means[d, 2 + d] = 0.30, 0.25
+        rest = [e for e in range(COMMITTEE_EXPERTS) if e not in (0, 2 + d)]
+        means[d, rest] = 0.45 / len(rest)
+    return means
+
+
+def test_committee_intervals_cover_the_planted_coverage_at_their_rate():
+    """Softmax contribution index: each prompt's probabilities are a Dirichlet draw around
+    its domain's means, so the population contribution is the means themselves and the
+    planted coverage is the audit of them. Over 30 studies of 4 domains x 40 prompts,
+    about 95% of the intervals from `committee_tables` must hold it."""
+    from analyzer.metrics import committee as cm
+    from analyzer.tables.committee import CommitteeRows, committee_tables
+
+    means = _domain_means()
+    truth = cm.standing_committee(means, 2)
+    assert truth.members == [0] and 0.5 < truth.coverage < 0.6
+    covered = 0
+    for seed in range(COMMITTEE_STUDIES):
+        rng = np.random.default_rng(seed)
+        rows = CommitteeRows()
+        for d in range(DOMAINS):
+            probs = rng.dirichlet(means[d] * CONCENTRATION_ROWS, size=PROMPTS)[:, None]
+            ids = np.argsort(-probs, -1)[..., :2]
+            rows.add(f"d{d}", ids, np.take_along_axis(probs, ids, -1), probs)
+        params = Params(committee_variant="softmax", seed=seed)
+        row = committee_tables("s", rows, params, 2, COMMITTEE_EXPERTS)["committee"].row(
+            0, named=True
+        )
+        assert row["coverage_lo"] <= row["coverage"] <= row["coverage_hi"]
+        assert row["coverage_hi"] > row["coverage_lo"], "a resample that never varies"
+        # random routing still yields a committee (the audit always finds one) but not
+        # one as dense: the planted committee's ratio lies above its chance level
+        assert row["ratio_random_routing"] < row["ratio_lo"], row
+        covered += row["coverage_lo"] <= truth.coverage <= row["coverage_hi"]
+    # 28.5 expected; 25 is three binomial s.d. below
+    assert covered >= 25, covered
+    print(f"committee coverage intervals held the planted value in {covered}/{COMMITTEE_STUDIES}")
+
+
+def test_weighted_correlations_equal_numpy_on_repeated_items():
+    rng = np.random.default_rng(2)
+    x, y = rng.random((9, 2)), rng.random((9, 2))
+    y[:, 1] = 0.5 * x[:, 1] + 0.1 * y[:, 1]
+    times = np.array([[1, 0, 2, 1, 1, 0, 3, 1, 1], [1] * 9], np.float64)
+    got = bs.weighted_correlations(x, y, times)
+    for r, t in enumerate(times):
+        rep = np.repeat(np.arange(9), t.astype(int))
+        for layer in range(2):
+            want = np.corrcoef(x[rep, layer], y[rep, layer])[0, 1]
+            assert got[r, layer] == pytest.approx(want, rel=1e-9)
+    constant = np.full((9, 2), 0.3)  # rounding leaves its variance near 1e-17, not 0
+    assert np.isnan(bs.weighted_correlations(x, constant, times)).all()

@@ -40,7 +40,7 @@ def _sequence(key: str, sample: int, domain: str, last_prompt_experts: tuple[int
     return end, rows
 
 
-def _committee_sums(path) -> dict:
+def _committee_rows(path) -> dict:
     store = open_store(path)
     analyses = registry.chosen(["committee"])
     plan = BlockPlan(store, None, keep=set())
@@ -78,8 +78,8 @@ def test_a_prompt_with_many_samples_counts_once(tmp_path):
     # would leave llvmlite's `ffi.lib` in this process, whose attribute lookups break
     # vLLM's module scan when a later test starts an in-process engine
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        sums = pool.submit(_committee_sums, tmp_path / "s").result()
-    assert int(sums.sums["math"]["n"]) == 2 and int(sums.sums["code"]["n"]) == 1
+        sums = pool.submit(_committee_rows, tmp_path / "s").result()
+    assert sums.count("math") == 2 and sums.count("code") == 1
     domains, c = sums.contributions("frequency", EXPERTS)
     assert domains == ["code", "math"]
     np.testing.assert_allclose(c[0, 1], [0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0])
@@ -92,12 +92,12 @@ def test_a_tie_at_the_cutoff_is_reported_with_the_committees_it_allows():
     Nobody is top-1 in every domain, so the code's fallback takes the most present
     expert: 0 when the tie goes to the lowest id, 1 when it goes to the highest."""
     from analyzer.metrics import committee as cm
-    from analyzer.tables.committee import CommitteeSums, committee_tables
+    from analyzer.tables.committee import CommitteeRows, committee_tables
 
-    sums = CommitteeSums()
+    sums = CommitteeRows()
     for domain, picks in {"d0": [0, 1], "d1": [0, 0, 0, 1, 1], "d2": [0, 0, 1, 1, 1]}.items():
         ids = np.array(picks, np.int32).reshape(-1, 1, 1)  # (samples, layers, k=1)
-        sums.add(domain, ids, np.ones(ids.shape, np.float32), None, 3)
+        sums.add(domain, ids, np.ones(ids.shape, np.float32), None)
     domains, c = sums.contributions("frequency", 3)
     np.testing.assert_allclose(c[0], [[0.5, 0.5, 0], [0.6, 0.4, 0], [0.4, 0.6, 0]])
 

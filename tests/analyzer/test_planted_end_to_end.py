@@ -128,12 +128,16 @@ def test_overlaps_equal_planted(planted_store, analysis):
 
 def test_committee_is_the_planted_expert_of_the_shared_last_token(analysis):
     com = analysis["committee"].sort("layer")
-    for row in com.iter_rows(named=True):
+    for row in com.filter(pl.col("layer") >= 0).iter_rows(named=True):
         first, _ = planted_topk(np.array([LAST]), row["layer"])[0]
         assert row["members"] == [first]
         assert row["domains"] == 3
         assert row["coverage"] > 0.99
         assert row["jaccard_min"] == 1.0  # every domain has the same top-2
+        # every prompt's last token is the same: no resample can differ from the point
+        assert row["coverage_lo"] == pytest.approx(row["coverage"])
+        assert row["coverage_hi"] == pytest.approx(row["coverage"])
+        assert row["coverage_random_routing"] < 0.9
 
 
 def test_rollout_curve_starts_at_the_prompt_boundary(analysis):
@@ -169,3 +173,42 @@ def test_direction_ablation_reroutes_the_stored_inputs_as_the_engine_did(analysi
     for layer in (0, 2):
         energy = ablation.filter(pl.col("layer") == layer)["removed_energy"].to_numpy()
         assert (np.diff(energy) >= 0).all() and energy[-1] <= 1
+
+
+def test_the_report_renders_in_a_browser(analysis_out, tmp_path):
+    """The report opened from disk in headless Chromium: every image decodes, the
+    findings come first and name the claims, and nothing is fetched from elsewhere
+    (images are inlined). The screenshot is kept for a person to look at
+    (`MOETRACE_SCREENSHOT`: where to copy it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.browser import open_page
+
+    written = subprocess.run(
+        [sys.executable, "-m", "analyzer", "report", str(analysis_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert written.returncode == 0, written.stderr
+    report = analysis_out / "report.html"
+    with open_page(report.as_uri()) as page:
+        images = page.evaluate(
+            "Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])"
+        )
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.id)")
+        findings = page.evaluate("document.querySelector('#findings + p + table').innerText")
+        external = page.evaluate(
+            "Array.from(document.images).filter(i => !i.src.startsWith('data:')).length"
+        )
+        shot = page.screenshot(tmp_path / "report.png")
+    assert len(images) >= 6 and all(ok for _, ok in images), images
+    assert headings[0] == "findings"
+    assert "standing committee" in findings and "consistent" in findings
+    assert external == 0
+    assert shot.stat().st_size > 10_000  # a blank page compresses to far less
+    if os.environ.get("MOETRACE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["MOETRACE_SCREENSHOT"])

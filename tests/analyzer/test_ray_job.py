@@ -122,5 +122,5 @@ def test_ray_job_submit_runs_the_analyzer(ray_head, tmp_path):
     shares = usage.group_by("layer").agg(pl.col("share").sum()).sort("layer")
     np.testing.assert_allclose(shares["share"].to_numpy(), 1.0)
     assert len(usage) == 3 * 16
-    assert len(pl.read_parquet(out / "committee.parquet")) == 3
+    assert len(pl.read_parquet(out / "committee.parquet")) == 3 + 1  # layers, all layers
     assert (out / "report.html").read_text().count("<img") >= 2
