@@ -18,6 +18,13 @@ def main() -> None:
     """Ray-parallel analyses of moetrace routing stores."""
 
 
+def _integers(name: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
 @app.command()
 def run(
     stores: list[str] = typer.Argument(
@@ -38,6 +45,14 @@ def run(
         "frequency_weight", help="Contribution index: softmax, frequency or frequency_weight."
     ),
     max_pairs: int = typer.Option(20000, help="Sequence pairs sampled per store."),
+    ablation_directions: str = typer.Option(
+        "0,1,2,4,8",
+        help="Geometry: numbers of top singular directions of the router inputs removed "
+        "before re-routing (comma-separated).",
+    ),
+    seed: int = typer.Option(
+        0, help="Seed of pair samples, bootstrap resamples and chance levels."
+    ),
     block_tokens: int = typer.Option(
         0, help="Token rows per Ray task (0: from the store's chunks, at most 4 per task)."
     ),
@@ -65,7 +80,12 @@ def run(
 
     try:
         params = Params(
-            top_p=top_p, scope=scope, max_pairs=max_pairs, committee_variant=committee_variant
+            top_p=top_p,
+            scope=scope,
+            max_pairs=max_pairs,
+            committee_variant=committee_variant,
+            ablation_directions=_integers("ablation_directions", ablation_directions),
+            seed=seed,
         )
         chosen = [a.strip() for a in analyses.split(",") if a.strip()]
         with Progress(transient=True) as progress:

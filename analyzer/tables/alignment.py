@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import polars as pl
 
+from analyzer.metrics import bootstrap as bs
 from analyzer.metrics import usage as um
 from analyzer.params import Params
 from analyzer.profiles import SequenceProfile
@@ -37,7 +38,9 @@ def alignment_table(profiles: dict[str, list[SequenceProfile]], params: Params) 
     both only); sampled pairs of aligned sequences get a top-p Jaccard in each store,
     per layer (model B's layer matched by relative depth). A row reports both means and
     their Pearson correlation over the pairs: expert ids are model-specific, but a
-    correlation near 1 says both models group the sequences the same way.
+    correlation near 1 says both models group the sequences the same way. The
+    correlation has a 95% interval (questions resampled) and a chance level (model B's
+    pair values shuffled across pairs).
     """
     rng = np.random.default_rng(params.seed)
     rows = []
@@ -58,8 +61,15 @@ def alignment_table(profiles: dict[str, list[SequenceProfile]], params: Params) 
         jac_a = um.top_p_jaccard(fa[ia], fa[ib], params.top_p)  # (pairs, layers_a)
         jac_b = um.top_p_jaccard(fb[ia], fb[ib], params.top_p)
         layers_a, layers_b = fa.shape[1], fb.shape[1]
-        for layer in range(layers_a):
-            lb = matched_layer(layer, layers_a, layers_b)
+        questions = {q: n for n, q in enumerate(dict.fromkeys(str(k[0]) for k in keys))}
+        unit = np.array([questions[str(k[0])] for k in keys])
+        drawn = bs.unit_multiplicities(len(questions), bs.REPLICATES, rng)
+        weights = bs.pair_weights(drawn, unit[ia], unit[ib])
+        matched = [matched_layer(layer, layers_a, layers_b) for layer in range(layers_a)]
+        lo, hi = bs.interval(bs.weighted_correlations(jac_a, jac_b[:, matched], weights))
+        shuffled = jac_b[rng.permutation(len(pairs))][:, matched]
+        chance = bs.weighted_correlations(jac_a, shuffled, np.ones((1, len(pairs))))[0]
+        for layer, lb in enumerate(matched):
             x, y = jac_a[:, layer], jac_b[:, lb]
             r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else None
             rows.append(
@@ -73,6 +83,9 @@ def alignment_table(profiles: dict[str, list[SequenceProfile]], params: Params) 
                     "jaccard_a": float(x.mean()),
                     "jaccard_b": float(y.mean()),
                     "pearson": r,
+                    "pearson_lo": None if r is None else float(lo[layer]),
+                    "pearson_hi": None if r is None else float(hi[layer]),
+                    "pearson_shuffled": None if r is None else float(chance[layer]),
                 }
             )
     return pl.DataFrame(rows)

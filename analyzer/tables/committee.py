@@ -28,6 +28,10 @@ class CommitteeRows:
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, np.ndarray]] = {}
+        self._dense: dict[str, dict[str, np.ndarray]] = {}  # per domain: hits, weights
+
+    def __getstate__(self) -> dict:  # folds travel between Ray tasks without the cache
+        return {"rows": self.rows, "_dense": {}}
 
     def add(
         self,
@@ -49,6 +53,7 @@ class CommitteeRows:
             self._merge_one(domain, part)
 
     def _merge_one(self, domain: str, part: dict[str, np.ndarray]) -> None:
+        self._dense.pop(domain, None)
         mine = self.rows.get(domain)
         if mine is None:
             self.rows[domain] = {k: np.array(v, copy=True) for k, v in part.items()}
@@ -88,33 +93,47 @@ class CommitteeRows:
             )
         c = []
         for d in domains:
-            rows = self.rows[d]
-            times = np.ones(len(rows["ids"])) if draws is None else draws[d]
-            c.append(domain_contribution(rows, variant, num_experts, times))
+            times = np.ones(self.count(d)) if draws is None else draws[d]
+            c.append(self._contribution(d, variant, num_experts, times))
         return domains, np.stack(c, axis=1)
 
+    def _contribution(
+        self, domain: str, variant: str, num_experts: int, times: np.ndarray
+    ) -> np.ndarray:
+        """(layers, experts) contribution index of one domain's prompts, prompt i counted
+        `times[i]` times: `metrics.committee.eci_*` with multiplicities (equal to them
+        when every prompt counts once, `test_committee_rows_give_the_contribution_indices`;
+        and on repeated rows, `test_resampled_contributions_equal_...`)."""
+        n = times.sum()
+        if variant == "softmax":
+            return np.tensordot(times, self.rows[domain]["probs"].astype(np.float64), 1) / n
+        dense = self._dense_rows(domain, num_experts)
+        frequency = np.tensordot(times, dense["hits"], 1) / n
+        if variant == "frequency":
+            return frequency
+        # the official code's min-max normalisation over all drawn samples, an unselected
+        # sample counting 0 (`metrics.committee.eci_frequency_weight`)
+        w = dense["weights"]
+        drawn = times > 0
+        lo, hi = w[drawn].min(0), w[drawn].max(0)
+        # sum_i t_i (w_i - lo) / (hi - lo): one weighted sum, then the normalisation
+        norm = (np.tensordot(times, w, 1) - n * lo) / (hi - lo + 1e-6)
+        return frequency * norm / n
 
-def domain_contribution(
-    rows: dict[str, np.ndarray], variant: str, num_experts: int, times: np.ndarray
-) -> np.ndarray:
-    """(layers, experts) contribution index of one domain's prompts, prompt i counted
-    `times[i]` times: `metrics.committee.eci_*` with multiplicities (equal to them when
-    every prompt counts once, `test_committee_rows_give_the_contribution_indices`)."""
-    n = times.sum()
-    drawn = times > 0
-    if variant == "softmax":
-        return np.tensordot(times, rows["probs"].astype(np.float64), 1) / n
-    hits = token_counts(rows["ids"], num_experts) > 0  # (prompts, layers, E)
-    frequency = np.tensordot(times, hits.astype(np.float64), 1) / n
-    if variant == "frequency":
-        return frequency
-    # the official code's min-max normalisation over all drawn samples, an unselected
-    # sample counting 0 (`metrics.committee.eci_frequency_weight`)
-    w = np.zeros(hits.shape)
-    np.put_along_axis(w, rows["ids"].astype(np.int64), rows["weights"].astype(np.float64), -1)
-    lo, hi = w[drawn].min(0), w[drawn].max(0)
-    norm = (w - lo) / (hi - lo + 1e-6)
-    return frequency * np.tensordot(times, norm, 1) / n
+    def _dense_rows(self, domain: str, num_experts: int) -> dict[str, np.ndarray]:
+        """(prompts, layers, experts) top-k hits and gate weights (0 where unselected),
+        built once per domain: every bootstrap replicate reuses them."""
+        if domain not in self._dense:
+            rows = self.rows[domain]
+            hits = token_counts(rows["ids"], num_experts) > 0
+            dense = {"hits": hits.astype(np.float64)}
+            if "weights" in rows:
+                w = np.zeros(hits.shape)
+                ids = rows["ids"].astype(np.int64)
+                np.put_along_axis(w, ids, rows["weights"].astype(np.float64), -1)
+                dense["weights"] = w
+            self._dense[domain] = dense
+        return self._dense[domain]
 
 
 def _audit(c: np.ndarray, top_k: int, params: Params) -> np.ndarray:

@@ -353,8 +353,9 @@ def _analysis_table(out_dir: str | Path, table: str, store: str | None) -> pl.Da
 
 
 def committee_from_analysis(out_dir: str | Path, store: str | None = None) -> dict[int, list[int]]:
-    """MoE layer -> standing committee, from the analyzer's ``committee`` table."""
-    frame = _analysis_table(out_dir, "committee", store)
+    """MoE layer -> standing committee, from the analyzer's ``committee`` table (its
+    per-layer rows; the row of means over layers has no members)."""
+    frame = _analysis_table(out_dir, "committee", store).filter(pl.col("layer") >= 0)
     return {int(r["layer"]): list(r["members"]) for r in frame.iter_rows(named=True)}
 
 

@@ -43,6 +43,9 @@ def test_relabelled_experts_align_perfectly():
     # pair Jaccards: (0,1)=1, (0,2)=0, (0,3)=1/3, (1,2)=0, (1,3)=1/3, (2,3)=1/3
     assert row["jaccard_a"] == pytest.approx(1 / 3) and row["jaccard_b"] == pytest.approx(1 / 3)
     assert row["pearson"] == pytest.approx(1.0)
+    # identical pair values in every resample; shuffled across pairs they disagree
+    assert row["pearson_lo"] == pytest.approx(1.0) and row["pearson_hi"] == pytest.approx(1.0)
+    assert row["pearson_shuffled"] < 0.9
 
 
 def test_disagreeing_models_correlate_negatively():

@@ -20,6 +20,8 @@ runner = CliRunner()
         (["--committee-variant", "mean"], "committee_variant"),
         (["--max-pairs", "0"], "max_pairs"),
         (["--analyses", "usage,vibes"], "analyses"),
+        (["--ablation-directions", "1,two"], "ablation_directions"),
+        (["--ablation-directions", "-1"], "ablation_directions"),
     ],
 )
 def test_bad_parameters_exit_non_zero_naming_the_parameter(tmp_path, args, named):

@@ -118,9 +118,9 @@ def test_cli_refuses_bad_input_before_starting_an_engine(tmp_path):
     args = ["committee", "model", "--analysis", str(analysis), "--texts", str(texts)]
     missing = runner.invoke(app, args)
     assert missing.exit_code == 1 and "no committee table; run the analyzer" in missing.output
-    pl.DataFrame({"store": ["s"], "layer": [0], "members": [[1, 2]]}).write_parquet(
-        analysis / "committee.parquet"
-    )
+    # as the analyzer writes it: per-layer rows and a row of means (layer -1, no members)
+    committee = {"store": ["s", "s"], "layer": [0, -1], "members": [[1, 2], None]}
+    pl.DataFrame(committee).write_parquet(analysis / "committee.parquet")
     pl.DataFrame(
         {"store": ["s"] * 8, "layer": [0] * 8, "expert": list(range(8)), "share": [0.1] * 8}
     ).write_parquet(analysis / "usage.parquet")
