@@ -284,8 +284,8 @@ def write_report(
         sections.append(_table_html(frame, rows))
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse;font-size:12px;display:block;overflow-x:auto}td,th{border:1px solid #ccc;"
-        "padding:2px 6px}img{max-width:100%}"
+        "table{border-collapse:collapse;font-size:12px;display:block;overflow-x:auto}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>moetrace report</title>"

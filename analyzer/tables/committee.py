@@ -136,21 +136,29 @@ class CommitteeRows:
         return self._dense[domain]
 
 
+AUDITED = ("coverage", "ratio", "size", "gini", "jaccard_mean")
+"""Statistics of the audit that get intervals and chance levels, in `_audit`'s order."""
+
+
 def _audit(c: np.ndarray, top_k: int, params: Params) -> np.ndarray:
-    """(layers, 3): committee coverage, influence ratio and size per layer."""
-    out = np.empty((c.shape[0], 3))
+    """(layers, len(AUDITED)): committee coverage, influence ratio and size (B1-B3),
+    Gini of the mean contribution (B5) and mean cross-domain Jaccard (B4) per layer."""
+    out = np.empty((c.shape[0], len(AUDITED)))
     for layer in range(c.shape[0]):
         com = cm.standing_committee(c[layer], top_k, params.gamma, params.coverage_denominator)
-        out[layer] = com.coverage, com.ratio, len(com.members)
+        jac = cm.cross_domain_jaccard(c[layer], top_k)
+        off = jac[~np.eye(len(jac), dtype=bool)] if len(jac) > 1 else np.array([1.0])
+        gini = um.gini(c[layer].mean(0))
+        out[layer] = com.coverage, com.ratio, len(com.members), gini, off.mean()
     return out
 
 
 def replicated_audits(
     rows: CommitteeRows, params: Params, top_k: int, num_experts: int
 ) -> np.ndarray:
-    """(replicates, layers, 3): coverage, ratio and size of the audit re-run on each
-    domain's prompts resampled with replacement (the audit's sampled unit; domains are
-    the design and stay fixed)."""
+    """(replicates, layers, len(AUDITED)): the audit re-run on each domain's prompts
+    resampled with replacement (the audit's sampled unit; domains are the design and
+    stay fixed)."""
     rng = np.random.default_rng(params.seed)
     domains = sorted(rows.rows)
     drawn = {d: bs.unit_multiplicities(rows.count(d), COMMITTEE_REPLICATES, rng) for d in domains}
@@ -163,11 +171,23 @@ def replicated_audits(
 
 
 def _over_layers(audit: np.ndarray) -> np.ndarray:
-    """(..., layers, 3) -> (..., 3): mean coverage, median ratio (a layer whose committee
-    takes everything has an infinite one), mean size."""
-    return np.stack(
-        [audit[..., 0].mean(-1), np.median(audit[..., 1], -1), audit[..., 2].mean(-1)], -1
-    )
+    """(..., layers, len(AUDITED)) -> (..., len(AUDITED)): means over layers, but the
+    ratio's median (a layer whose committee takes everything has an infinite one)."""
+    means = audit.mean(-2)
+    means[..., AUDITED.index("ratio")] = np.median(audit[..., AUDITED.index("ratio")], -1)
+    return means
+
+
+def _with_intervals(
+    point: np.ndarray, lo: np.ndarray, hi: np.ndarray, random: np.ndarray, shuffled: np.ndarray
+) -> dict[str, float]:
+    """Columns of one row: each audited statistic, its interval and chance levels."""
+    row = {}
+    for i, name in enumerate(AUDITED):
+        row |= {name: float(point[i]), f"{name}_lo": float(lo[i]), f"{name}_hi": float(hi[i])}
+        row[f"{name}_random_routing"] = float(random[i])
+        row[f"{name}_label_shuffle"] = float(shuffled[i])
+    return row
 
 
 def random_routing_rows(
@@ -216,9 +236,9 @@ def _chance(
     num_experts: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """(layers, 3): median coverage, ratio and size over `CHANCE_DRAWS` draws of a chance
-    level (``random routing`` or ``label shuffle``); the median, as a draw whose committee
-    takes everything has an infinite ratio."""
+    """(layers, len(AUDITED)): median of each audited statistic over `CHANCE_DRAWS`
+    draws of a chance level (``random routing`` or ``label shuffle``); the median, as a
+    draw whose committee takes everything has an infinite ratio."""
     audits = []
     for _ in range(CHANCE_DRAWS):
         if make == "random routing":
@@ -234,11 +254,11 @@ def committee_tables(
     store: str, rows: CommitteeRows, params: Params, top_k: int, num_experts: int
 ) -> dict[str, pl.DataFrame]:
     """``committee``: the standing committee per layer across `domain` labels (paper (b)
-    Stage III, B1-B5), with 95% intervals of coverage, ratio and size (prompts resampled
-    within domains), their chance levels, and whether ties at the k-th slot could change
-    it, and a row with `layer` = `ALL_LAYERS` (coverage and size averaged over layers, the
-    ratio's median); ``committee_ties``: per (layer, domain), the experts tied at the k-th
-    slot."""
+    Stage III, B1-B5), with 95% intervals of coverage, ratio, size, Gini and mean
+    cross-domain Jaccard (prompts resampled within domains), their chance levels, and
+    whether ties at the k-th slot could change it; a row with `layer` = `ALL_LAYERS`
+    holds means over layers (the ratio's median). ``committee_ties``: per (layer,
+    domain), the experts tied at the k-th slot."""
     domains, c = rows.contributions(params.committee_variant, num_experts)
     if not domains:
         return {"committee": pl.DataFrame(), "committee_ties": pl.DataFrame()}
@@ -269,6 +289,7 @@ def committee_tables(
         off = jac[~np.eye(len(domains), dtype=bool)] if len(domains) > 1 else np.array([1.0])
         mass = cm.topk_mass(c[layer], top_k)
         sweep = cm.retention(c[layer], top_k, params.retention_ks, params.gamma)
+        point = _audit(c[layer : layer + 1], top_k, params)[0]
         out.append(
             {
                 "store": store,
@@ -277,32 +298,19 @@ def committee_tables(
                 "prompts": sum(rows.count(d) for d in domains),
                 "variant": params.committee_variant,
                 "members": com.members,
-                "size": float(len(com.members)),
-                "size_lo": float(lo[layer, 2]),
-                "size_hi": float(hi[layer, 2]),
                 # other orders of experts tied at the k-th slot give other committees
                 "stability": "stable" if len(alternatives) == 1 else "tie-dependent",
                 "tie_alternatives": len(alternatives),
                 "avg_mean_rank": float(np.mean(com.mean_rank)),
                 "avg_rank_var": float(np.mean(com.rank_var)),
-                "coverage": com.coverage,
-                "coverage_lo": float(lo[layer, 0]),
-                "coverage_hi": float(hi[layer, 0]),
-                "coverage_random_routing": float(random[layer, 0]),
-                "coverage_label_shuffle": float(shuffled[layer, 0]),
-                "ratio": com.ratio,
-                "ratio_lo": float(lo[layer, 1]),
-                "ratio_hi": float(hi[layer, 1]),
-                "ratio_random_routing": float(random[layer, 1]),
-                "gini": float(um.gini(c[layer].mean(0))),
+                **_with_intervals(point, lo[layer], hi[layer], random[layer], shuffled[layer]),
                 "topk_mass_mean": float(mass.mean()),
                 "topk_mass_std": float(mass.std()),
                 **{f"retention_k{k}": v for k, v in sweep.items()},
                 "jaccard_min": float(off.min()),
-                "jaccard_mean": float(off.mean()),
             }
         )
-    point = _over_layers(np.array([[r["coverage"], r["ratio"], r["size"]] for r in out]))
+    point = _over_layers(_audit(c, top_k, params))
     out.append(
         {
             "store": store,
@@ -310,18 +318,7 @@ def committee_tables(
             "domains": len(domains),
             "prompts": out[0]["prompts"],
             "variant": params.committee_variant,
-            "size": float(point[2]),
-            "size_lo": float(all_lo[2]),
-            "size_hi": float(all_hi[2]),
-            "coverage": float(point[0]),
-            "coverage_lo": float(all_lo[0]),
-            "coverage_hi": float(all_hi[0]),
-            "coverage_random_routing": float(_over_layers(random)[0]),
-            "coverage_label_shuffle": float(_over_layers(shuffled)[0]),
-            "ratio": float(point[1]),
-            "ratio_lo": float(all_lo[1]),
-            "ratio_hi": float(all_hi[1]),
-            "ratio_random_routing": float(_over_layers(random)[1]),
+            **_with_intervals(point, all_lo, all_hi, _over_layers(random), _over_layers(shuffled)),
             **{
                 f"retention_k{k}": float(np.mean([r[f"retention_k{k}"] for r in out]))
                 for k in params.retention_ks
