@@ -18,6 +18,7 @@ from capture_server.api.engine_args import build_engine_args
 from capture_server.api.files import PromptFiles
 from capture_server.api.jobs_db import JobsDB
 from capture_server.api.schemas import JobCreate, PromptItem
+from capture_server.api.writer_states import WriterStates
 from capture_server.capture.active import require_active
 from capture_server.capture.scoring import split_nll, token_nll
 from capture_server.errors import JobsDatabaseError
@@ -107,6 +108,8 @@ class JobRunner:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancelled: set[str] = set()
         self.tokens_generated = 0
+        self.writer_states: dict[str, WriterStates] = {}
+        """Per model: one poller of its worker's store writers for all jobs."""
         self.unrecorded: dict[str, dict[str, Any]] = {}
         """Fields of jobs the database could not take (a full disk): served from here
         (`view`) and written when it can take them again (`keep_records`)."""
@@ -191,6 +194,9 @@ class JobRunner:
         request = JobCreate(**job["request"])
         prompts = request.prompts or self.files.load(request.prompts_file)
         engine = self.engines.engines[request.model]
+        if request.model not in self.writer_states:
+            self.writer_states[request.model] = WriterStates(engine)
+        writers = self.writer_states[request.model]
         store = self.store_path(job_id)
         n = 1 if request.kind != "rollout" else request.sampling.n
         todo = _missing_samples(len(prompts), n, _committed_keys(store))
@@ -272,7 +278,7 @@ class JobRunner:
 
         cancelled = stopped = False
         work = asyncio.gather(*(one(i, prompts[i], samples) for i, samples in todo))
-        watcher = asyncio.ensure_future(watch_writer(engine, store, WRITER_POLL_SECONDS))
+        watcher = asyncio.ensure_future(writers.failure(store))
         try:
             await asyncio.wait({work, watcher, db_failed}, return_when=asyncio.FIRST_COMPLETED)
             # the store or the job's record failed: generating on is wasted
@@ -293,10 +299,10 @@ class JobRunner:
                 await engine.abort(request_ids)
             state = "cancelled" if cancelled else "done"
             await send_texts()  # before the close that commits them
-            sink_error = await close_store(engine, store, request_ids)
-            if sink_error:
+            store_error = await writers.close(store, request_ids)
+            if store_error:
                 state = "failed"
-                progress["errors"].append(f"store: {sink_error}")
+                progress["errors"].append(f"store: {store_error}")
             if db_failed.done():
                 state = "failed"
                 progress["errors"].append(db_failed.result())
@@ -307,7 +313,7 @@ class JobRunner:
                 if error:
                     state = "failed"
                     progress["errors"].append(error)
-            if sink_error or cancelled:  # what is in the store, not what was generated
+            if store_error or cancelled:  # what is in the store, not what was generated
                 progress["done"] = len(_committed_keys(store))
             await report(force=True)
             if state == "done" and (self.db.get(job_id) or {}).get("state") == "cancelling":
@@ -437,18 +443,6 @@ async def sink_state(engine: Any, store: str) -> str:
     """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
     engine's worker."""
     return (await sink_states_rpc([store]).run(engine))[0][store]
-
-
-WRITER_POLL_SECONDS = 1.0  # how often a running job asks whether its store writer failed
-
-
-async def watch_writer(engine: Any, store: str, every: float) -> str:
-    """Return (with the error) once the job's store writer in the worker has failed."""
-    while True:
-        await asyncio.sleep(every)
-        error = sink_error(await sink_state(engine, store))
-        if error:
-            return error
 
 
 async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:

@@ -68,9 +68,11 @@ def stats(worker: Any) -> dict[str, Any]:
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:  # a TP replica captures by its rank 0; {}: capture is off
         return {"role": "replica"} if getattr(worker.model_runner, "_moetrace_replica", 0) else {}
+    interventions = getattr(worker.model_runner, "_moetrace_interventions", None)
     return {
         "role": "writer",
         **collector.stats,
+        "intervention_seconds": 0.0 if interventions is None else interventions.seconds,
         "routing": {**asdict(collector.routing), "interventions": collector.interventions},
         "expert_load": collector.expert_load.tolist(),
         "sinks": collector.sink_metrics(),

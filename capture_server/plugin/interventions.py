@@ -6,6 +6,7 @@ tables and applies them (a replica that did not would route differently from ran
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -152,10 +153,14 @@ class RequestInterventions:
         self.tables = tables
         self.shape = shape
         self._slot_of_request: dict[str, int] = {}  # every request seen, 0: none
+        self.seconds = 0.0
+        """Host time spent here: what a step pays when nobody intervenes (eager
+        engines then skip the tables in the forward; `InterventionTables.applies`)."""
 
     def before_forward(
         self, runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray
     ) -> None:
+        start = time.perf_counter()
         finished = set(scheduler_output.finished_req_ids)
         finished |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for req_id in finished & self._slot_of_request.keys():
@@ -170,6 +175,7 @@ class RequestInterventions:
                 slot = self._admit(runner, req_id)
             slots[i] = slot
         self.tables.set_rows(slots, num_scheduled_tokens)
+        self.seconds += time.perf_counter() - start
 
     def _admit(self, runner: Any, req_id: str) -> int:
         params = getattr(runner.requests.get(req_id), "sampling_params", None)

@@ -1,0 +1,86 @@
+"""One poller of the store writers in an engine's worker, shared by every running job.
+
+A job needs two things of its store's writer, which lives in the engine's worker: to
+learn soon when it fails (generating on is then wasted), and to learn when its final
+commit is done. Both are answered by `protocol.sink_states_rpc`, a utility call the
+engine core serves between steps. Asked per job, 32 small jobs made 32 calls a second
+while running and 50 a second each while committing; here one call a tick asks for
+every store at once, however many jobs there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from capture_server.protocol import close_rpc, sink_error, sink_states_rpc
+
+RUNNING_TICK = 1.0  # seconds between polls while no store is committing its end
+CLOSING_TICK = 0.02  # while one is: a finished job learns its commit is done this soon
+
+
+class WriterStates:
+    """Waits on the store writers of one engine for any number of jobs."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._failure: dict[str, list[asyncio.Future[str]]] = {}
+        self._closing: dict[str, list[asyncio.Future[str]]] = {}
+        self._wake = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+        self.polls = 0  # sink-state calls made, for tests and the bench
+
+    async def failure(self, store: str) -> str:
+        """The error, once `store`'s writer has failed (wait on it while the job runs,
+        and cancel the wait when it ends)."""
+        return sink_error(await self._wait(self._failure, store)) or "failed"
+
+    async def close(self, store: str, request_ids: list[str]) -> str | None:
+        """End a job's requests in the worker, then wait until its store is committed
+        and closed, never blocking the engine on the commit. Returns the store's error."""
+        await close_rpc([store], request_ids).run(self.engine)
+        return sink_error(await self._wait(self._closing, store))
+
+    async def _wait(self, waiters: dict[str, list[asyncio.Future[str]]], store: str) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters.setdefault(store, []).append(future)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        self._wake.set()  # a closing store shortens the current tick
+        try:
+            return await future
+        finally:
+            pending = waiters.get(store, [])
+            if future in pending:
+                pending.remove(future)
+            if not pending:
+                waiters.pop(store, None)
+
+    async def _poll(self) -> None:
+        """Until nobody waits: one sink-state call per tick for every store waited on."""
+        while self._failure or self._closing:
+            self._wake.clear()
+            tick = CLOSING_TICK if self._closing else RUNNING_TICK
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), tick)
+            stores = sorted(self._failure.keys() | self._closing.keys())
+            if not stores:
+                continue
+            try:
+                states = (await sink_states_rpc(stores).run(self.engine))[0]
+            except Exception as exc:  # the engine is gone: every waiter learns why
+                states = dict.fromkeys(stores, f"failed: engine: {exc}")
+            self.polls += 1
+            for store in stores:
+                state = states.get(store, "closed")
+                if sink_error(state):
+                    self._resolve(self._failure, store, state)
+                if state != "closing":
+                    self._resolve(self._closing, store, state)
+
+    @staticmethod
+    def _resolve(waiters: dict[str, list[asyncio.Future[str]]], store: str, state: str) -> None:
+        for future in waiters.get(store, []):
+            if not future.done():
+                future.set_result(state)
