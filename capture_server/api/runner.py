@@ -199,6 +199,7 @@ class JobRunner:
         writers = self.writer_states[request.model]
         store = self.store_path(job_id)
         n = 1 if request.kind != "rollout" else request.sampling.n
+        rows = expected_rows(request, prompts)
         todo = _missing_samples(len(prompts), n, _committed_keys(store))
         progress = {
             "done": len(prompts) * n - sum(len(samples) for _, samples in todo),
@@ -255,7 +256,7 @@ class JobRunner:
                 async with limit:
                     try:
                         prompt, params, prompt_len = self._request(
-                            request, i, item, tokenizer, store, sample
+                            request, i, item, tokenizer, store, sample, rows
                         )
                         request_ids.append(rid)
                         final = None
@@ -383,11 +384,13 @@ class JobRunner:
         tokenizer: Any,
         store: str,
         sample: int | None = None,
+        rows: int = 0,
     ) -> tuple[Any, Any, int]:
         """The engine prompt, sampling parameters and prompt length of prompt `i`: all
         its samples, or with `sample` the one sample of that index (a seeded job gets
         the seed vLLM gives that sample, `seed + sample`, so the rerun draws what the
-        lost sample drew). A score job's prompt is followed by its completion."""
+        lost sample drew). A score job's prompt is followed by its completion. `rows`:
+        about how many rows the job's store will hold (`expected_rows`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -406,7 +409,12 @@ class JobRunner:
         n = 1 if request.kind != "rollout" else s.n
         options = request.capture.options(store, job_sequence_key(i), i, item.labels, n)
         intervention = item.intervention or request.intervention or {}
-        options = replace(options, texts=True, intervention=intervention)
+        options = replace(
+            options,
+            texts=True,
+            intervention=intervention,
+            store={**options.store, "expected_rows": rows},
+        )
         if request.kind != "rollout":  # score and experiment jobs teacher-force
             completion = (
                 list(item.completion_token_ids)
@@ -437,6 +445,31 @@ class JobRunner:
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n samples
         )
         return TokensPrompt(prompt_token_ids=prompt_ids), params, len(prompt_ids)
+
+
+CHARS_PER_TOKEN = 4  # a rough count for text not tokenized yet
+
+
+def expected_rows(request: JobCreate, prompts: list[PromptItem]) -> int:
+    """About how many token rows a job's store will hold, so that its chunks fit the
+    job (`StoreOptions.expected_rows`): each prompt's tokens (text counted at
+    `CHARS_PER_TOKEN` characters a token) and completion, and for rollouts n x
+    max_tokens. Only the chunk size follows from it."""
+
+    def tokens(ids: list[int] | None, *texts: str | None) -> int:
+        if ids is not None:
+            return len(ids)
+        return sum(len(t or "") for t in texts) // CHARS_PER_TOKEN + 1
+
+    rows = 0
+    for item in prompts:
+        messages = [m.get("content", "") for m in item.messages or []]
+        rows += tokens(item.prompt_token_ids, item.prompt, *messages)
+        if item.completion is not None or item.completion_token_ids is not None:
+            rows += tokens(item.completion_token_ids, item.completion)
+    if request.kind == "rollout":
+        rows += len(prompts) * request.sampling.n * request.sampling.max_tokens
+    return rows
 
 
 async def sink_state(engine: Any, store: str) -> str:

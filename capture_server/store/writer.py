@@ -127,7 +127,7 @@ class StoreWriter:
         for layer in opts.hidden_layers:
             specs[protocol.hidden_array(layer)] = ((d,), np.dtype(opts.hidden_dtype))
         widest = max(int(np.prod(shape)) * dt.itemsize for shape, dt in specs.values())
-        chunk = opts.chunk_tokens or choose_chunk_tokens(widest)
+        chunk = opts.chunk_tokens or choose_chunk_tokens(widest, opts.expected_rows)
         self.options = StoreOptions(**{**asdict(opts), "chunk_tokens": chunk})
         self.chunk = chunk
 

@@ -44,6 +44,8 @@ def test_async_client_runs_an_uploaded_job_end_to_end(server, tmp_path):
     assert final["id"] in {j["id"] for j in listed["data"]}
     store = open_store(final["store"])
     assert sorted(store.index["request_id"].to_list()) == ["p0", "p1", "p2"]
+    # a three-prompt job gets the smallest chunks, not ones sized for a long rollout
+    assert store.chunk_tokens == 256
     assert sequences["count"] == 3
 
 

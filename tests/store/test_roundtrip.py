@@ -209,3 +209,15 @@ def test_texts_written_before_the_writer_creates_the_store_are_kept(tmp_path):
     index = open_store(path).index
     row = index.filter(index["request_id"] == "seq-1").row(0, named=True)
     assert row["completion_text"] == "early"
+
+
+def test_chunks_fit_the_expected_rows():
+    """Hand values: 128-byte rows fill 8 MiB chunks at 65536 rows; a store expected to
+    hold 100 rows gets the smallest chunk, 5000 rows the power of two above."""
+    from capture_server.store.format import choose_chunk_tokens
+
+    assert choose_chunk_tokens(128) == 65536
+    assert choose_chunk_tokens(128, expected_rows=100) == 256
+    assert choose_chunk_tokens(128, expected_rows=5000) == 8192
+    assert choose_chunk_tokens(128, expected_rows=10**9) == 65536
+    assert choose_chunk_tokens(13448, expected_rows=10**9) == 512  # wide rows: bytes rule
