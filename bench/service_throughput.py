@@ -69,7 +69,6 @@ def run_in_process(model: str) -> list[float]:
         enable_chunked_prefill=not current_platform.is_cpu(),
         seed=0,
         **ENGINE,
-        enforce_eager=True,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in token_prompts(len(engine.tokenizer))]
     store_dir = tempfile.mkdtemp(prefix="moetrace-bench-inproc-")
