@@ -89,8 +89,10 @@ def _alignment(profiles: dict[str, list[SequenceProfile]], params: Params) -> di
 
 
 def _geometry(ctx: StoreTables) -> dict[str, Table]:
-    sample = geometry_sample(ctx.store)
     router = ctx.store.router_weights()
+    if "router_weights" not in router:  # no hidden states captured: nothing to relate
+        return {}
+    sample = geometry_sample(ctx.store)
     weights = router["router_weights"]
     summary, triangle = geometry_tables(sample, weights, ctx.name, ctx.whole, ctx.params)
     ablation = direction_ablation_table(sample, router, ctx.store.model, ctx.name, ctx.params)

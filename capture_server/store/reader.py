@@ -96,7 +96,8 @@ class RoutingStore:
         return sorted(self._arrays)
 
     def router_weights(self) -> dict[str, np.ndarray]:
-        """Router matrices (L, E, d) and biases, float32."""
+        """Router matrices (L, E, d), kept only in stores with hidden states, and
+        biases, float32."""
         group = self.root[MODEL_GROUP]
         return {
             name: group[name][...]

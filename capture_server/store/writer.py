@@ -147,8 +147,12 @@ class StoreWriter:
                 overwrite=True,
             )
         model = root.create_group(MODEL_GROUP, overwrite=True)
+        # the router matrices serve only with the router inputs they route (geometry,
+        # re-routing); without hidden states they would be written for nothing, and
+        # they are large (48 x 128 x 2048 floats, 50 MB, for Qwen3-30B-A3B): a store
+        # of a small job would spend most of its creation on them
         weights = {
-            "router_weights": meta.router_weights,
+            "router_weights": meta.router_weights if opts.hidden_layers else None,
             "router_bias": meta.router_bias,
             "correction_bias": meta.correction_bias,
         }

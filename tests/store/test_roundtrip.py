@@ -221,3 +221,13 @@ def test_chunks_fit_the_expected_rows():
     assert choose_chunk_tokens(128, expected_rows=5000) == 8192
     assert choose_chunk_tokens(128, expected_rows=10**9) == 65536
     assert choose_chunk_tokens(13448, expected_rows=10**9) == 512  # wide rows: bytes rule
+
+
+def test_router_matrices_are_kept_only_with_hidden_states(tmp_path):
+    """They serve only with the router inputs they route, and are large on real models."""
+    from capture_server.store.writer import StoreWriter
+
+    writer = StoreWriter(tmp_path / "s", StoreOptions(hidden_layers=()))
+    writer.open(synthetic.meta())
+    writer.close()
+    assert "router_weights" not in open_store(tmp_path / "s").router_weights()
