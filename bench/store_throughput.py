@@ -5,7 +5,9 @@ logits). For each codec the writer (one thread, `StoreWriter`) streams the same
 sequences; the same bytes are also written raw with plain file writes to the same disk.
 Memory: peak RSS of a writer process for a job and for a job 10x larger. Writers: the
 same rows written by one writer process, and by two at once, each writing its half as a
-data-parallel part of one store (format version 2), as aggregate MB/s.
+data-parallel part of one store (format version 2), as aggregate MB/s. Budget: token
+rows per second that one writer and two writers sustain for the routing of real model
+shapes (`SHAPES`), ids + weights and with float16 logits.
 
     .venv/bin/python bench/store_throughput.py [--rows 20000] [--out docs/bench-store.json]
 """
@@ -26,23 +28,32 @@ from pathlib import Path
 import numpy as np
 
 # -- defaults ---------------------------------------------------------------------------
-L, E, K, D = 48, 128, 8, 2048
+SHAPES = {  # MoE layers, routed experts, top-k, hidden size (from each model's config.json)
+    "OLMoE-1B-7B": (16, 64, 8, 2048),
+    "Qwen3-30B-A3B": (48, 128, 8, 2048),
+    "DeepSeek-V3": (58, 256, 8, 7168),
+}
+SHAPE = "Qwen3-30B-A3B"
+L, E, K, D = SHAPES[SHAPE]
 SEQ_ROWS = 512
+BUDGET_BYTES = 256 * 2**20  # routing bytes per budget run: fixed costs stay a small share
 POOL = 8  # distinct synthetic sequences, reused round-robin (generation is not measured)
 CODECS = ["blosc-lz4-shuffle", "blosc-zstd-shuffle", "zstd", "none"]
 SEED = 0
 
 
-def _meta():
+def _meta(shape: str = SHAPE):
     from capture_server.capture.records import ModelMeta
 
-    return ModelMeta.synthetic(list(range(L)), E, K, D)
+    layers, experts, k, hidden = SHAPES[shape]
+    return ModelMeta.synthetic(list(range(layers)), experts, k, hidden)
 
 
-def _pool():
+def _pool(shape: str = SHAPE):
     """Sequences with routing-like structure: top-k ids and softmax weights of the logits."""
     from capture_server.capture.records import RoutingRows
 
+    L, E, K, _ = SHAPES[shape]
     rng = np.random.default_rng(SEED)
     pool = []
     for i in range(POOL):
@@ -66,7 +77,12 @@ def _pool():
 
 
 def write_store(
-    path: str, rows_total: int, codec: str, dp_rank: int | None = None
+    path: str,
+    rows_total: int,
+    codec: str,
+    dp_rank: int | None = None,
+    shape: str = SHAPE,
+    logits: bool = True,
 ) -> dict[str, float]:
     """One writer's run; with `dp_rank`, as that data-parallel part of a parted store."""
     from capture_server.capture.records import SequenceEnd
@@ -74,10 +90,11 @@ def write_store(
     from capture_server.store.parts import PartId
     from capture_server.store.writer import StoreWriter
 
-    pool = _pool()
+    pool = _pool(shape)
     part = None if dp_rank is None else PartId(dp_rank=dp_rank)
-    writer = StoreWriter(path, StoreOptions(compressor=codec, weights_dtype="float16"), part=part)
-    writer.open(_meta())
+    options = StoreOptions(compressor=codec, weights_dtype="float16", logits=logits)
+    writer = StoreWriter(path, options, part=part)
+    writer.open(_meta(shape))
     started = time.time()
     t0 = time.perf_counter()
     n = 0
@@ -94,6 +111,7 @@ def write_store(
         "started": started,
         "ended": started + seconds,
         "bytes": writer.bytes_written,
+        "rows": n * SEQ_ROWS,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -123,11 +141,14 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # PATH ROWS CODEC [DP]
+    parser.add_argument("--shape", default=SHAPE, help=argparse.SUPPRESS)
+    parser.add_argument("--no-logits", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, rows, codec, *dp = args.child
         dp_rank = int(dp[0]) if dp else None
-        print(json.dumps(write_store(path, int(rows), codec, dp_rank)))
+        run = write_store(path, int(rows), codec, dp_rank, args.shape, not args.no_logits)
+        print(json.dumps(run))
         return
 
     scratch = args.dir or tempfile.mkdtemp(prefix="moetrace-bench-")
@@ -200,13 +221,18 @@ def main() -> None:
         shutil.rmtree(path)
     print(f"peak RSS: {mem}", file=sys.stderr)
 
-    def writers(count: int) -> float:
-        """Aggregate MB/s of `count` writer processes splitting the rows, at once."""
+    def writers(
+        count: int, rows: int = args.rows, shape: str = SHAPE, logits: bool = True
+    ) -> tuple[float, float]:
+        """Aggregate MB/s and token rows/s of `count` writer processes splitting the
+        rows, at once."""
         path = os.path.join(scratch, f"writers{count}")
+        flags = ["--shape", shape] + ([] if logits else ["--no-logits"])
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--child", path, str(args.rows // count), CODECS[0]]
-                + ([] if count == 1 else [str(d)]),
+                [sys.executable, __file__, "--child", path, str(rows // count), CODECS[0]]
+                + ([] if count == 1 else [str(d)])
+                + flags,
                 env=env,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -216,11 +242,30 @@ def main() -> None:
         runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         shutil.rmtree(path)
         span = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
-        return sum(r["bytes"] for r in runs) / span / 1e6
+        return sum(r["bytes"] for r in runs) / span / 1e6, sum(r["rows"] for r in runs) / span
 
-    one, two = writers(1), writers(2)
+    (one, _), (two, _) = writers(1), writers(2)
     parts = {"one_MBps": round(one, 1), "two_MBps": round(two, 1), "ratio": round(two / one, 2)}
     print(f"writers: {parts}", file=sys.stderr)
+
+    budget = []  # tokens/s the writers sustain per model shape (blosc-lz4-shuffle)
+    for shape in SHAPES:
+        layers, experts, k, _ = SHAPES[shape]
+        for logits in (False, True):
+            row_bytes = layers * k * 3 + 8 + (layers * experts * 2 if logits else 0)
+            rows = max(args.rows, BUDGET_BYTES // row_bytes)
+            (mb1, rows1), (mb2, rows2) = (writers(count, rows, shape, logits) for count in (1, 2))
+            budget.append(
+                {
+                    "model": shape,
+                    "arrays": "ids + weights + fp16 logits" if logits else "ids + weights",
+                    "one_writer_tokens_per_s": round(rows1),
+                    "two_writers_tokens_per_s": round(rows2),
+                    "row_bytes": row_bytes,
+                    "one_writer_MBps": round(mb1, 1),
+                }
+            )
+            print(f"budget: {budget[-1]}", file=sys.stderr)
     summary = {
         "rows": args.rows,
         "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
@@ -228,6 +273,7 @@ def main() -> None:
         "codecs": results,
         "peak_rss_mb": mem,
         "writers": parts,
+        "budget": budget,
     }
     print(json.dumps(summary, indent=2))
     if args.out:
