@@ -11,6 +11,8 @@ computed from per-sequence or per-pair summaries without re-reading any token
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 REPLICATES = 400
@@ -26,7 +28,9 @@ def interval(replicated: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, 
     """Percentile interval over the first axis (replicates), NaN-aware: a replicate that
     drew no unit of a group has no value for it."""
     tail = (1 - level) / 2 * 100
-    lo, hi = np.nanpercentile(replicated, [tail, 100 - tail], axis=0)
+    with warnings.catch_warnings():  # a group no replicate has a value for stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(replicated, [tail, 100 - tail], axis=0)
     return lo, hi
 
 

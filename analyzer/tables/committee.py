@@ -15,7 +15,6 @@ from analyzer.profiles import token_counts
 from analyzer.tables.conditions import ALL_LAYERS
 
 COMMITTEE_REPLICATES = 200  # bootstrap replicates: each re-runs the audit on every layer
-ARRAYS = ("ids", "weights", "probs")
 
 
 class CommitteeRows:
@@ -225,7 +224,7 @@ def label_shuffled_rows(rows: CommitteeRows, rng: np.random.Generator) -> Commit
     return shuffled
 
 
-CHANCE_DRAWS = 8  # random draws averaged for each chance level
+CHANCE_DRAWS = 8  # random draws of each chance level; the table gives their median
 
 
 def _chance(

@@ -164,7 +164,7 @@ def _geometry_finding(geo: pl.DataFrame | None, store: str) -> dict:
     )
 
 
-def _committee_rows(com: pl.DataFrame | None, store: str) -> dict | None:
+def _committee_over_layers(com: pl.DataFrame | None, store: str) -> dict | None:
     if com is None or not len(com):
         return None
     rows = com.filter(
@@ -176,7 +176,7 @@ def _committee_rows(com: pl.DataFrame | None, store: str) -> dict | None:
 def _committee_findings(com: pl.DataFrame | None, store: str) -> list[dict]:
     b = "(b) CommitteeAudit, Table 5 and C4"
     low, high = COMMITTEE_COVERAGE
-    row = _committee_rows(com, store)
+    row = _committee_over_layers(com, store)
     found = {}
     if row is not None:
         holds = row["coverage_lo"] >= low and row["ratio_lo"] > row["ratio_random_routing"]
