@@ -39,6 +39,9 @@ def _fill(mount) -> None:
         os.close(fd)
 
 
+PROMPTS = 256
+
+
 @pytest.mark.slow
 def test_a_database_that_takes_no_writes_ends_the_job_cleanly(specimen, data_mount, tmp_path):
     # requests in waves of 4: sequences commit while the job is still running
@@ -48,7 +51,9 @@ def test_a_database_that_takes_no_writes_ends_the_job_cleanly(specimen, data_mou
         body = {
             "kind": "rollout",
             "model": "qwen3_moe",
-            "prompts": [{"prompt": f"a long story {i}"} for i in range(64)],
+            # long enough that the stop, whose moment depends on when SQLite first fails
+            # to grow its files (about 36 of these prompts in, once), is well before the end
+            "prompts": [{"prompt": f"a long story {i}"} for i in range(PROMPTS)],
             "sampling": {"max_tokens": 64, "ignore_eos": True, "n": 2},
         }
         job_id = server.client.post("/v1/jobs", json=body).json()["id"]
@@ -61,7 +66,8 @@ def test_a_database_that_takes_no_writes_ends_the_job_cleanly(specimen, data_mou
         job = server.wait_job(job_id, timeout=120)
         assert job["state"] == "failed", job
         assert any("jobs.sqlite" in e for e in job["errors"]), job["errors"]
-        assert job["tokens_done"] < 128 * 64 // 2, "generation stopped well before the end"
+        total = PROMPTS * 2 * 64
+        assert job["tokens_done"] < total // 2, "generation stopped well before the end"
 
         refused = server.client.post("/v1/jobs", json=body)
         assert refused.status_code == 503 and "jobs.sqlite" in refused.json()["detail"]
