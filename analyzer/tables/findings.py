@@ -142,14 +142,18 @@ def _overlap_findings(cond: pl.DataFrame | None, store: str) -> list[dict]:
     return rows
 
 
+def _mean_with_interval(frame: pl.DataFrame, column: str) -> tuple[float, float, float]:
+    """Mean over layers of a statistic and of its interval's bounds (``<column>_lo``,
+    ``<column>_hi``)."""
+    return tuple(float(frame[c].mean()) for c in (column, f"{column}_lo", f"{column}_hi"))
+
+
 def _geometry_finding(geo: pl.DataFrame | None, store: str) -> dict:
     found = {}
     if geo is not None and len(geo):
         g = geo.filter(pl.col("store") == store).drop_nulls("pooled_vs_usage_corr")
         if len(g):
-            corr = float(g["pooled_vs_usage_corr"].mean())
-            lo = float(g["pooled_vs_usage_corr_lo"].mean())
-            hi = float(g["pooled_vs_usage_corr_hi"].mean())
+            corr, lo, hi = _mean_with_interval(g, "pooled_vs_usage_corr")
             found = {"measured": corr, "lo": lo, "hi": hi, "verdict": _verdict(lo > 0)}
     return _row(
         store,
@@ -286,8 +290,7 @@ def _prediction_finding(pred: pl.DataFrame | None, store: str) -> dict:
     if pred is not None and len(pred):
         p = pred.filter(pl.col("store") == store).drop_nans("correlation")
         if len(p):
-            corr = float(p["correlation"].mean())
-            lo, hi = float(p["correlation_lo"].mean()), float(p["correlation_hi"].mean())
+            corr, lo, hi = _mean_with_interval(p, "correlation")
             found = {"measured": corr, "lo": lo, "hi": hi, "verdict": _verdict(lo <= 0.5)}
     return _row(
         store,

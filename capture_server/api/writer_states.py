@@ -29,7 +29,6 @@ class WriterStates:
         self._closing: dict[str, list[asyncio.Future[str]]] = {}
         self._wake = asyncio.Event()
         self._poller: asyncio.Task | None = None
-        self.polls = 0  # sink-state calls made, for tests and the bench
 
     async def failure(self, store: str) -> str:
         """The error, once `store`'s writer has failed (wait on it while the job runs,
@@ -71,7 +70,6 @@ class WriterStates:
                 states = (await sink_states_rpc(stores).run(self.engine))[0]
             except Exception as exc:  # the engine is gone: every waiter learns why
                 states = dict.fromkeys(stores, f"failed: engine: {exc}")
-            self.polls += 1
             for store in stores:
                 state = states.get(store, "closed")
                 if sink_error(state):

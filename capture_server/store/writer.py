@@ -150,9 +150,13 @@ class StoreWriter:
         # the router matrices serve only with the router inputs they route (geometry,
         # re-routing); without hidden states they would be written for nothing, and
         # they are large (48 x 128 x 2048 floats, 50 MB, for Qwen3-30B-A3B): a store
-        # of a small job would spend most of its creation on them
+        # of a small job would spend most of its creation on them. A part keeps its
+        # stage's slice whatever its own hidden layers: the logical store's matrices
+        # are the stages' slices joined (`parts.PartedStore.router_weights`), and a
+        # pipeline stage without hidden layers of its own must not leave a hole
+        keep_router = bool(opts.hidden_layers) or self.part is not None
         weights = {
-            "router_weights": meta.router_weights if opts.hidden_layers else None,
+            "router_weights": meta.router_weights if keep_router else None,
             "router_bias": meta.router_bias,
             "correction_bias": meta.correction_bias,
         }
