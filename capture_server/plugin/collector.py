@@ -24,6 +24,7 @@ from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.plugin.interventions import refuse_interventions
+from capture_server.plugin.prefix_rows import PrefixRowsError, SlotLayout, SlotRows
 from capture_server.protocol import Annotation, split_sample
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class _RequestState:
     next_position: int = -1  # positions below this were captured already (recompute dedup)
     first_position: int = -1
     num_rows: int = 0
+    prefix_blocks: list[int] | None = None  # KV blocks at its first step (prefix caching)
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -78,6 +81,12 @@ def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
     )
 
 
+def _take_rows(a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The host-copied arrays of a step at `rows` (routing arrays have rows on axis 1)."""
+    on_axis_1 = {"ids", "weights", "logits"}
+    return {k: v[:, rows] if k in on_axis_1 else v[rows] for k, v in a.items()}
+
+
 class StepCollector:
     """Attributes buffer rows to requests and streams them to each request's sink."""
 
@@ -96,6 +105,7 @@ class StepCollector:
         self.meta = meta
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
+        self.slot_rows: SlotRows | None = None  # with prefix caching (`attach_kv_cache`)
         self._pending: _PendingStep | None = None
         self._host_copy = HostCopy(buffers.ids.device) if buffers is not None else None
         self._proven = False  # every layer has recorded once (see before_step)
@@ -111,6 +121,7 @@ class StepCollector:
             "rows": 0,
             "preempted": 0,
             "recomputed_rows_dropped": 0,
+            "prefix_rows_reused": 0,  # rows of cached prompt positions, read from slots
             "host_seconds": 0.0,  # time spent in after_step: copies, attribution, sinks
             "closed_bytes_written": 0,  # writer totals of stores closed so far
             "closed_sequences_committed": 0,
@@ -118,6 +129,23 @@ class StepCollector:
         }
 
     # -- called by the model runner wrapper -------------------------------------------
+
+    def attach_kv_cache(self, runner: Any) -> None:
+        """With prefix caching on, keep every forwarded row by KV slot, so that cached
+        prompt positions get their rows (`prefix_rows`). Called once the runner's KV
+        cache is allocated; raises `CaptureError` where that cannot be done."""
+        if not runner.cache_config.enable_prefix_caching:
+            self.slot_rows = None
+            return
+        buffers = self.buffers
+        layout = SlotLayout(
+            num_layers=buffers.ids.shape[0],
+            top_k=buffers.ids.shape[2],
+            num_experts=buffers.num_experts,
+            logits=buffers.logits is not None,
+            hidden={layer: buf.shape[1] for layer, buf in buffers.hidden.items()},
+        )
+        self.slot_rows = SlotRows.for_engine(runner.vllm_config, runner.kv_cache_config, layout)
 
     def before_step(self, scheduler_output: Any) -> None:
         """Until the first step with rows has proven that every MoE layer records, arm
@@ -259,22 +287,29 @@ class StepCollector:
                     sample_index=sample,
                     prompt_len=options.prompt_len if options.prompt_len >= 0 else engine_prompt,
                 )
+                if self.slot_rows is not None:  # its cached blocks, if any, are the first
+                    state = self._requests[req_id]
+                    state.prefix_blocks = list(cached.block_ids[self.slot_rows.group])
+                    state.prompt_token_ids = cached.prompt_token_ids
         return self._requests[req_id]
 
     def _start_copy(self, runner: Any, num_tokens: int) -> _PendingStep | None:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         states = [self._state(runner, r) for r in batch.req_ids[:num_reqs]]
-        if all(s is None for s in states):
+        # with prefix caching every row is kept by slot: a later captured request may hit
+        # KV blocks that an uncaptured one computed, and ask for logits or hidden states
+        every_row = self.slot_rows is not None
+        if not every_row and all(s is None for s in states):
             return None
         qsl = runner.query_start_loc.np[: num_reqs + 1].copy()
         req_of_row = np.repeat(np.arange(num_reqs), np.diff(qsl))[:num_tokens]
         captured = np.array([s is not None for s in states])
-        rows = np.flatnonzero(captured[req_of_row])
+        rows = np.arange(num_tokens) if every_row else np.flatnonzero(captured[req_of_row])
 
         index = torch.from_numpy(rows).to(self.buffers.ids.device, non_blocking=True)
-        want_logits = self.buffers.logits is not None and any(
-            s is not None and s.options.logits for s in states
+        want_logits = self.buffers.logits is not None and (
+            every_row or any(s is not None and s.options.logits for s in states)
         )
         device_arrays = {
             "positions": runner.positions.index_select(0, index),
@@ -282,11 +317,15 @@ class StepCollector:
             "ids": self.buffers.ids.index_select(1, index),
             "weights": self.buffers.weights.index_select(1, index),
         }
+        if every_row:
+            assert self.slot_rows is not None
+            table = batch.block_table.block_tables[self.slot_rows.group]
+            device_arrays["slots"] = table.slot_mapping.gpu.index_select(0, index)
         if want_logits:
             assert self.buffers.logits is not None
             device_arrays["logits"] = self.buffers.logits.index_select(1, index)
         for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
-            if any(s is not None and layer in s.options.hidden_layers for s in states):
+            if every_row or any(s is not None and layer in s.options.hidden_layers for s in states):
                 device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
         return _PendingStep(
             rows={"req_of_row": req_of_row[rows], "states": states},
@@ -300,6 +339,14 @@ class StepCollector:
         a = step.copy.wait()
         states: list[_RequestState | None] = step.rows["states"]
         req_of_row: np.ndarray = step.rows["req_of_row"]
+        if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
+            assert self.slot_rows is not None
+            self.slot_rows.remember(a.pop("slots"), a)
+            captured = np.array([s is not None for s in states])[req_of_row]
+            if not captured.all():
+                a, req_of_row = _take_rows(a, np.flatnonzero(captured)), req_of_row[captured]
+            if not len(req_of_row):
+                return
         positions = a["positions"].astype(np.int64)
 
         # Rows come grouped by request (the batch order); work per segment, not per row.
@@ -313,15 +360,26 @@ class StepCollector:
             next_pos[r] = states[r].next_position  # type: ignore[union-attr]
         keep = positions >= next_pos[req_of_row]
         kept_per_req = np.bincount(req_of_row[keep], minlength=len(states))
+        prefixes: list[tuple[int, RoutingRows]] = []  # rows of cached prompt positions
         for r, lo, hi in zip(reqs.tolist(), seg_min.tolist(), seg_max.tolist(), strict=True):
             state = states[r]
             assert state is not None
+            if state.first_position < 0 and lo > 0 and self.slot_rows is not None:
+                prefix = self._recall_prefix(states, r, lo)
+                if prefix is not None:
+                    prefixes.append((r, prefix))
+                    state.num_rows += lo
+                    lo = 0
             if state.first_position < 0:
                 state.first_position = lo
             state.next_position = max(state.next_position, hi + 1)
             state.num_rows += int(kept_per_req[r])
         self.stats["recomputed_rows_dropped"] += int(len(keep) - kept_per_req.sum())
         self.stats["rows"] += int(kept_per_req.sum())
+        for r, prefix in prefixes:  # before the step's rows: each sequence's rows in order
+            options = states[r].options  # type: ignore[union-attr]
+            part = _as_requested(prefix, options)
+            self._deliver(options, lambda sink, p=part: sink.write(p))
         if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
@@ -344,6 +402,25 @@ class StepCollector:
             options = states[r].options  # type: ignore[union-attr]
             part = _as_requested(part, options)
             self._deliver(options, lambda sink, p=part: sink.write(p))
+
+    def _recall_prefix(
+        self, states: list[_RequestState | None], r: int, length: int
+    ) -> RoutingRows | None:
+        """Rows of request `r`'s first `length` positions, served from the prefix cache;
+        None (its store failed, loudly) when the slots do not hold them."""
+        state = states[r]
+        assert state is not None and self.slot_rows is not None
+        assert state.prefix_blocks is not None and state.prompt_token_ids is not None
+        try:
+            a = self.slot_rows.recall(state.prefix_blocks, state.prompt_token_ids, length)
+        except PrefixRowsError as exc:
+            url = state.options.sink
+            self.sink_errors.setdefault(url, f"{state.key}/{state.sample_index}: {exc}")
+            logger.error("moetrace sink %s failed: %s", url, exc)
+            return None
+        self.stats["prefix_rows_reused"] += length
+        req_of_row = np.full(length, r)
+        return self._build_rows(a, states, req_of_row, a["positions"], np.ones(length, bool))
 
     def _count_load(self, topk_ids: np.ndarray) -> None:
         num_layers, num_experts = self.expert_load.shape

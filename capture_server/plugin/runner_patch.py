@@ -154,6 +154,16 @@ def patch_model_runner(cls: type) -> None:
             collector.after_step(self, scheduler_output)
         return result
 
+    original_init_kv = cls.__dict__.get("initialize_kv_cache")
+
+    @functools.wraps(original_init_kv)
+    def initialize_kv_cache(self: Any, kv_cache_config: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_init_kv(self, kv_cache_config, *args, **kwargs)
+        collector = getattr(self, "_moetrace", None)
+        if collector is not None:  # sized for the KV cache now allocated (prefix caching)
+            collector.attach_kv_cache(self)
+        return result
+
     original_prepare = cls.__dict__.get("_prepare_inputs")
 
     @functools.wraps(original_prepare)
@@ -174,4 +184,6 @@ def patch_model_runner(cls: type) -> None:
         cls.load_model = load_model
     if original_execute is not None:
         cls.execute_model = execute_model
+    if original_init_kv is not None:
+        cls.initialize_kv_cache = initialize_kv_cache
     cls._moetrace_patched = True

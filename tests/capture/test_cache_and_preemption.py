@@ -1,20 +1,31 @@
-"""Prefix caching marks cached positions missing; preemption and recompute add no duplicate."""
+"""Prefix caching: cached prompt positions get the rows of the forward that computed
+their KV blocks, so caching on equals caching off row for row. Preemption and recompute
+add no duplicate.
+
+Proof against: the same engine with the prefix cache skipped per request
+(`SamplingParams.skip_reading_prefix_cache`, same batch shapes), and transformers on the
+same weights (`TransformersReference`) for every sequence's routing.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+PROMPT_LEN, SHARED, SAMPLES, MAX_TOKENS = 300, 200, 8, 6
 
-@pytest.fixture
+
+@pytest.fixture(scope="module")
 def cached_engine(specimen):
     from capture_server.capture.api import CaptureEngine
 
     engine = CaptureEngine(
         str(specimen("qwen3_moe")),
+        hidden_layers=[1],
         dtype="float32",
         max_model_len=1024,
         enable_prefix_caching=True,
+        enable_chunked_prefill=False,  # per-request seeds on a CPU
         seed=0,
         enforce_eager=True,
     )
@@ -22,16 +33,57 @@ def cached_engine(specimen):
     engine.close()
 
 
-def test_prefix_cached_positions_have_no_rows(cached_engine):
+def test_prefix_cached_positions_get_the_rows_of_their_first_forward(cached_engine):
     vocab = len(cached_engine.tokenizer)
-    prompt = np.random.default_rng(3).integers(1, vocab, size=300).tolist()
+    prompt = np.random.default_rng(3).integers(1, vocab, size=PROMPT_LEN).tolist()
+    reused = cached_engine.stats()["prefix_rows_reused"]
     first = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
     second = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
-    assert first.rows.positions[0] == 0
-    start = int(second.rows.positions[0])
-    assert 0 < start < 300, "a cached prefix is never forwarded, so it has no rows"
-    np.testing.assert_array_equal(second.rows.positions, np.arange(start, 300 + 4 - 1))
-    np.testing.assert_array_equal(second.rows.topk_ids, first.rows.topk_ids[start:])
+    cached = cached_engine.stats()["prefix_rows_reused"] - reused
+    assert 0 < cached < PROMPT_LEN, "the second prompt must be served from the prefix cache"
+    for seq in (first, second):
+        np.testing.assert_array_equal(seq.rows.positions, np.arange(PROMPT_LEN + 4 - 1))
+    np.testing.assert_array_equal(second.rows.topk_ids, first.rows.topk_ids)
+    np.testing.assert_array_equal(second.rows.topk_weights, first.rows.topk_weights)
+    np.testing.assert_array_equal(second.rows.router_logits, first.rows.router_logits)
+    np.testing.assert_array_equal(second.rows.hidden_states[1], first.rows.hidden_states[1])
+
+
+def test_n8_samples_of_long_shared_prompts_equal_caching_off(cached_engine, specimen):
+    """Three prompts sharing a long start, eight seeded samples each: the children of a
+    prompt hit the blocks its first child computes in the same step, and later prompts
+    hit the shared start."""
+    from tests.capture.reference import TransformersReference
+
+    vocab = len(cached_engine.tokenizer)
+    rng = np.random.default_rng(5)
+    shared = rng.integers(1, vocab, size=SHARED).tolist()
+    prompts = [shared + rng.integers(1, vocab, size=PROMPT_LEN - SHARED).tolist() for _ in range(3)]
+    sampling = dict(n=SAMPLES, max_tokens=MAX_TOKENS, temperature=1.0, seed=11, ignore_eos=True)
+
+    reused = cached_engine.stats()["prefix_rows_reused"]
+    off = cached_engine.generate(prompts, skip_reading_prefix_cache=True, **sampling)
+    assert cached_engine.stats()["prefix_rows_reused"] == reused, "caching was not off"
+    on = cached_engine.generate(prompts, **sampling)
+    cached = cached_engine.stats()["prefix_rows_reused"] - reused
+    assert cached >= 3 * SAMPLES * SHARED, f"only {cached} rows came from the prefix cache"
+
+    reference = TransformersReference(specimen("qwen3_moe"))
+    assert len(on.sequences) == len(off.sequences) == 3 * SAMPLES
+    by_key = {(s.prompt_index, s.sample_index): s for s in off.sequences}
+    for seq in on.sequences:
+        want = by_key[(seq.prompt_index, seq.sample_index)]
+        assert seq.token_ids == want.token_ids, "seeded samples must draw the same tokens"
+        rows, want_rows = seq.rows, want.rows
+        np.testing.assert_array_equal(rows.positions, np.arange(PROMPT_LEN + MAX_TOKENS - 1))
+        np.testing.assert_array_equal(rows.token_ids, want_rows.token_ids)
+        np.testing.assert_array_equal(rows.topk_ids, want_rows.topk_ids)
+        np.testing.assert_allclose(rows.topk_weights, want_rows.topk_weights, atol=1e-5)
+        np.testing.assert_allclose(rows.router_logits, want_rows.router_logits, atol=1e-4)
+        np.testing.assert_allclose(rows.hidden_states[1], want_rows.hidden_states[1], atol=1e-4)
+        truth = reference.route(seq.token_ids[:-1])
+        np.testing.assert_array_equal(rows.topk_ids, truth.ids)
+        np.testing.assert_allclose(rows.router_logits, truth.logits, atol=1e-4)
 
 
 @pytest.fixture

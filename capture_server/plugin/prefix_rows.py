@@ -1,0 +1,187 @@
+"""Rows for prompt positions served from vLLM's prefix cache, which are never forwarded.
+
+With prefix caching on, a request whose prompt starts with blocks already in the KV
+cache is scheduled from the first uncached position (`NewRequestData.num_computed_tokens`,
+vllm/v1/core/sched/output.py): its cached positions go through no router. Their routing
+is the routing of whichever request computed those KV blocks, at the same positions of the
+same tokens (attention is causal, so a position's router input depends only on the tokens
+up to it).
+
+`SlotRows` keeps a host copy of every forwarded row at its KV-cache slot, the index the
+attention kernels write that token's keys and values to (`BlockTable.slot_mapping`,
+vllm/v1/worker/block_table.py; slot = block id x block size + offset). A cached block's
+slots hold the rows of the forward that wrote its KV, for as long as vLLM can hit that
+block: a slot is rewritten only when its block is reallocated, and a reallocated block
+is no longer in the prefix cache. So a hit's rows are read back from the slots of the
+request's first blocks (`CachedRequestState.block_ids`), in the step its forward starts.
+
+Every read is checked: the slot must hold the same position and token as the prompt
+asks for. A slot never written by a forward (KV loaded by a connector, or a path this
+module does not know) fails the request's store loudly instead of storing a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from capture_server.errors import CaptureError
+
+logger = logging.getLogger("moetrace.capture")
+
+MAX_BYTES_ENV = "MOETRACE_PREFIX_ROWS_MAX_GIB"
+"""Largest host memory the slot rows may take once the KV cache is full, in GiB;
+default a quarter of the machine's memory."""
+
+
+class PrefixRowsError(CaptureError):
+    """A cached prompt position whose rows the slots do not hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLayout:
+    """What one KV-cache slot keeps: the arrays of a step's rows, without the row axis."""
+
+    num_layers: int
+    top_k: int
+    num_experts: int
+    logits: bool
+    hidden: dict[int, int]  # MoE-layer index -> router input width
+
+    def bytes_per_slot(self) -> int:
+        routing = self.num_layers * self.top_k * 8  # int32 ids + float32 weights
+        logits = self.num_layers * self.num_experts * 4 if self.logits else 0
+        return 8 + routing + logits + 4 * sum(self.hidden.values())  # + position, token
+
+
+def max_bytes() -> int:
+    value = os.environ.get(MAX_BYTES_ENV)
+    if value:
+        return int(float(value) * 2**30)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def full_attention_group(kv_cache_config: Any) -> int | None:
+    """The first KV-cache group of full attention (its block table keeps every position
+    of a request), or None. MLA specs subclass `FullAttentionSpec`."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    for gid, group in enumerate(kv_cache_config.kv_cache_groups):
+        if isinstance(group.kv_cache_spec, FullAttentionSpec):
+            return gid
+    return None
+
+
+def unsupported_prefix_reuse(vllm_config: Any, kv_cache_config: Any) -> str | None:
+    """Why cached positions' rows cannot be read back from slots on this engine, or None."""
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        return "a KV connector (kv_transfer_config): loaded KV blocks were never forwarded here"
+    parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            return f"context parallelism ({name} > 1): a rank's slots hold part of the tokens"
+    if full_attention_group(kv_cache_config) is None:
+        return "no full-attention KV-cache group (its blocks would not keep every position)"
+    return None
+
+
+class SlotRows:
+    """Host rows by KV-cache slot: `remember` every forwarded row, `recall` a cached
+    prefix. Memory is taken lazily (zeroed pages are mapped on first write), up to
+    `num_slots` x `SlotLayout.bytes_per_slot`."""
+
+    def __init__(self, layout: SlotLayout, num_slots: int, group: int, block_size: int) -> None:
+        self.layout = layout
+        self.num_slots = num_slots
+        self.group = group  # the KV-cache group whose slot mapping and block ids are used
+        self.block_size = block_size
+        self.position = np.full(num_slots, -1, dtype=np.int32)  # -1: never written
+        self.token = np.zeros(num_slots, dtype=np.int32)
+        shape = (num_slots, layout.num_layers, layout.top_k)
+        self.ids = np.zeros(shape, dtype=np.int32)
+        self.weights = np.zeros(shape, dtype=np.float32)
+        self.logits = (
+            np.zeros((num_slots, layout.num_layers, layout.num_experts), dtype=np.float32)
+            if layout.logits
+            else None
+        )
+        self.hidden = {
+            layer: np.zeros((num_slots, width), dtype=np.float32)
+            for layer, width in layout.hidden.items()
+        }
+
+    @classmethod
+    def for_engine(cls, vllm_config: Any, kv_cache_config: Any, layout: SlotLayout) -> SlotRows:
+        """Slot rows sized for the engine's KV cache. Raises `CaptureError` where cached
+        positions' rows cannot be recalled, or would need more memory than allowed."""
+        reason = unsupported_prefix_reuse(vllm_config, kv_cache_config)
+        if reason is not None:
+            raise CaptureError(
+                f"moetrace capture with prefix caching cannot record cached prompt positions "
+                f"under {reason}; start the engine with --no-enable-prefix-caching"
+            )
+        group = full_attention_group(kv_cache_config)
+        assert group is not None
+        block_size = kv_cache_config.kv_cache_groups[group].kv_cache_spec.block_size
+        num_slots = int(kv_cache_config.num_blocks) * int(block_size)
+        need, allowed = num_slots * layout.bytes_per_slot(), max_bytes()
+        if need > allowed:
+            raise CaptureError(
+                f"moetrace capture with prefix caching keeps each KV-cache slot's rows in host "
+                f"memory: {num_slots} slots x {layout.bytes_per_slot()} bytes = "
+                f"{need / 2**30:.1f} GiB, over the {allowed / 2**30:.1f} GiB allowed "
+                f"({MAX_BYTES_ENV}); capture fewer hidden layers or no logits, raise "
+                "the limit, or start the engine with --no-enable-prefix-caching"
+            )
+        logger.info(
+            "moetrace prefix rows: %d KV slots x %d bytes (up to %.2f GiB of host memory)",
+            num_slots,
+            layout.bytes_per_slot(),
+            need / 2**30,
+        )
+        return cls(layout, num_slots, group, int(block_size))
+
+    def remember(self, slots: np.ndarray, a: dict[str, np.ndarray]) -> None:
+        """Keep a step's forwarded rows (a host copy, arrays as `StepCollector` copies
+        them: ids/weights/logits (L, rows, ...), the rest (rows, ...)) at their slots."""
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.num_slots):
+            raise PrefixRowsError(
+                f"moetrace prefix rows: a KV slot outside [0, {self.num_slots}) was forwarded"
+            )
+        self.position[slots] = a["positions"]
+        self.token[slots] = a["token_ids"]
+        self.ids[slots] = a["ids"].transpose(1, 0, 2)
+        self.weights[slots] = a["weights"].transpose(1, 0, 2)
+        if self.logits is not None:
+            self.logits[slots] = a["logits"].transpose(1, 0, 2)
+        for layer, rows in self.hidden.items():
+            rows[slots] = a[f"hidden{layer}"]
+
+    def recall(self, block_ids: list[int], prompt: list[int], length: int) -> dict[str, np.ndarray]:
+        """Rows of positions ``0..length-1`` of a request whose KV blocks are `block_ids`
+        and whose prompt is `prompt`, laid out as `remember` takes them."""
+        positions, size = np.arange(length), self.block_size
+        slots = np.asarray(block_ids, dtype=np.int64)[positions // size] * size + positions % size
+        expected = np.asarray(prompt[:length], dtype=np.int32)
+        stale = (self.position[slots] != positions) | (self.token[slots] != expected)
+        if stale.any():
+            first = int(np.flatnonzero(stale)[0])
+            raise PrefixRowsError(
+                f"moetrace prefix rows: cached position {first} (KV slot {int(slots[first])}) "
+                "was never forwarded with this prompt's token, so its routing is unknown"
+            )
+        rows = {
+            "positions": positions,
+            "token_ids": expected.astype(np.int64),
+            "ids": self.ids[slots].transpose(1, 0, 2),
+            "weights": self.weights[slots].transpose(1, 0, 2),
+        }
+        if self.logits is not None:
+            rows["logits"] = self.logits[slots].transpose(1, 0, 2)
+        for layer, hidden in self.hidden.items():
+            rows[f"hidden{layer}"] = hidden[slots]
+        return rows
