@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -77,14 +79,30 @@ class Page:
         return path
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Terminate Chromium, then kill its helpers (one process group) that outlive it."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @contextmanager
 def open_page(url: str, timeout_s: float = 60) -> Iterator[Page]:
     """Start a headless Chromium (own profile, loopback debugging port) on `url`."""
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes outlive the browser for a moment and still write into
+    # the profile: stop its whole process group, and let the profile's removal be lenient
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [chromium(), *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", url],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -101,8 +119,4 @@ def open_page(url: str, timeout_s: float = 60) -> Iterator[Page]:
                 page.wait_loaded(timeout_s)
                 yield page
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)

@@ -6,10 +6,11 @@ parser (`AsyncEngineArgs.add_cli_args`), so ``--tensor-parallel-size 2`` or
 (compiled, with CUDA graphs on GPU). Settings from the environment or the TOML file
 (``engine = {...}``, ``model_engine.<name> = {...}``) are turned into the same flags.
 
-Capture changes two defaults, each only when the flag is not given: prefix caching off
-(so every prompt position is forwarded and has its row), and on CPU chunked prefill off
+Capture changes one default, only when the flag is not given: on CPU chunked prefill off
 (vLLM rewinds a seeded request's generator when its prompt is split across steps, which
-a CPU generator cannot do).
+a CPU generator cannot do). Prefix caching stays on, vLLM's default: cached prompt
+positions get the rows of the forward that computed their KV blocks
+(`capture_server.plugin.prefix_rows`).
 """
 
 from __future__ import annotations
@@ -72,8 +73,6 @@ def build_engine_args(
 
     namespace = engine_parser().parse_args(["--model", model, *argv])
     args = AsyncEngineArgs.from_cli_args(namespace)
-    if not flag_given(argv, "enable-prefix-caching"):
-        args.enable_prefix_caching = False
     if cpu and not flag_given(argv, "enable-chunked-prefill"):
         args.enable_chunked_prefill = False
     args.additional_config = {

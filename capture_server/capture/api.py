@@ -89,8 +89,9 @@ class CaptureEngine:
         model: checkpoint directory or Hugging Face id (already in the local cache).
         hidden_layers: MoE-layer indices whose router input hidden states are kept.
         logits: keep the full router logits (engine-wide: decides what the forward copies).
-        enable_prefix_caching: off by default, so every prompt token is forwarded and
-            captured; when on, cached prompt positions have no rows (never invented).
+        enable_prefix_caching: on by default, as in vLLM: cached prompt positions get the
+            rows of the forward that computed their KV blocks, kept by KV slot on the
+            host (`capture_server.plugin.prefix_rows`), so every position has its row.
         interventions: let requests change their routing (the ``intervention`` argument
             of `generate` and `score`); off, the forward is exactly the model's.
         **llm_kwargs: vLLM engine arguments, passed to `vllm.LLM` as they are (dtype,
@@ -108,7 +109,7 @@ class CaptureEngine:
         *,
         hidden_layers: Sequence[int] = (),
         logits: bool = True,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool = True,
         interventions: bool = False,
         **llm_kwargs: Any,
     ) -> None:
