@@ -76,7 +76,7 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
     if config is None:
         from vllm import LLM
 
-        llm = LLM(model, enable_prefix_caching=False, **common)
+        llm = LLM(model, **common)  # vLLM's defaults, as capture engines (prefix caching on)
         vocab = len(llm.get_tokenizer())
         prompts = [
             TokensPrompt(prompt_token_ids=rng.integers(1, vocab, PROMPT_TOKENS).tolist())

@@ -114,7 +114,6 @@ def run_async_engine(model: str) -> list[float]:
 
     args = AsyncEngineArgs(
         model=model,
-        enable_prefix_caching=False,
         enable_chunked_prefill=False,
         additional_config=engine_config(),
         **ENGINE,
