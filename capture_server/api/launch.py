@@ -64,10 +64,10 @@ def launch(
         cmd += ["--model", str(model)]
     if token:
         cmd += ["--token", token]
-    env = dict(
-        os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **(env or {})
-    )
+    settings = env or {}
+    env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the service runs its engine apart
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **settings)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(
