@@ -1,6 +1,6 @@
-"""Kill -9 trials: a server killed at seeded moments of unseeded sampled jobs
-(n > 1): mid-job, once some sequences are committed, and again in the resume that
-follows.
+"""Kill -9 trials: a server killed 20 times during unseeded sampled jobs (n > 1), at
+each moment in turn: before any commit, just after the first, mid-job (seeded), after
+the end, and each time again in the resume that follows.
 
 After every trial the jobs finish, and every sequence of every job has its routing
 exactly once, its texts, and texts of the generation whose routing is stored: the
@@ -72,38 +72,63 @@ def _committed(server: Server, job_id: str) -> int:
     return server.client.get(f"/v1/jobs/{job_id}/sequences").json()["count"]
 
 
-def _wait_for_commits(server: Server, job_id: str, rng: random.Random) -> None:
-    """Until the job has committed a seeded number of sequences, few enough that a
-    commit or two more (waves of 16) leaves it unfinished: the kill lands mid-job."""
-    now = _committed(server, job_id)
-    target = now + rng.randint(1, max(1, MID_JOB - now))
+def _wait_for_commits(server: Server, job_id: str, target: int) -> None:
     deadline = time.monotonic() + 120
     while _committed(server, job_id) < target:
         assert time.monotonic() < deadline, "the job stopped committing"
         time.sleep(0.05)
 
 
+MOMENTS = (
+    "before any commit",
+    "in the resume",
+    "just after the first commit",
+    "in the resume",
+    "mid-job",
+    "in the resume",
+    "after the end",
+    "mid-job",
+    "in the resume",
+    "mid-job",
+)
+"""What each kill of a lane lands in, in turn. "In the resume" is a seeded moment of
+0-2 s after the restart that follows the kill before it, while the job resumes."""
+
+
+def _kill_at(server: Server, jobs: list[str], moment: str, rng: random.Random) -> dict:
+    """Bring the lane's newest job to `moment` (submitting a new one where the moment
+    needs it), kill the server, and say what the kill interrupted."""
+    state = server.client.get(f"/v1/jobs/{jobs[-1]}").json()["state"] if jobs else "done"
+    fresh = moment in ("before any commit", "just after the first commit") or (
+        moment == "mid-job" and state == "running" and _committed(server, jobs[-1]) >= MID_JOB
+    )
+    if fresh or state != "running":
+        jobs.append(_submit(server, len(jobs)))
+    job = jobs[-1]
+    if moment == "just after the first commit":
+        _wait_for_commits(server, job, 1)
+    elif moment == "mid-job":  # few enough that a commit or two more leaves it unfinished
+        now = _committed(server, job)
+        _wait_for_commits(server, job, now + rng.randint(1, max(1, MID_JOB - now)))
+    elif moment == "in the resume":
+        time.sleep(rng.uniform(0.0, 2.0))
+    elif moment == "after the end":
+        server.wait_job(job, timeout=300)
+    committed = _committed(server, job)
+    _kill(server)
+    return {"moment": moment, "committed": committed, "resumed": state == "running"}
+
+
 def _lane(model: Path, root: Path, rng: random.Random) -> tuple[list[str], list[dict]]:
-    """Kill a server `KILLS // LANES` times, keeping a job running for each kill to land
-    in, alternately once it has committed some sequences and a seeded moment after the
-    restart (in the resume); returns the jobs and what each kill interrupted."""
+    """Kill a server `KILLS // LANES` times at the `MOMENTS` in turn, restarting it after
+    each; returns the jobs and what each kill interrupted."""
     data = root / "data"
     start = lambda k: start_server([model], data, root / f"life{k}.log", SERVER_ENV)  # noqa: E731
     server = start(0)
     jobs: list[str] = []
     kills: list[dict] = []
     for trial in range(KILLS // LANES):
-        state = server.client.get(f"/v1/jobs/{jobs[-1]}").json()["state"] if jobs else "done"
-        resumed = state == "running" and trial > 0  # the job was resumed after a kill
-        if state != "running":
-            jobs.append(_submit(server, len(jobs)))
-        if trial % 2 == 0 and _committed(server, jobs[-1]) < MID_JOB:
-            _wait_for_commits(server, jobs[-1], rng)
-        else:
-            time.sleep(rng.uniform(0.0, 2.0))
-        committed = _committed(server, jobs[-1])
-        _kill(server)
-        kills.append({"committed": committed, "resumed": resumed})
+        kills.append(_kill_at(server, jobs, MOMENTS[trial % len(MOMENTS)], rng))
         server = start(trial + 1)
     try:
         for job_id in jobs:
@@ -154,9 +179,18 @@ def test_kill_trials_leave_every_sequence_once_with_its_own_texts(specimen, tmp_
         )
     kills = [k for _, lane_kills in lanes for k in lane_kills]
     assert len(kills) == KILLS // LANES * LANES
-    # the trials must have hit what they are about: jobs part committed, and resumes
-    assert sum(0 < k["committed"] < PROMPTS * SAMPLES for k in kills) >= LANES, kills
-    assert sum(k["resumed"] for k in kills) >= LANES, kills
+    # the trials must have hit what they are about
+    total = PROMPTS * SAMPLES
+    hit = {
+        "before any commit": lambda k: k["committed"] == 0,
+        "just after the first commit": lambda k: 0 < k["committed"] < total,
+        "mid-job": lambda k: 0 < k["committed"] < total,
+        "in the resume": lambda k: k["resumed"],
+        "after the end": lambda k: k["committed"] == total,
+    }
+    for moment, landed in hit.items():
+        trials = [k for k in kills if k["moment"] == moment]
+        assert trials and all(landed(k) for k in trials), (moment, kills)
     tokenizer = AutoTokenizer.from_pretrained(model)
     for stores, _ in lanes:
         for path in stores:
