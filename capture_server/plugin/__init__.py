@@ -22,9 +22,11 @@ def register() -> None:
     process; engines without ``additional_config["moetrace"]`` are left as they are."""
     from vllm.config import VllmConfig
     from vllm.platforms import current_platform
+    from vllm.v1.request import Request
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from capture_server.plugin.cache_salt import salt_intervened_requests
     from capture_server.plugin.runner_choice import choose_v1_for_capture, refuse_capture_on
     from capture_server.plugin.runner_patch import patch_model_runner
 
@@ -36,6 +38,7 @@ def register() -> None:
         setattr(WorkerBase, name, method)
 
     patch_model_runner(GPUModelRunner)
+    salt_intervened_requests(Request)
     if current_platform.is_cpu():
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 

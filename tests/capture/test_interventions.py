@@ -110,3 +110,29 @@ def test_bad_interventions_are_refused_before_running(engine, intervention, mess
     with pytest.raises(InterventionError, match=message):
         engine.generate(_prompts(engine, 1), max_tokens=2, intervention=intervention)
     assert engine.stats()["steps"] == steps, "nothing may run"
+
+
+def test_intervened_requests_never_share_cached_blocks_with_others(engine):
+    """Prefix caching is on: a long prompt run plain, then masked, then masked again.
+    The masked run must not reuse the plain run's blocks (their KV and rows come from
+    another routing; the engine salts intervened requests), and the second masked run
+    reuses the first's. Ground truth: the masked expert never appears, at any position."""
+    vocab = len(engine.tokenizer)
+    prompt = np.random.default_rng(9).integers(1, vocab, size=300).tolist()
+    mask = {"mask": {layer: [0] for layer in range(LAYERS)}}
+    run = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def reused() -> int:
+        return engine.stats()["prefix_rows_reused"]
+
+    plain = engine.generate([prompt], **run).sequences[0]
+    assert (plain.rows.topk_ids == 0).any(), "the plain run must use the masked expert"
+    before = reused()
+    masked = engine.generate([prompt], intervention=mask, **run).sequences[0]
+    assert reused() == before, "a masked request read blocks computed without the mask"
+    again = engine.generate([prompt], intervention=mask, **run).sequences[0]
+    assert reused() > before, "equal interventions should share their blocks"
+    for seq in (masked, again):
+        np.testing.assert_array_equal(seq.rows.positions, np.arange(300 + 4 - 1))
+        assert not (seq.rows.topk_ids == 0).any(), "masked expert selected"
+    np.testing.assert_array_equal(again.rows.topk_ids, masked.rows.topk_ids)
