@@ -3,6 +3,8 @@
 Workload: a tiny Qwen3-MoE specimen, 64 prompts of 32 random tokens x 64 new tokens
 (greedy, eos ignored), ids + weights + logits streamed to a Zarr store. Modes:
 
+- plain vLLM: `AsyncLLM` without capture (no plugin), the same engine arguments: the
+  cost a user pays for capture is every other mode against this one;
 - in-process: `CaptureEngine` with a store sink (vLLM's one-process `LLM`);
 - AsyncLLM direct: vLLM's async engine, which the service runs (engine core and worker
   in their own processes), driven without HTTP;
@@ -100,9 +102,11 @@ def run_in_process(model: str) -> list[float]:
     return times
 
 
-def run_async_engine(model: str) -> list[float]:
+def run_async_engine(model: str, capture: bool = True) -> list[float]:
     """Seconds per timed call of vLLM's `AsyncLLM` (the service's engine) driven directly:
-    the same processes as the service, without HTTP and jobs."""
+    the same processes as the service, without HTTP and jobs. Without `capture`, plain
+    vLLM with the same engine arguments (run with ``VLLM_PLUGINS=none``): what a user
+    pays for capture is measured against this."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
@@ -115,7 +119,7 @@ def run_async_engine(model: str) -> list[float]:
     args = AsyncEngineArgs(
         model=model,
         enable_chunked_prefill=False,
-        additional_config=engine_config(),
+        additional_config=engine_config() if capture else None,
         **ENGINE,
     )
     engine = AsyncLLM.from_engine_args(args)
@@ -133,14 +137,17 @@ def run_async_engine(model: str) -> list[float]:
                 temperature=0.0,
                 ignore_eos=True,
                 output_kind=RequestOutputKind.FINAL_ONLY,
-                extra_args=CaptureOptions(sink=store, sequence=job_sequence_key(i)).to_extra_args(),
+                extra_args=CaptureOptions(sink=store, sequence=job_sequence_key(i)).to_extra_args()
+                if capture
+                else None,
             )
             async for _ in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"r{i}"):
                 pass
 
         t0 = time.perf_counter()
         await asyncio.gather(*(request(i, p) for i, p in enumerate(prompts)))
-        await close_store(engine, store, [f"r{i}" for i in range(len(prompts))])
+        if capture:
+            await close_store(engine, store, [f"r{i}" for i in range(len(prompts))])
         return time.perf_counter() - t0
 
     async def calls() -> list[float]:
@@ -243,6 +250,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-async", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--child-plain", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     env = dict(
         os.environ,
@@ -256,20 +264,26 @@ def main() -> None:
     if args.child_async:
         print(json.dumps(run_async_engine(args.child_async)))
         return
+    if args.child_plain:
+        print(json.dumps(run_async_engine(args.child_plain, capture=False)))
+        return
 
     from capture_server.specimens import build_specimen
 
     root = Path(tempfile.mkdtemp(prefix="moetrace-bench-service-"))
     model = str(build_specimen(ARCH, root / "model"))
-    times: dict[str, list[float]] = {"in-process API": [], "AsyncLLM direct": []}
+    plain = "plain vLLM AsyncLLM (no capture)"
+    times: dict[str, list[float]] = {plain: [], "in-process API": [], "AsyncLLM direct": []}
     for r in range(args.rounds):
         for name, flag, multiprocessing in (
+            (plain, "--child-plain", "1"),
             ("in-process API", "--child", "0"),
             ("AsyncLLM direct", "--child-async", "1"),
         ):
+            plugins = {"VLLM_PLUGINS": "none"} if name == plain else {}
             child = subprocess.run(
                 [sys.executable, __file__, flag, model],
-                env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing),
+                env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing, **plugins),
                 capture_output=True,
                 text=True,
                 check=True,
@@ -281,12 +295,21 @@ def main() -> None:
 
     tokens = NUM_SEQS * NEW_TOKENS
     base = tokens / statistics.median(times["in-process API"])
+    user = tokens / statistics.median(times[plain])  # what a user would run without capture
     rows = []
-    print(f"{'mode':40s} {'tok/s':>8s} {'vs in-process':>14s}")
+    print(f"{'mode':40s} {'tok/s':>8s} {'vs in-process':>14s} {'vs plain AsyncLLM':>18s}")
     for name, t in times.items():
         rate = tokens / statistics.median(t)
-        rows.append({"mode": name, "tokens_per_s": rate, "ratio": rate / base, "seconds": t})
-        print(f"{name:40s} {rate:8.0f} {rate / base:13.2f}x")
+        rows.append(
+            {
+                "mode": name,
+                "tokens_per_s": rate,
+                "ratio": rate / base,
+                "ratio_to_plain_async": rate / user,
+                "seconds": t,
+            }
+        )
+        print(f"{name:40s} {rate:8.0f} {rate / base:13.2f}x {rate / user:17.2f}x")
     if args.out:
         Path(args.out).write_text(
             json.dumps({"workload": {"sequences": NUM_SEQS, "new_tokens": tokens}, "modes": rows})
