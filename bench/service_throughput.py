@@ -119,7 +119,7 @@ def run_async_engine(model: str, capture: bool = True) -> list[float]:
     args = AsyncEngineArgs(
         model=model,
         enable_chunked_prefill=False,
-        additional_config=engine_config() if capture else None,
+        additional_config=engine_config() if capture else {},
         **ENGINE,
     )
     engine = AsyncLLM.from_engine_args(args)
