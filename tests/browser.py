@@ -66,11 +66,15 @@ class Page:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
-    def wait_loaded(self, timeout_s: float = 60) -> None:
+    def wait_loaded(self, url: str, timeout_s: float = 60) -> None:
+        """Until `url` is the page's document and has loaded. The tab starts on
+        about:blank, which is "complete" at once: readiness alone can come too early."""
         deadline = time.monotonic() + timeout_s
-        while self.evaluate("document.readyState") != "complete":
+        loaded = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+        while not self.evaluate(loaded):
             if time.monotonic() > deadline:
-                raise TimeoutError("page did not finish loading")
+                href = self.evaluate("location.href")
+                raise TimeoutError(f"{url} did not finish loading (the page is at {href})")
             time.sleep(0.2)
 
     def screenshot(self, path: Path) -> Path:
@@ -113,10 +117,11 @@ def open_page(url: str, timeout_s: float = 60) -> Iterator[Page]:
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
             targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-            url = next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
-            with connect(url, max_size=None) as ws:
+            debugger = next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
+            with connect(debugger, max_size=None) as ws:
                 page = Page(ws)
-                page.wait_loaded(timeout_s)
+                page.call("Page.navigate", url=url)  # whatever the tab shows now
+                page.wait_loaded(url, timeout_s)
                 yield page
         finally:
             _stop_group(proc)
