@@ -328,7 +328,7 @@ class StepCollector:
             if every_row or any(s is not None and layer in s.options.hidden_layers for s in states):
                 device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
         return _PendingStep(
-            rows={"req_of_row": req_of_row[rows], "states": states},
+            rows={"req_of_row": req_of_row[rows], "states": states, "captured": captured},
             copy=self._host_copy.start(device_arrays),
         )
 
@@ -342,7 +342,7 @@ class StepCollector:
         if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
             assert self.slot_rows is not None
             self.slot_rows.remember(a.pop("slots"), a)
-            captured = np.array([s is not None for s in states])[req_of_row]
+            captured = step.rows["captured"][req_of_row]
             if not captured.all():
                 a, req_of_row = _take_rows(a, np.flatnonzero(captured)), req_of_row[captured]
             if not len(req_of_row):

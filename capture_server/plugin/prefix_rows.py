@@ -95,7 +95,6 @@ class SlotRows:
     `num_slots` x `SlotLayout.bytes_per_slot`."""
 
     def __init__(self, layout: SlotLayout, num_slots: int, group: int, block_size: int) -> None:
-        self.layout = layout
         self.num_slots = num_slots
         self.group = group  # the KV-cache group whose slot mapping and block ids are used
         self.block_size = block_size
