@@ -5,6 +5,8 @@ Invariants:
     - One writer per store, one thread per writer: every chunk has exactly one writer.
     - Only whole chunks are written: the last, partial chunk is written padded and
       rewritten whole when it grows (each write replaces the chunk object atomically).
+      Chunks are cast, encoded and written in a thread pool (`store.chunks`), bypassing
+      zarr's write path but producing the bytes zarr would.
     - Sequences are contiguous on the token axis, in staging order.
     - A sequence is visible (in the index) only after all its rows are written: its
       index part is written after its chunks, and an index part appears atomically.
@@ -35,6 +37,7 @@ from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.errors import StoreFormatError, StoreWriteError
 from capture_server.protocol import Annotation
 from capture_server.store import _raw
+from capture_server.store.chunks import ENCODER_THREADS, ChunkWriter, Encoder, encoder_for
 from capture_server.store.format import (
     ATTRS_KEY,
     COMPRESSORS,
@@ -58,6 +61,17 @@ from capture_server.store.parts import PartId, ensure_root
 logger = logging.getLogger("moetrace.store")
 
 
+def _rows(pieces: list[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
+    """Rows [start, stop) of pieces laid end to end, as views."""
+    out, offset = [], 0
+    for piece in pieces:
+        lo, hi = max(start - offset, 0), min(stop - offset, len(piece))
+        if lo < hi:
+            out.append(piece[lo:hi])
+        offset += len(piece)
+    return out
+
+
 class StoreWriter:
     """Appends complete sequences to a store and commits them (single-threaded)."""
 
@@ -67,6 +81,9 @@ class StoreWriter:
         options: StoreOptions | None = None,
         job: dict[str, Any] | None = None,
         part: PartId | None = None,
+        *,
+        encoder_threads: int = ENCODER_THREADS,
+        durable: bool = False,
     ) -> None:
         self.root_url = str(url)
         self.part = part
@@ -79,8 +96,15 @@ class StoreWriter:
         self.options = self.requested
         self.chunk = 0
         self.arrays: dict[str, zarr.Array] = {}
-        self._buf: dict[str, list[np.ndarray]] = defaultdict(list)  # rows from _buf_start
+        self._encoders: dict[str, Encoder | None] = {}
+        self.encoder_threads = encoder_threads
+        self.durable = durable
+        """fdatasync every object before it is renamed into place (see `store.chunks`)."""
+        self._chunks = ChunkWriter(self.store, threads=encoder_threads, durable=durable)
+        # rows from _buf_start, as the capture gave them (cast when their chunk is encoded)
+        self._buf: dict[str, list[np.ndarray]] = defaultdict(list)
         self._buf_start = 0  # chunk-aligned token offset of the in-memory buffer
+        self._submitted_end = 0  # rows below this are written or being written
         self._written_end = 0  # rows below this are on disk
         self._buf_end = 0  # rows below this are staged
         self._staged: list[dict[str, Any]] = []  # index rows of staged, uncommitted sequences
@@ -98,6 +122,7 @@ class StoreWriter:
 
     def open(self, meta: ModelMeta) -> None:
         """Create the store (or this writer's part), or resume it for the same model."""
+        self._chunks = ChunkWriter(self.store, threads=self.encoder_threads, durable=self.durable)
         if self.part is not None:
             ensure_root(self.root_url)
         try:
@@ -146,6 +171,7 @@ class StoreWriter:
                 fill_value=0,
                 overwrite=True,
             )
+        self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
         model = root.create_group(MODEL_GROUP, overwrite=True)
         # the router matrices serve only with the router inputs they route (geometry,
         # re-routing); without hidden states they would be written for nothing, and
@@ -195,6 +221,7 @@ class StoreWriter:
         self.chunk = self.options.chunk_tokens
         self.root = zarr.open_group(store=self.store, mode="r+")
         self.arrays = {name: self.root[name] for name in attrs["arrays"]}
+        self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
         index = read_index_parts(self.store)
         committed_end = 0
         if index is not None and len(index):
@@ -205,7 +232,7 @@ class StoreWriter:
             )
             self._committed_before = set(self._committed)
         self._buf_start = committed_end // self.chunk * self.chunk
-        self._written_end = self._buf_end = committed_end
+        self._written_end = self._submitted_end = self._buf_end = committed_end
         if committed_end > self._buf_start:  # reload the committed part of the tail chunk
             for name, arr in self.arrays.items():
                 self._buf[name].append(arr[self._buf_start : committed_end])
@@ -228,7 +255,8 @@ class StoreWriter:
 
     @property
     def staged_rows(self) -> int:
-        return self._buf_end - self._written_end
+        """Rows staged and not yet handed to the chunk writer."""
+        return self._buf_end - self._submitted_end
 
     def add_sequence(self, end: SequenceEnd, rows: RoutingRows | None) -> bool:
         """Stage one complete sequence; False when it is committed already (a resumed job)."""
@@ -284,46 +312,70 @@ class StoreWriter:
             values = fixed[name] if layer is None else rows.hidden_states.get(layer)
             if values is None:  # not captured for this sequence: missing, never invented
                 values = np.full((n, *arr.shape[1:]), np.nan, dtype=arr.dtype)
-            cols[name] = np.ascontiguousarray(values, dtype=arr.dtype)
+            values = np.asarray(values)
+            if values.shape != (n, *arr.shape[1:]):
+                raise ValueError(
+                    f"{name}: rows of shape {values.shape[1:]}, the store holds {arr.shape[1:]}"
+                )
+            cols[name] = values  # cast to the stored dtype in the chunk writer's threads
         return cols
 
     def flush(self, *, partial: bool) -> int:
         """Write staged rows and commit the sequences now fully on disk.
 
-        With `partial` false only whole chunks are written; with it true the last,
-        partial chunk is written too (padded) so every staged sequence commits.
-        Returns the number of sequences committed.
+        With `partial` false only whole chunks are written, and without waiting for
+        them: sequences commit at a later flush, once their chunks are on disk. With it
+        true the last, partial chunk is written too (padded), the writes are waited for,
+        and every staged sequence commits. Returns the number of sequences committed.
         """
         total = self._buf_end - self._buf_start
-        unwritten = self._buf_end - self._written_end
-        if not self._staged and unwritten == 0 and not self._texts:
+        if not self._staged and self._buf_end == self._written_end and not self._texts:
             return 0
         upto = total if partial else total // self.chunk * self.chunk
-        if self._buf_start + upto > self._written_end:
-            try:
+        try:
+            if self._buf_start + upto > self._submitted_end:
                 self._write(upto)
-            except OSError as exc:
-                raise StoreWriteError(f"{self.url}: writing routing rows failed: {exc}") from exc
+            if partial:
+                self._chunks.wait()
+                self._written_end = self._submitted_end
+            elif self._chunks.settled():
+                self._written_end = self._submitted_end
+        except OSError as exc:
+            raise StoreWriteError(f"{self.url}: writing routing rows failed: {exc}") from exc
         return self._commit()
 
     def _write(self, upto: int) -> None:
-        padded = math.ceil(upto / self.chunk) * self.chunk
-        end = self._buf_start + padded
+        """Hand the chunks holding rows [_buf_start, _buf_start + upto) to the chunk
+        writer (the last one padded when partial); keep the partial one in memory."""
+        chunk = self.chunk
+        first = self._buf_start // chunk
+        count = math.ceil(upto / chunk)
+        end = self._buf_start + count * chunk
         for name, arr in self.arrays.items():
-            data = np.concatenate(self._buf[name]) if self._buf[name] else None
-            if data is None:
-                data = np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
             if arr.shape[0] < end:
-                grow = self.chunk * GROW_CHUNKS
+                grow = chunk * GROW_CHUNKS
                 arr.resize((math.ceil(end / grow) * grow, *arr.shape[1:]))
-            block = np.zeros((padded, *arr.shape[1:]), dtype=arr.dtype)
-            block[: min(upto, len(data))] = data[:upto]
-            arr[self._buf_start : end] = block
-            self.bytes_written += int(data[:upto].nbytes)
-            keep_from = upto // self.chunk * self.chunk  # the partial chunk stays in memory
-            self._buf[name] = [data[keep_from:]] if len(data) > keep_from else []
-        self._written_end = self._buf_start + upto
-        self._buf_start += upto // self.chunk * self.chunk
+            pieces = self._buf[name]
+            for c in range(count):
+                taken = _rows(pieces, c * chunk, min((c + 1) * chunk, upto))
+                shape = (chunk, *arr.shape[1:])
+                encode = self._encoders.get(name)
+                if encode is None:  # a codec chain `store.chunks` does not reproduce
+                    self._chunks.wait()
+                    block = np.zeros(shape, dtype=arr.dtype)
+                    if taken:
+                        block[: sum(map(len, taken))] = np.concatenate(taken)
+                    arr[(first + c) * chunk : (first + c + 1) * chunk] = block
+                    continue
+                coords = (first + c, *(0 for _ in arr.shape[1:]))
+                key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+                self._chunks.submit(key, taken, shape, arr.dtype, encode)
+            keep_from = upto // chunk * chunk  # the partial chunk stays in memory
+            self._buf[name] = _rows(pieces, keep_from, self._buf_end - self._buf_start)
+            new_rows = self._buf_start + upto - self._submitted_end
+            self.bytes_written += new_rows * arr.dtype.itemsize * math.prod(arr.shape[1:])
+        self._submitted_end = self._buf_start + upto
+        self._buf_start += upto // chunk * chunk
 
     def _commit(self) -> int:
         """Commit the staged sequences whose rows are on disk and whose texts, when they
@@ -348,7 +400,7 @@ class StoreWriter:
         frame = pl.DataFrame(ready, schema=INDEX_SCHEMA)
         key = f"{INDEX_PREFIX}part-{ready[0]['sequence_id']:012d}.parquet"
         try:
-            _raw.set_bytes(self.store, key, parquet_bytes(frame))
+            self._chunks.put(key, parquet_bytes(frame))
         except OSError as exc:
             raise StoreWriteError(f"{self.url}: writing index part {key} failed: {exc}") from exc
         self._staged = [
@@ -373,7 +425,10 @@ class StoreWriter:
         requests were aborted, or their caller died)."""
         if self.root is None:
             return
-        self.flush(partial=True)
+        try:
+            self.flush(partial=True)
+        finally:
+            self._chunks.close()
         if self._staged:
             self.dropped_without_texts += len(self._staged)
             logger.warning(

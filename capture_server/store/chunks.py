@@ -1,0 +1,221 @@
+"""Writing whole chunks of a Zarr v3 array without zarr's write path.
+
+zarr's `Array.__setitem__` runs every chunk through its event loop and codec pipeline:
+at routing rates (8 MiB chunks, hundreds of MB/s) that machinery, not the codec or the
+disk, bounds the writer (profiled in docs/benchmarks.md). The writer only ever writes
+whole chunks, so it can do what zarr would do, directly:
+
+    cast to the stored dtype -> encode with the array's own codecs -> write the object
+    under the array's own chunk key (local directories: a temporary file renamed into
+    place, as zarr's `LocalStore` does)
+
+Each chunk is one task in a small thread pool. numpy casts, blosc/zstd encoding and
+file writes release the GIL, so tasks run in parallel with each other and with the
+thread that stages rows. The bytes are the ones zarr writes (`encoder_for` builds the
+same numcodecs codecs from the array's metadata; tested byte for byte against zarr), so
+plain zarr reads the store. Arrays whose codecs are not understood here are written
+through zarr.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+from capture_server.store import _raw
+
+Encoder = Callable[[np.ndarray], bytes]
+
+ENCODER_THREADS = 2
+"""Default encoder threads per writer: two scale 1.8x on this project's 2-core
+development machine (docs/benchmarks.md) and leave the engine its own cores on a GPU
+node, where a node runs one writer per rank."""
+
+MAX_IN_FLIGHT_PER_THREAD = 2
+"""Chunks queued per encoder thread before the staging thread waits (bounds memory)."""
+
+
+def encoder_for(array: zarr.Array) -> Encoder | None:
+    """The array's codec chain as one function of a C-ordered chunk, or None when the
+    chain holds a codec this module does not reproduce exactly."""
+    codecs = list(array.metadata.codecs)
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    endian = codecs[0].endian
+    little = endian is None or endian.value == "little"
+    steps: list[numcodecs.abc.Codec] = []
+    for codec in codecs[1:]:
+        if isinstance(codec, BloscCodec):
+            # the configuration zarr's BloscCodec passes to numcodecs (`_blosc_codec`)
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+            steps.append(
+                numcodecs.Blosc(
+                    cname=codec.cname.value,
+                    clevel=codec.clevel,
+                    shuffle=shuffle,
+                    blocksize=codec.blocksize,
+                    typesize=codec.typesize,
+                )
+            )
+        elif isinstance(codec, ZstdCodec):
+            steps.append(numcodecs.Zstd(level=codec.level, checksum=codec.checksum))
+        else:
+            return None
+    dtype = np.dtype(array.dtype).newbyteorder("<" if little else ">")
+
+    def encode(chunk: np.ndarray) -> bytes:
+        data: bytes | memoryview = memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B")
+        for step in steps:
+            data = step.encode(data)
+        return bytes(data) if isinstance(data, memoryview) else data
+
+    return encode
+
+
+class ChunkWriter:
+    """Casts, encodes and writes whole chunks of a store's arrays in a thread pool.
+
+    `submit` queues one chunk; `wait` returns when every queued chunk is on disk (or
+    raises the first failure). A chunk key written again (the partial last chunk, at
+    each commit) waits for its previous write first, so the newest bytes always land
+    last.
+    """
+
+    def __init__(
+        self, store: Store, *, threads: int = ENCODER_THREADS, durable: bool = False
+    ) -> None:
+        self.store = store
+        self.durable = durable
+        """fdatasync each object before it is renamed into place, and its directory
+        after (survives power loss, not only the death of the process)."""
+        self.threads = max(1, threads)
+        self._local_root = Path(store.root) if type(store) is LocalStore else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._made_dirs: set[Path] = set()
+        self.encode_seconds = 0.0  # summed over threads: cast + encode
+        self.io_seconds = 0.0  # summed over threads: writing and renaming
+
+    def submit(
+        self,
+        key: str,
+        pieces: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        encode: Encoder,
+    ) -> None:
+        """Queue chunk `key`: `pieces` (any dtype) joined on the row axis, cast to `dtype`,
+        zero-padded to `shape`, encoded and written."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moetrace-chunk")
+        previous = self._pending.pop(key, None)
+        if previous is not None:
+            previous.result()
+        while len(self._pending) >= self.threads * MAX_IN_FLIGHT_PER_THREAD:
+            oldest = next(iter(self._pending))
+            self._pending.pop(oldest).result()
+        self._pending[key] = self._pool.submit(self._run, key, list(pieces), shape, dtype, encode)
+
+    def settled(self) -> bool:
+        """True when every submitted chunk is written (without waiting); raises the
+        first failure among those that finished."""
+        for key, future in list(self._pending.items()):
+            if future.done():
+                del self._pending[key]
+                future.result()
+        return not self._pending
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write one object now, on the calling thread, the way chunks are written."""
+        self._put(key, data)
+
+    def wait(self) -> None:
+        """Every submitted chunk is written; raises the first failure (the rest are
+        waited for first, so no write is still running when the caller handles it)."""
+        pending, self._pending = list(self._pending.values()), {}
+        failure: BaseException | None = None
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    # -- one task ----------------------------------------------------------------------
+
+    def _run(
+        self,
+        key: str,
+        pieces: list[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        encode: Encoder,
+    ) -> None:
+        t0 = time.perf_counter()
+        chunk = np.empty(shape, dtype=dtype)
+        filled = 0
+        for piece in pieces:
+            chunk[filled : filled + len(piece)] = piece  # casts, releasing the GIL
+            filled += len(piece)
+        chunk[filled:] = 0
+        data = encode(chunk)
+        t1 = time.perf_counter()
+        self._put(key, data)
+        t2 = time.perf_counter()
+        with self._lock:
+            self.encode_seconds += t1 - t0
+            self.io_seconds += t2 - t1
+
+    def _put(self, key: str, data: bytes) -> None:
+        if self._local_root is None:
+            _raw.set_bytes(self.store, key, data)
+            return
+        path = self._local_root / key
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
+        put_file(path, data, durable=self.durable)
+
+
+def put_file(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write `path` atomically: a temporary file beside it, renamed over it (readers see
+    the old object or the new one, never part of one; the naming is zarr's)."""
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fdatasync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
