@@ -1,20 +1,30 @@
 """Routing-store writer and reader throughput, compression and memory, in one run.
 
 Records are shaped like Qwen3-30B-A3B (48 MoE layers, 128 experts, top-8, fp16
-logits). For each codec the writer (one thread, `StoreWriter`) streams the same
-sequences; the same bytes are also written raw with plain file writes to the same disk.
-Memory: peak RSS of a writer process for a job and for a job 10x larger. Writers: the
-same rows written by one writer process, and by two at once, each writing its half as a
-data-parallel part of one store (format version 2), as aggregate MB/s. Budget: token
-rows per second that one writer and two writers sustain for the routing of real model
-shapes (`SHAPES`), ids + weights and with float16 logits.
+logits). Every comparison is measured side by side, in rounds, each measurement starting
+after `sync` (no dirty pages left by the one before):
 
-    .venv/bin/python bench/store_throughput.py [--rows 20000] [--out docs/bench-store.json]
+- writer vs raw, buffered: the writer (`StoreWriter`, its chunk pool at its default
+  threads) streams the sequences with each codec; the same bytes are written raw with
+  plain sequential file writes to the same disk.
+- writer vs raw, durable: the writer fdatasyncs every chunk object (`durable=True`);
+  raw fdatasyncs every chunk's worth of each array file.
+- encoder threads: casting and encoding alone (no disk), and the whole writer, with one
+  encoder thread and with two.
+- commit cost: one commit of a partial last chunk, by how full that chunk is.
+- memory: peak RSS of a writer process for a job and for a job 10x larger.
+- writers: the same rows written by one writer process, and by two at once, each writing
+  its half as a data-parallel part of one store (format version 2), as aggregate MB/s.
+- budget: token rows per second that one writer and two writers sustain for the routing
+  of real model shapes (`SHAPES`), ids + weights and with float16 logits.
+
+    .venv/bin/python bench/store_throughput.py [--rows 20000] [--rounds 3] [--out F.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -83,6 +93,8 @@ def write_store(
     dp_rank: int | None = None,
     shape: str = SHAPE,
     logits: bool = True,
+    threads: int | None = None,
+    durable: bool = False,
 ) -> dict[str, float]:
     """One writer's run; with `dp_rank`, as that data-parallel part of a parted store."""
     from capture_server.capture.records import SequenceEnd
@@ -93,7 +105,8 @@ def write_store(
     pool = _pool(shape)
     part = None if dp_rank is None else PartId(dp_rank=dp_rank)
     options = StoreOptions(compressor=codec, weights_dtype="float16", logits=logits)
-    writer = StoreWriter(path, options, part=part)
+    pool_kwargs = {} if threads is None else {"encoder_threads": threads}
+    writer = StoreWriter(path, options, part=part, durable=durable, **pool_kwargs)
     writer.open(_meta(shape))
     started = time.time()
     t0 = time.perf_counter()
@@ -113,11 +126,16 @@ def write_store(
         "bytes": writer.bytes_written,
         "rows": n * SEQ_ROWS,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{f"{k}_thread_seconds": v for k, v in writer.chunk_seconds.items()},
+        "cpu_seconds": time.process_time(),
     }
 
 
-def write_raw(path: str, nbytes_per_seq: list[np.ndarray], rows_total: int) -> float:
-    """The same bytes with plain file writes, one file per array, appended sequentially."""
+def write_raw(
+    path: str, nbytes_per_seq: list[np.ndarray], rows_total: int, durable: bool = False
+) -> float:
+    """The same bytes with plain file writes, one file per array, appended sequentially;
+    `durable` fdatasyncs each file after every sequence (one chunk's worth of rows)."""
     os.makedirs(path, exist_ok=True)
     files = [open(os.path.join(path, f"a{i}.bin"), "wb") for i in range(len(nbytes_per_seq))]
     t0 = time.perf_counter()
@@ -125,10 +143,73 @@ def write_raw(path: str, nbytes_per_seq: list[np.ndarray], rows_total: int) -> f
     while n * SEQ_ROWS < rows_total:
         for f, arr in zip(files, nbytes_per_seq, strict=True):
             f.write(arr.data)
+            if durable:
+                f.flush()
+                os.fdatasync(f.fileno())
         n += 1
     for f in files:
         f.close()
     return time.perf_counter() - t0
+
+
+def encode_rate(threads: int, source_dtype: str, chunks: int = 48) -> float:
+    """Stored MB/s of casting and encoding alone (the chunk writer's work without the
+    disk): Qwen3-30B-A3B logits chunks, blosc-lz4-shuffle, `threads` encoder threads."""
+    import zarr
+
+    from capture_server.store.chunks import ChunkWriter, encoder_for
+    from capture_server.store.format import COMPRESSORS
+
+    class Discarding(ChunkWriter):
+        def _put(self, key: str, data: bytes) -> None:
+            pass
+
+    logits = _pool()[0].router_logits.astype(source_dtype)
+    array = zarr.create_array(
+        zarr.storage.MemoryStore(),
+        shape=logits.shape,
+        chunks=logits.shape,
+        dtype="float16",
+        compressors=COMPRESSORS["blosc-lz4-shuffle"](2),
+    )
+    writer = Discarding(zarr.storage.MemoryStore(), threads=threads)
+    encode = encoder_for(array)
+    assert encode is not None
+    t0 = time.perf_counter()
+    for c in range(chunks):
+        writer.submit(f"c/{c}", [logits], logits.shape, np.dtype("float16"), encode)
+    writer.close()
+    return chunks * logits.size * 2 / (time.perf_counter() - t0) / 1e6
+
+
+def commit_ms(path: str, fill_rows: int, repeats: int = 5) -> float:
+    """Median milliseconds of one commit (`flush(partial=True)`) of a sequence of
+    `fill_rows` rows into an empty 512-row chunk, in a fresh store each time."""
+    from capture_server.capture.records import SequenceEnd
+    from capture_server.store import StoreOptions
+    from capture_server.store.writer import StoreWriter
+
+    rows = _pool()[0]
+    rows = dataclasses.replace(
+        rows, **{f.name: _head(getattr(rows, f.name), fill_rows) for f in dataclasses.fields(rows)}
+    )
+    times = []
+    for r in range(repeats):
+        writer = StoreWriter(f"{path}-{r}", StoreOptions(weights_dtype="float16"))
+        writer.open(_meta())
+        writer.add_sequence(SequenceEnd("s", 0, 0, 0, fill_rows), rows)
+        t0 = time.perf_counter()
+        writer.flush(partial=True)
+        times.append(time.perf_counter() - t0)
+        writer.close()
+        shutil.rmtree(f"{path}-{r}")
+    return float(np.median(times) * 1e3)
+
+
+def _head(value, n: int):
+    if isinstance(value, dict):
+        return {k: v[:n] for k, v in value.items()}
+    return None if value is None else value[:n]
 
 
 def du(path: str, prefix: str = "") -> int:
@@ -138,16 +219,28 @@ def du(path: str, prefix: str = "") -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000, help="Token rows per codec run.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of side-by-side runs.")
     parser.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # PATH ROWS CODEC [DP]
     parser.add_argument("--shape", default=SHAPE, help=argparse.SUPPRESS)
     parser.add_argument("--no-logits", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, rows, codec, *dp = args.child
         dp_rank = int(dp[0]) if dp else None
-        run = write_store(path, int(rows), codec, dp_rank, args.shape, not args.no_logits)
+        run = write_store(
+            path,
+            int(rows),
+            codec,
+            dp_rank,
+            args.shape,
+            not args.no_logits,
+            args.threads,
+            args.durable,
+        )
         print(json.dumps(run))
         return
 
@@ -155,9 +248,9 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results: dict[str, dict] = {}
 
-    def child(path: str, rows: int, codec: str) -> dict[str, float]:
+    def child(path: str, rows: int, codec: str, *flags: str) -> dict[str, float]:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", path, str(rows), codec],
+            [sys.executable, __file__, "--child", path, str(rows), codec, *flags],
             env=env,
             capture_output=True,
             text=True,
@@ -165,7 +258,14 @@ def main() -> None:
         )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    from capture_server.store.writer import StoreWriter  # noqa: F401  (warm imports)
+    def writer_mbps(codec: str, *flags: str, keep: bool = False) -> float:
+        path = os.path.join(scratch, codec + "".join(flags).replace("-", ""))
+        shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        r = child(path, args.rows, codec, *flags)
+        if not keep:
+            shutil.rmtree(path)
+        return r["bytes"] / r["seconds"] / 1e6
 
     pool = _pool()
     per_seq = [
@@ -176,16 +276,34 @@ def main() -> None:
         pool[0].positions.astype(np.int32),
     ]
     raw_dir = os.path.join(scratch, "raw")
-    raw_s = write_raw(raw_dir, per_seq, args.rows)
-    raw_bytes = du(raw_dir)
-    raw_mbps = raw_bytes / raw_s / 1e6
-    shutil.rmtree(raw_dir)
-    print(f"raw file writes: {raw_mbps:8.1f} MB/s", file=sys.stderr)
+
+    def raw_mbps(durable: bool = False) -> float:
+        os.sync()
+        seconds = write_raw(raw_dir, per_seq, args.rows, durable)
+        nbytes = du(raw_dir)
+        shutil.rmtree(raw_dir)
+        return nbytes / seconds / 1e6
+
+    # -- writer vs raw, buffered and durable, in rounds ----------------------------------
+    rounds: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        one: dict[str, float] = {}
+        for codec in CODECS:
+            one[f"raw before {codec}"] = raw_mbps()
+            one[codec] = writer_mbps(codec, keep=r == args.rounds - 1)
+        one["raw durable"] = raw_mbps(durable=True)
+        one["writer durable"] = writer_mbps(CODECS[0], "--durable")
+        rounds.append(one)
+        print(f"round {r}: {json.dumps({k: round(v) for k, v in one.items()})}", file=sys.stderr)
+
+    def median_of(key: str) -> float:
+        return float(np.median([one[key] for one in rounds]))
+
+    def paired(key: str, raw_key: str) -> float:
+        return float(np.median([one[key] / one[raw_key] for one in rounds]))
 
     for codec in CODECS:
         path = os.path.join(scratch, codec)
-        r = child(path, args.rows, codec)
-        mbps = r["bytes"] / r["seconds"] / 1e6
         ratios = {}
         for name in ("topk_ids", "topk_weights", "router_logits", "token_ids", "positions"):
             from capture_server.store import open_store
@@ -201,18 +319,51 @@ def main() -> None:
             scanned += sum(a.nbytes for a in store.read_rows(block.start, block.stop).values())
         read_mbps = scanned / (time.perf_counter() - t0) / 1e6
         results[codec] = {
-            "write_MBps": round(mbps, 1),
-            "vs_raw": round(mbps / raw_mbps, 2),
+            "write_MBps": round(median_of(codec), 1),
+            "raw_MBps": round(median_of(f"raw before {codec}"), 1),
+            "vs_raw": round(paired(codec, f"raw before {codec}"), 2),
             "read_MBps": round(read_mbps, 1),
             "compression": ratios,
             "disk_MB": round(du(path) / 1e6, 1),
         }
-        print(
-            f"{codec:20s} write {mbps:7.1f} MB/s ({mbps / raw_mbps:4.2f}x raw) "
-            f"read {read_mbps:7.1f} MB/s  ratio {ratios}",
-            file=sys.stderr,
-        )
+        print(f"{codec:20s} {results[codec]}", file=sys.stderr)
         shutil.rmtree(path)
+    durable = {
+        "raw_MBps": round(median_of("raw durable"), 1),
+        "writer_MBps": round(median_of("writer durable"), 1),
+        "vs_raw": round(paired("writer durable", "raw durable"), 2),
+    }
+    print(f"durable: {durable}", file=sys.stderr)
+
+    # -- encoder threads: encoding alone, and the whole writer ---------------------------
+    encoding: dict[str, float] = {}
+    for source in ("float16", "float32"):
+        for threads in (1, 2):
+            encoding[f"{source} in, {threads} thread(s)"] = round(encode_rate(threads, source), 1)
+    whole = [
+        (writer_mbps(CODECS[0], "--threads", "1"), writer_mbps(CODECS[0], "--threads", "2"))
+        for _ in range(args.rounds)
+    ]
+    threads_summary = {
+        "encode_MBps": encoding,
+        "encode_two_vs_one": {
+            source: round(
+                encoding[f"{source} in, 2 thread(s)"] / encoding[f"{source} in, 1 thread(s)"], 2
+            )
+            for source in ("float16", "float32")
+        },
+        "writer_one_thread_MBps": round(float(np.median([a for a, _ in whole])), 1),
+        "writer_two_threads_MBps": round(float(np.median([b for _, b in whole])), 1),
+        "writer_two_vs_one": round(float(np.median([b / a for a, b in whole])), 2),
+    }
+    print(f"encoder threads: {threads_summary}", file=sys.stderr)
+
+    # -- commit cost by how full the last chunk is ---------------------------------------
+    commits = {
+        f"{fill} of 512 rows": round(commit_ms(os.path.join(scratch, f"commit{fill}"), fill), 1)
+        for fill in (8, 128, 256, 504)
+    }
+    print(f"commit ms: {commits}", file=sys.stderr)
 
     mem = {}
     for scale in (1, 10):
@@ -268,9 +419,12 @@ def main() -> None:
             print(f"budget: {budget[-1]}", file=sys.stderr)
     summary = {
         "rows": args.rows,
+        "rounds": rounds,
         "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
-        "raw_MBps": round(raw_mbps, 1),
         "codecs": results,
+        "durable": durable,
+        "encoder_threads": threads_summary,
+        "commit_ms": commits,
         "peak_rss_mb": mem,
         "writers": parts,
         "budget": budget,

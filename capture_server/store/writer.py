@@ -250,6 +250,12 @@ class StoreWriter:
         return set(self._committed)
 
     @property
+    def chunk_seconds(self) -> dict[str, float]:
+        """Seconds the chunk writer's threads spent casting and encoding, and writing
+        (summed over threads; a breakdown for benchmarks)."""
+        return {"encode": self._chunks.encode_seconds, "io": self._chunks.io_seconds}
+
+    @property
     def staged_sequences(self) -> int:
         return len(self._staged)
 
