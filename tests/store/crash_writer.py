@@ -4,13 +4,20 @@ python -m tests.store.crash_writer STORE NUM_SEQUENCES
 python -m tests.store.crash_writer STORE NUM_SEQUENCES DP_RANK DP_SIZE PP_STAGE PP_SIZE
     (one part of a parted store: rank DP_RANK's share of the sequences, stage PP_STAGE's
     layers)
+python -m tests.store.crash_writer STORE NUM_SEQUENCES --pause-in-commit
+    (stops for good inside a commit, once two commits are done: one chunk object of the
+    commit is renamed into place, the rest and the commit's index part are not; prints
+    "paused" for the test to kill it there)
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from pathlib import Path
 
+from capture_server.store import chunks
 from capture_server.store.parts import PartId
 from capture_server.store.sink import StoreSink
 from tests.store import parted, synthetic
@@ -37,8 +44,30 @@ def main_part(path: str, count: int, dp_rank: int, dp_size: int, stage: int, pp:
     print("finished", flush=True)
 
 
+def pause_in_commit(store: Path) -> None:
+    """Make the chunk writer stop forever right after writing a chunk object of the third
+    commit (the writer's other threads are stopped there too)."""
+    real_put = chunks.put_file
+    stop = threading.Event()
+
+    def put_file(path: Path, data: bytes, *, durable: bool = False) -> None:
+        if stop.is_set():
+            time.sleep(3600)
+        real_put(path, data, durable=durable)
+        is_chunk = store / "index" not in path.parents
+        if is_chunk and len(list(store.glob("index/part-*.parquet"))) >= 2 and not stop.is_set():
+            stop.set()
+            print("paused", flush=True)
+            time.sleep(3600)
+
+    chunks.put_file = put_file
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
+    if sys.argv[3:] == ["--pause-in-commit"]:
+        pause_in_commit(Path(sys.argv[1]))
+        main(sys.argv[1], int(sys.argv[2]))
+    elif len(sys.argv) == 3:
         main(sys.argv[1], int(sys.argv[2]))
     else:
         main_part(sys.argv[1], *(int(x) for x in sys.argv[2:7]))

@@ -70,6 +70,39 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     assert len(open_store(path).index) == COUNT
 
 
+def test_sigkill_inside_a_commit_of_chunk_objects(tmp_path):
+    """Killed while a commit's chunk objects are being written by the chunk writer's
+    threads (one of them renamed into place, the rest and the index part not): what
+    earlier commits made visible reads whole, the interrupted commit is not visible, and
+    a resumed writer completes every sequence exactly once."""
+    path = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.store.crash_writer", str(path), str(COUNT)]
+        + ["--pause-in-commit"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert line == "paused", proc.stderr.read() if proc.stderr else line
+    index_written = max(p.stat().st_mtime_ns for p in path.glob("index/part-*.parquet"))
+    chunk_files = [p for p in path.glob("*/c/**/*") if p.is_file()]
+    assert any(p.stat().st_mtime_ns > index_written for p in chunk_files), (
+        "the kill did not land inside a commit: no chunk object is newer than the index"
+    )
+    committed = _check_committed(path)
+    assert 0 < len(committed) < COUNT
+    proc = _start_writer(path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _check_committed(path) == {f"seq-{i}" for i in range(COUNT)}
+    assert len(open_store(path).index) == COUNT
+
+
 def _start_part_writers(path: Path, count: int) -> list[subprocess.Popen]:
     """Four writers of one parted store: 2 data-parallel ranks x 2 pipeline stages."""
     return [
