@@ -95,8 +95,15 @@ def write_store(
     logits: bool = True,
     threads: int | None = None,
     durable: bool = False,
+    torch_cast: bool = True,
 ) -> dict[str, float]:
-    """One writer's run; with `dp_rank`, as that data-parallel part of a parted store."""
+    """One writer's run; with `dp_rank`, as that data-parallel part of a parted store.
+    `torch_cast`: float16 conversion as in a vLLM process (the plugin registers torch's);
+    without it, numpy's (the store alone)."""
+    if torch_cast:
+        from capture_server.plugin import float_cast
+
+        float_cast.register()
     from capture_server.capture.records import SequenceEnd
     from capture_server.store import StoreOptions
     from capture_server.store.parts import PartId
@@ -152,13 +159,18 @@ def write_raw(
     return time.perf_counter() - t0
 
 
-def encode_rate(threads: int, source_dtype: str, chunks: int = 48) -> float:
+def encode_rate(
+    threads: int, source_dtype: str, torch_cast: bool = True, chunks: int = 48
+) -> float:
     """Stored MB/s of casting and encoding alone (the chunk writer's work without the
     disk): Qwen3-30B-A3B logits chunks, blosc-lz4-shuffle, `threads` encoder threads."""
     import zarr
 
-    from capture_server.store.chunks import ChunkWriter, encoder_for
+    from capture_server.plugin.float_cast import torch_float16_cast
+    from capture_server.store.chunks import ChunkWriter, encoder_for, use_float16_cast
     from capture_server.store.format import COMPRESSORS
+
+    use_float16_cast(torch_float16_cast if torch_cast else None)
 
     class Discarding(ChunkWriter):
         def _put(self, key: str, data: bytes) -> None:
@@ -184,19 +196,24 @@ def encode_rate(threads: int, source_dtype: str, chunks: int = 48) -> float:
 
 def commit_ms(path: str, fill_rows: int, repeats: int = 5) -> float:
     """Median milliseconds of one commit (`flush(partial=True)`) of a sequence of
-    `fill_rows` rows into an empty 512-row chunk, in a fresh store each time."""
+    `fill_rows` rows that start a new 512-row chunk, after a whole chunk was committed
+    (steady state: the store exists and has room)."""
     from capture_server.capture.records import SequenceEnd
+    from capture_server.plugin import float_cast
     from capture_server.store import StoreOptions
     from capture_server.store.writer import StoreWriter
 
-    rows = _pool()[0]
+    float_cast.register()
+    full = _pool()[0]
     rows = dataclasses.replace(
-        rows, **{f.name: _head(getattr(rows, f.name), fill_rows) for f in dataclasses.fields(rows)}
+        full, **{f.name: _head(getattr(full, f.name), fill_rows) for f in dataclasses.fields(full)}
     )
     times = []
     for r in range(repeats):
         writer = StoreWriter(f"{path}-{r}", StoreOptions(weights_dtype="float16"))
         writer.open(_meta())
+        writer.add_sequence(SequenceEnd("first", 0, 0, 0, SEQ_ROWS), full)
+        writer.flush(partial=True)
         writer.add_sequence(SequenceEnd("s", 0, 0, 0, fill_rows), rows)
         t0 = time.perf_counter()
         writer.flush(partial=True)
@@ -227,6 +244,7 @@ def main() -> None:
     parser.add_argument("--no-logits", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--numpy-cast", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, rows, codec, *dp = args.child
@@ -240,6 +258,7 @@ def main() -> None:
             not args.no_logits,
             args.threads,
             args.durable,
+            not args.numpy_cast,
         )
         print(json.dumps(run))
         return
@@ -291,6 +310,8 @@ def main() -> None:
         for codec in CODECS:
             one[f"raw before {codec}"] = raw_mbps()
             one[codec] = writer_mbps(codec, keep=r == args.rounds - 1)
+        one["raw before numpy cast"] = raw_mbps()
+        one["numpy cast"] = writer_mbps(CODECS[0], "--numpy-cast")
         one["raw durable"] = raw_mbps(durable=True)
         one["writer durable"] = writer_mbps(CODECS[0], "--durable")
         rounds.append(one)
@@ -334,12 +355,18 @@ def main() -> None:
         "vs_raw": round(paired("writer durable", "raw durable"), 2),
     }
     print(f"durable: {durable}", file=sys.stderr)
+    numpy_cast = {
+        "writer_MBps": round(median_of("numpy cast"), 1),
+        "vs_raw": round(paired("numpy cast", "raw before numpy cast"), 2),
+    }
+    print(f"numpy cast: {numpy_cast}", file=sys.stderr)
 
     # -- encoder threads: encoding alone, and the whole writer ---------------------------
     encoding: dict[str, float] = {}
-    for source in ("float16", "float32"):
+    for source, torch_cast in (("float16", True), ("float32", True), ("float32 numpy", False)):
         for threads in (1, 2):
-            encoding[f"{source} in, {threads} thread(s)"] = round(encode_rate(threads, source), 1)
+            rate = encode_rate(threads, source.split()[0], torch_cast)
+            encoding[f"{source} in, {threads} thread(s)"] = round(rate, 1)
     whole = [
         (writer_mbps(CODECS[0], "--threads", "1"), writer_mbps(CODECS[0], "--threads", "2"))
         for _ in range(args.rounds)
@@ -350,7 +377,7 @@ def main() -> None:
             source: round(
                 encoding[f"{source} in, 2 thread(s)"] / encoding[f"{source} in, 1 thread(s)"], 2
             )
-            for source in ("float16", "float32")
+            for source in ("float16", "float32", "float32 numpy")
         },
         "writer_one_thread_MBps": round(float(np.median([a for a, _ in whole])), 1),
         "writer_two_threads_MBps": round(float(np.median([b for _, b in whole])), 1),
@@ -423,6 +450,7 @@ def main() -> None:
         "row_bytes": int(sum(a[0].nbytes for a in per_seq)),
         "codecs": results,
         "durable": durable,
+        "numpy_cast": numpy_cast,
         "encoder_threads": threads_summary,
         "commit_ms": commits,
         "peak_rss_mb": mem,

@@ -26,11 +26,13 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from capture_server.plugin import float_cast
     from capture_server.plugin.cache_salt import salt_intervened_requests
     from capture_server.plugin.runner_choice import choose_v1_for_capture, refuse_capture_on
     from capture_server.plugin.runner_patch import patch_model_runner
 
     choose_v1_for_capture(VllmConfig)
+    float_cast.register()  # stores written in this process convert to float16 with torch
     # Reachable by name through collective_rpc from any process (see protocol.WorkerRpc).
     for name, method in zip(
         protocol.RPC_METHODS, (flush, stats, close, sink_states, annotate), strict=True
