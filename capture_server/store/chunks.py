@@ -143,6 +143,7 @@ class ChunkWriter:
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._made_dirs: set[Path] = set()
+        self._unsynced_dirs: set[Path] = set()
         self.encode_seconds = 0.0  # summed over threads: cast + encode
         self.io_seconds = 0.0  # summed over threads: writing and renaming
 
@@ -153,9 +154,13 @@ class ChunkWriter:
         shape: tuple[int, ...],
         dtype: np.dtype,
         encode: Encoder,
+        *,
+        atomic: bool = True,
     ) -> None:
         """Queue chunk `key`: `pieces` (any dtype) joined on the row axis, cast to `dtype`,
-        zero-padded to `shape`, encoded and written."""
+        zero-padded to `shape`, encoded and written. `atomic` false writes the object in
+        place, for a chunk that holds no committed row (no reader reads it, and a crash
+        leaves only rows a resumed writer rewrites): one new file instead of two."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moetrace-chunk")
         previous = self._pending.pop(key, None)
@@ -164,7 +169,9 @@ class ChunkWriter:
         while len(self._pending) >= self.threads * MAX_IN_FLIGHT_PER_THREAD:
             oldest = next(iter(self._pending))
             self._pending.pop(oldest).result()
-        self._pending[key] = self._pool.submit(self._run, key, list(pieces), shape, dtype, encode)
+        self._pending[key] = self._pool.submit(
+            self._run, key, list(pieces), shape, dtype, encode, atomic
+        )
 
     def settled(self) -> bool:
         """True when every submitted chunk is written (without waiting); raises the
@@ -173,7 +180,10 @@ class ChunkWriter:
             if future.done():
                 del self._pending[key]
                 future.result()
-        return not self._pending
+        if self._pending:
+            return False
+        self._sync_dirs()
+        return True
 
     def put(self, key: str, data: bytes) -> None:
         """Write one object now, on the calling thread, the way chunks are written."""
@@ -191,6 +201,15 @@ class ChunkWriter:
                 failure = failure or exc
         if failure is not None:
             raise failure
+        self._sync_dirs()
+
+    def _sync_dirs(self) -> None:
+        """Durable mode: the directories of objects written since the last barrier are
+        fsynced once here, before the caller commits (not once per object)."""
+        with self._lock:
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+        for directory in dirs:
+            fsync_dir(directory)
 
     def close(self) -> None:
         try:
@@ -209,6 +228,7 @@ class ChunkWriter:
         shape: tuple[int, ...],
         dtype: np.dtype,
         encode: Encoder,
+        atomic: bool,
     ) -> None:
         t0 = time.perf_counter()
         chunk = np.empty(shape, dtype=dtype)
@@ -219,40 +239,52 @@ class ChunkWriter:
         chunk[filled:] = 0
         data = encode(chunk)
         t1 = time.perf_counter()
-        self._put(key, data)
+        self._put(key, data, atomic=atomic, chunk=True)
         t2 = time.perf_counter()
         with self._lock:
             self.encode_seconds += t1 - t0
             self.io_seconds += t2 - t1
 
-    def _put(self, key: str, data: bytes) -> None:
-        if self._local_root is None:
+    def _put(self, key: str, data: bytes, *, atomic: bool = True, chunk: bool = False) -> None:
+        if self._local_root is None:  # object stores replace objects whole anyway
             _raw.set_bytes(self.store, key, data)
             return
         path = self._local_root / key
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        put_file(path, data, durable=self.durable)
+        put_file(path, data, durable=self.durable, atomic=atomic, sync_dir=not chunk)
+        if chunk and self.durable:
+            with self._lock:
+                self._unsynced_dirs.add(path.parent)
 
 
-def put_file(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write `path` atomically: a temporary file beside it, renamed over it (readers see
-    the old object or the new one, never part of one; the naming is zarr's)."""
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+def put_file(
+    path: Path, data: bytes, *, durable: bool = False, atomic: bool = True, sync_dir: bool = True
+) -> None:
+    """Write `path`; `atomic`: through a temporary file beside it, renamed over it (readers
+    see the old object or the new one, never part of one; the naming is zarr's).
+    `durable`: the data is fdatasynced, and with `sync_dir` its directory entry too."""
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial") if atomic else path
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             if durable:
                 f.flush()
                 os.fdatasync(f.fileno())
-        os.replace(tmp, path)
+        if atomic:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if atomic:
+            tmp.unlink(missing_ok=True)
         raise
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if durable and sync_dir:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

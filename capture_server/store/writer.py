@@ -169,6 +169,10 @@ class StoreWriter:
                 dtype=dtype,
                 compressors=COMPRESSORS[opts.compressor](dtype.itemsize),
                 fill_value=0,
+                # chunk objects side by side ("c.12.0.0"), not one directory per index
+                # ("c/12/0/0"): a chunk then costs one new file, not one and two
+                # directories (file creation is most of a write's kernel time here)
+                chunk_key_encoding={"name": "default", "separator": "."},
                 overwrite=True,
             )
         self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
@@ -375,7 +379,8 @@ class StoreWriter:
                     continue
                 coords = (first + c, *(0 for _ in arr.shape[1:]))
                 key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
-                self._chunks.submit(key, taken, shape, arr.dtype, encode)
+                holds_committed = (first + c) * chunk < self._written_end
+                self._chunks.submit(key, taken, shape, arr.dtype, encode, atomic=holds_committed)
             keep_from = upto // chunk * chunk  # the partial chunk stays in memory
             self._buf[name] = _rows(pieces, keep_from, self._buf_end - self._buf_start)
             new_rows = self._buf_start + upto - self._submitted_end

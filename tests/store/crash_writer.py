@@ -50,10 +50,10 @@ def pause_in_commit(store: Path) -> None:
     real_put = chunks.put_file
     stop = threading.Event()
 
-    def put_file(path: Path, data: bytes, *, durable: bool = False) -> None:
+    def put_file(path: Path, data: bytes, **options: bool) -> None:
         if stop.is_set():
             time.sleep(3600)
-        real_put(path, data, durable=durable)
+        real_put(path, data, **options)
         is_chunk = store / "index" not in path.parents
         if is_chunk and len(list(store.glob("index/part-*.parquet"))) >= 2 and not stop.is_set():
             stop.set()
