@@ -113,3 +113,20 @@ def test_one_and_four_encoder_threads_write_the_same_objects(tmp_path):
     _write(tmp_path / "four", options, threads=4)
     for name in ("topk_ids", "topk_weights", "router_logits", "token_ids", "positions"):
         assert _chunk_objects(tmp_path / "one" / name) == _chunk_objects(tmp_path / "four" / name)
+
+
+def test_durable_writes_the_same_objects(tmp_path):
+    """Regression check: durable mode (fdatasync per object, directories once per
+    commit) changes when bytes reach the disk, not which bytes."""
+    options = StoreOptions(chunk_tokens=64)
+    _write(tmp_path / "buffered", options, threads=2)
+    writer = StoreWriter(tmp_path / "durable", options, durable=True)
+    writer.open(synthetic.meta())
+    for key in KEYS:
+        rows = synthetic.sequence_rows(key, synthetic.length_of(key))
+        writer.add_sequence(synthetic.end_of(key), rows)
+        writer.flush(partial=False)
+    writer.close()
+    for name in ("topk_ids", "router_logits", "positions"):
+        durable = _chunk_objects(tmp_path / "durable" / name)
+        assert durable and durable == _chunk_objects(tmp_path / "buffered" / name)
