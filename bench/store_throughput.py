@@ -186,7 +186,7 @@ def encode_rate(
     use_float16_cast(torch_float16_cast if torch_cast else None)
 
     class Discarding(ChunkWriter):
-        def _put(self, key: str, data: bytes) -> None:
+        def _put(self, key: str, data: bytes, **_: bool) -> None:
             pass
 
     logits = _pool()[0].router_logits.astype(source_dtype)

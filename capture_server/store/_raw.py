@@ -46,3 +46,20 @@ def list_keys(store: Store, prefix: str) -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
     return sorted(sync(collect()))
+
+
+def exists(store: Store, key: str) -> bool:
+    return bool(sync(store.exists(key)))
+
+
+def delete_many(store: Store, keys: list[str]) -> None:
+    """Delete objects (missing ones are fine), concurrently."""
+    import asyncio
+
+    if not keys:
+        return
+
+    async def delete() -> None:
+        await asyncio.gather(*(store.delete(key) for key in keys))
+
+    sync(delete())

@@ -29,6 +29,7 @@ from capture_server.store.format import (
     StoreOptions,
 )
 from capture_server.store.index import INDEX_SCHEMA, read_index_parts
+from capture_server.store.tails import TailIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,14 @@ class Block:
 class RoutingStore:
     """A routing store opened for reading. Use `open_store`."""
 
-    def __init__(self, url: str, root: zarr.Group, attrs: dict[str, Any], index: pl.DataFrame):
+    def __init__(
+        self,
+        url: str,
+        root: zarr.Group,
+        attrs: dict[str, Any],
+        index: pl.DataFrame,
+        tail_index: TailIndex | None = None,
+    ):
         self.url = url
         self.root = root
         self.attrs = attrs
@@ -62,6 +70,8 @@ class RoutingStore:
         self.created_at: float = float(attrs["created_at"])
         """Creation time: a store made anew at the same URL has another."""
         self._arrays = {name: root[name] for name in attrs["arrays"]}
+        self._tails = tail_index
+        """Tail segments seen at opening (a store being written, or left by a crash)."""
 
     def __repr__(self) -> str:
         return (
@@ -113,13 +123,31 @@ class RoutingStore:
         for name in names or tuple(self._arrays):
             if name not in self._arrays:
                 continue
+            array = self._arrays[name]
             try:
-                out[name] = self._arrays[name][start:stop]
+                out[name] = array[start:stop]
+                if self._tails and stop > start:
+                    if len(out[name]) < stop - start:  # rows past the shape zarr knows
+                        full = np.zeros((stop - start, *array.shape[1:]), array.dtype)
+                        full[: len(out[name])] = out[name]
+                        out[name] = full
+                    self._tails.patch(
+                        name,
+                        start,
+                        out[name],
+                        lambda chunk, a=array, n=name: self._chunk_exists(n, a, chunk),
+                        lambda lo, hi, a=array: a[lo:hi],
+                        committed_end=self.num_tokens,
+                    )
             except Exception as exc:
                 raise StoreCorruptError(
                     f"{self.url}: array {name} rows {start}:{stop} unreadable ({exc})"
                 ) from None
         return out
+
+    def _chunk_exists(self, name: str, array: zarr.Array, chunk: int) -> bool:
+        coords = (chunk, *(0 for _ in array.shape[1:]))
+        return _raw.exists(self.root.store, f"{name}/{array.metadata.encode_chunk_key(coords)}")
 
     def sequence(
         self, sequence_id: int, names: tuple[str, ...] | None = None
@@ -200,7 +228,8 @@ def open_single(path_or_url: str | Path, *, read_index: bool = True) -> RoutingS
     index = index.with_columns(intervention.fill_null("").cast(pl.String).alias("intervention"))
     if read_index:
         index = join_annotations(index, read_index_parts(store, INFO_PREFIX))
-    return RoutingStore(url, root, attrs, index)
+    tail_index = TailIndex(store, int(attrs["options"]["chunk_tokens"]))
+    return RoutingStore(url, root, attrs, index, tail_index)
 
 
 def join_annotations(index: pl.DataFrame, info: pl.DataFrame | None) -> pl.DataFrame:

@@ -3,8 +3,10 @@ the capture sink that runs it in a background thread).
 
 Invariants:
     - One writer per store, one thread per writer: every chunk has exactly one writer.
-    - Only whole chunks are written: the last, partial chunk is written padded and
-      rewritten whole when it grows (each write replaces the chunk object atomically).
+    - Chunk objects are written whole and only when complete (or padded, at close);
+      each write replaces the object atomically. A commit writes the rows new since the
+      last one as tail segments (`store.tails`), so its cost does not depend on how full
+      the last chunk is; a chunk's tail segments are deleted once its object exists.
       Chunks are cast, encoded and written in a thread pool (`store.chunks`), bypassing
       zarr's write path but producing the bytes zarr would.
     - Sequences are contiguous on the token axis, in staging order.
@@ -14,7 +16,8 @@ Invariants:
       texts came, and its texts' part is written before its index part: a committed
       sequence always has its texts. One whose texts never come is not committed; its
       rows stay as unreferenced space.
-    - Reopening resumes after the last committed row; rows past it are overwritten.
+    - Reopening resumes after the last committed row: the committed rows of its chunk
+      become one tail segment, then every object past them is deleted.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from capture_server import protocol
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.errors import StoreFormatError, StoreWriteError
 from capture_server.protocol import Annotation
-from capture_server.store import _raw
+from capture_server.store import _raw, tails
 from capture_server.store.chunks import ENCODER_THREADS, ChunkWriter, Encoder, encoder_for
 from capture_server.store.format import (
     ATTRS_KEY,
@@ -104,7 +107,8 @@ class StoreWriter:
         # rows from _buf_start, as the capture gave them (cast when their chunk is encoded)
         self._buf: dict[str, list[np.ndarray]] = defaultdict(list)
         self._buf_start = 0  # chunk-aligned token offset of the in-memory buffer
-        self._submitted_end = 0  # rows below this are written or being written
+        self._submitted_end = 0  # rows below this are in chunk objects or tail segments
+        self._tails: list[tuple[int, int]] = []  # row ranges of this store's tail segments
         self._written_end = 0  # rows below this are on disk
         self._buf_end = 0  # rows below this are staged
         self._staged: list[dict[str, Any]] = []  # index rows of staged, uncommitted sequences
@@ -237,15 +241,39 @@ class StoreWriter:
             self._committed_before = set(self._committed)
         self._buf_start = committed_end // self.chunk * self.chunk
         self._written_end = self._submitted_end = self._buf_end = committed_end
-        if committed_end > self._buf_start:  # reload the committed part of the tail chunk
-            for name, arr in self.arrays.items():
-                self._buf[name].append(arr[self._buf_start : committed_end])
+        self._reset_tail_chunk(committed_end)
         logger.info(
             "resuming %s after %d committed sequences (%d rows)",
             self.url,
             len(self._committed),
             committed_end,
         )
+
+    def _reset_tail_chunk(self, committed_end: int) -> None:
+        """Make the committed rows of the last chunk one tail segment (kept in memory
+        too), then delete every chunk object and tail segment past them: what a crashed
+        writer left there is not committed, and its rows are about to be rewritten."""
+        from capture_server.store.reader import open_single
+
+        start = self._buf_start
+        if committed_end > start:
+            rows = open_single(self.url).read_rows(start, committed_end, tuple(self.arrays))
+            for name, values in rows.items():
+                self._buf[name] = [values]
+                self._chunks.put(
+                    tails.tail_key(name, start, committed_end), tails.encode_npy(values)
+                )
+            self._tails = [(start, committed_end)]
+        keep = {tails.tail_key(name, start, committed_end) for name in self.arrays}
+        stale = [s.key for s in tails.list_segments(self.store) if s.key not in keep]
+        for name in self.arrays:
+            for key in _raw.list_keys(self.store, f"{name}/"):
+                rest = key[len(name) + 1 :]
+                if not rest.startswith("c") or rest == "zarr.json":
+                    continue
+                if rest.endswith(".partial") or tails.chunk_index(rest) * self.chunk >= start:
+                    stale.append(key)  # a crashed write's temporary file, or past the end
+        _raw.delete_many(self.store, stale)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -333,60 +361,92 @@ class StoreWriter:
     def flush(self, *, partial: bool) -> int:
         """Write staged rows and commit the sequences now fully on disk.
 
-        With `partial` false only whole chunks are written, and without waiting for
+        With `partial` false only complete chunks are written, and without waiting for
         them: sequences commit at a later flush, once their chunks are on disk. With it
-        true the last, partial chunk is written too (padded), the writes are waited for,
-        and every staged sequence commits. Returns the number of sequences committed.
+        true the rows of the last, partial chunk new since the last flush are written
+        as tail segments, the writes are waited for, and every staged sequence commits.
+        Returns the number of sequences committed.
         """
-        total = self._buf_end - self._buf_start
         if not self._staged and self._buf_end == self._written_end and not self._texts:
             return 0
-        upto = total if partial else total // self.chunk * self.chunk
         try:
-            if self._buf_start + upto > self._submitted_end:
-                self._write(upto)
+            self._write(partial)
             if partial:
                 self._chunks.wait()
-                self._written_end = self._submitted_end
+                self._confirm()
             elif self._chunks.settled():
-                self._written_end = self._submitted_end
+                self._confirm()
         except OSError as exc:
             raise StoreWriteError(f"{self.url}: writing routing rows failed: {exc}") from exc
         return self._commit()
 
-    def _write(self, upto: int) -> None:
-        """Hand the chunks holding rows [_buf_start, _buf_start + upto) to the chunk
-        writer (the last one padded when partial); keep the partial one in memory."""
+    def _confirm(self) -> None:
+        """Everything submitted is on disk: its rows count as written, and the tail
+        segments of chunks whose objects now exist go."""
+        self._written_end = self._submitted_end
+        sealed = self._buf_start  # every chunk below it was submitted whole
+        done = [t for t in self._tails if t[1] <= sealed]
+        if done:
+            self._tails = [t for t in self._tails if t[1] > sealed]
+            _raw.delete_many(
+                self.store, [tails.tail_key(n, a, b) for a, b in done for n in self.arrays]
+            )
+
+    def _write(self, partial: bool, *, pad: bool = False) -> None:
+        """Hand the complete chunks in the buffer to the chunk writer, then (`partial`)
+        the buffer's rows not written yet as tail segments, or (`pad`) the partial chunk
+        as a padded chunk object; the partial chunk's rows stay in memory."""
         chunk = self.chunk
+        total = self._buf_end - self._buf_start
+        whole = total // chunk
+        written = whole * chunk
+        rest = total - written
+        if pad and rest:
+            whole, written, rest = whole + 1, total, 0
         first = self._buf_start // chunk
-        count = math.ceil(upto / chunk)
-        end = self._buf_start + count * chunk
+        new_end = max(self._submitted_end, self._buf_start + written)
+        tail_start = max(self._submitted_end, self._buf_start + written)
+        tail = partial and rest and tail_start < self._buf_end
+        if tail:
+            new_end = self._buf_end
+        # the arrays' shape covers tail rows too: readers slice them through zarr first
+        end = self._buf_start + (math.ceil(total / chunk) if tail else whole) * chunk
         for name, arr in self.arrays.items():
             if arr.shape[0] < end:
                 grow = chunk * GROW_CHUNKS
                 arr.resize((math.ceil(end / grow) * grow, *arr.shape[1:]))
             pieces = self._buf[name]
-            for c in range(count):
-                taken = _rows(pieces, c * chunk, min((c + 1) * chunk, upto))
-                shape = (chunk, *arr.shape[1:])
-                encode = self._encoders.get(name)
-                if encode is None:  # a codec chain `store.chunks` does not reproduce
-                    self._chunks.wait()
-                    block = np.zeros(shape, dtype=arr.dtype)
-                    if taken:
-                        block[: sum(map(len, taken))] = np.concatenate(taken)
-                    arr[(first + c) * chunk : (first + c + 1) * chunk] = block
-                    continue
-                coords = (first + c, *(0 for _ in arr.shape[1:]))
-                key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
-                holds_committed = (first + c) * chunk < self._written_end
-                self._chunks.submit(key, taken, shape, arr.dtype, encode, atomic=holds_committed)
-            keep_from = upto // chunk * chunk  # the partial chunk stays in memory
-            self._buf[name] = _rows(pieces, keep_from, self._buf_end - self._buf_start)
-            new_rows = self._buf_start + upto - self._submitted_end
-            self.bytes_written += new_rows * arr.dtype.itemsize * math.prod(arr.shape[1:])
-        self._submitted_end = self._buf_start + upto
-        self._buf_start += upto // chunk * chunk
+            row_shape = tuple(arr.shape[1:])
+            for c in range(whole):
+                taken = _rows(pieces, c * chunk, min((c + 1) * chunk, total))
+                self._submit_chunk(name, arr, first + c, taken)
+            if tail:
+                rows = _rows(pieces, tail_start - self._buf_start, total)
+                shape = (self._buf_end - tail_start, *row_shape)
+                key = tails.tail_key(name, tail_start, self._buf_end)
+                # in place: a tail segment is written once and committed after it is whole
+                self._chunks.submit(key, rows, shape, arr.dtype, tails.encode_npy, atomic=False)
+            keep_from = total if pad else written
+            self._buf[name] = _rows(pieces, keep_from, total)
+            new_rows = new_end - self._submitted_end
+            self.bytes_written += new_rows * arr.dtype.itemsize * math.prod(row_shape)
+        if tail:
+            self._tails.append((tail_start, self._buf_end))
+        self._submitted_end = new_end
+        self._buf_start += total if pad else written
+
+    def _submit_chunk(self, name: str, arr: zarr.Array, index: int, taken: list) -> None:
+        shape = (self.chunk, *arr.shape[1:])
+        encode = self._encoders.get(name)
+        if encode is None:  # a codec chain `store.chunks` does not reproduce
+            self._chunks.wait()
+            block = np.zeros(shape, dtype=arr.dtype)
+            if taken:
+                block[: sum(map(len, taken))] = np.concatenate(taken)
+            arr[index * self.chunk : (index + 1) * self.chunk] = block
+            return
+        key = f"{name}/{arr.metadata.encode_chunk_key((index, *(0 for _ in shape[1:])))}"
+        self._chunks.submit(key, taken, shape, arr.dtype, encode)
 
     def _commit(self) -> int:
         """Commit the staged sequences whose rows are on disk and whose texts, when they
@@ -427,6 +487,17 @@ class StoreWriter:
         on_disk = staged["token_offset"] + staged["num_rows"] <= self._written_end
         return on_disk and (key not in self._awaiting or key in self._texts)
 
+    def _seal(self) -> None:
+        """Write the partial last chunk as a padded chunk object and delete the tail
+        segments: a closed store is plain zarr to the end."""
+        if self._buf_end > self._buf_start:
+            try:
+                self._write(False, pad=True)
+                self._chunks.wait()
+                self._confirm()
+            except OSError as exc:
+                raise StoreWriteError(f"{self.url}: sealing the last chunk failed: {exc}") from exc
+
     def annotate(self, annotations: list[Annotation]) -> None:
         """Add per-sequence annotations; see `index.write_annotations`."""
         write_annotations(self.store, annotations)
@@ -438,6 +509,7 @@ class StoreWriter:
             return
         try:
             self.flush(partial=True)
+            self._seal()
         finally:
             self._chunks.close()
         if self._staged:

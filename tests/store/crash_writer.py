@@ -5,8 +5,8 @@ python -m tests.store.crash_writer STORE NUM_SEQUENCES DP_RANK DP_SIZE PP_STAGE 
     (one part of a parted store: rank DP_RANK's share of the sequences, stage PP_STAGE's
     layers)
 python -m tests.store.crash_writer STORE NUM_SEQUENCES --pause-in-commit
-    (stops for good inside a commit, once two commits are done: one chunk object of the
-    commit is renamed into place, the rest and the commit's index part are not; prints
+    (stops for good inside a commit, once two commits are done: one object of the
+    commit (tail segment or chunk) is in place, the rest and its index part are not; prints
     "paused" for the test to kill it there)
 """
 
@@ -54,8 +54,8 @@ def pause_in_commit(store: Path) -> None:
         if stop.is_set():
             time.sleep(3600)
         real_put(path, data, **options)
-        is_chunk = store / "index" not in path.parents
-        if is_chunk and len(list(store.glob("index/part-*.parquet"))) >= 2 and not stop.is_set():
+        is_rows = store / "index" not in path.parents
+        if is_rows and len(list(store.glob("index/part-*.parquet"))) >= 2 and not stop.is_set():
             stop.set()
             print("paused", flush=True)
             time.sleep(3600)

@@ -71,8 +71,9 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
 
 
 def test_sigkill_inside_a_commit_of_chunk_objects(tmp_path):
-    """Killed while a commit's chunk objects are being written by the chunk writer's
-    threads (one of them renamed into place, the rest and the index part not): what
+    """Killed while a commit's objects (tail segments, chunk objects) are being written
+    by the chunk writer's threads (one of them in place, the rest and the index part
+    not): what
     earlier commits made visible reads whole, the interrupted commit is not visible, and
     a resumed writer completes every sequence exactly once."""
     path = tmp_path / "store"
@@ -90,9 +91,9 @@ def test_sigkill_inside_a_commit_of_chunk_objects(tmp_path):
     proc.wait(timeout=30)
     assert line == "paused", proc.stderr.read() if proc.stderr else line
     index_written = max(p.stat().st_mtime_ns for p in path.glob("index/part-*.parquet"))
-    chunk_files = [p for p in path.glob("*/c.*") if p.is_file()]
-    assert any(p.stat().st_mtime_ns > index_written for p in chunk_files), (
-        "the kill did not land inside a commit: no chunk object is newer than the index"
+    objects = [p for p in [*path.glob("*/c.*"), *path.glob("tail/*/*")] if p.is_file()]
+    assert any(p.stat().st_mtime_ns > index_written for p in objects), (
+        "the kill did not land inside a commit: no chunk or tail object is newer than the index"
     )
     committed = _check_committed(path)
     assert 0 < len(committed) < COUNT
