@@ -44,9 +44,8 @@ class StoreOptions:
     """Token rows per chunk; 0 picks one from `TARGET_CHUNK_BYTES` and `expected_rows`."""
     expected_rows: int = 0
     """About how many rows the store will hold (0: unknown). With `chunk_tokens` 0,
-    chunks are no larger than that: each commit writes its last, partial chunk whole,
-    so a small job in a chunk sized for a large one pays for the padding at every
-    commit (40 ms instead of 12 ms for 100 rows of the tiny specimen)."""
+    chunks are no larger than that: a small job's store is sealed at close by writing
+    its last chunk padded, and memory holds up to a chunk of rows per array."""
     compressor: str = "blosc-lz4-shuffle"
     """One of `COMPRESSORS`."""
 
