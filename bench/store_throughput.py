@@ -11,7 +11,7 @@ after `sync` (no dirty pages left by the one before):
   raw fdatasyncs every chunk's worth of each array file.
 - encoder threads: casting and encoding alone (no disk), and the whole writer, with one
   encoder thread and with two.
-- commit cost: one commit of a partial last chunk, by how full that chunk is.
+- commit cost: one commit of an 8-row sequence, by how full the last chunk already is.
 - memory: peak RSS of a writer process for a job and for a job 10x larger.
 - writers: the same rows written by one writer process, and by two at once, each writing
   its half as a data-parallel part of one store (format version 2), as aggregate MB/s.
@@ -97,8 +97,11 @@ def write_store(
     threads: int | None = None,
     durable: bool = False,
     torch_cast: bool = True,
+    warmup: bool = True,
 ) -> dict[str, float]:
     """One writer's run; with `dp_rank`, as that data-parallel part of a parted store.
+    `warmup` false: writers started together time from their start (a warm-up of one
+    would overlap the timed run of the other).
     `torch_cast`: float16 conversion as in a vLLM process (the plugin registers torch's);
     without it, numpy's (the store alone)."""
     if torch_cast:
@@ -131,9 +134,10 @@ def write_store(
     # same size, flushed to disk, then deleted just before the timed run. On this VM,
     # memory untouched for a few seconds is written at about a tenth of the rate of
     # memory just freed (docs/benchmarks.md), so both reuse the pages the warm-up freed.
-    stream(f"{path}-warmup", rows_total)
-    os.sync()
-    shutil.rmtree(f"{path}-warmup", ignore_errors=True)
+    if warmup:
+        stream(f"{path}-warmup", rows_total)
+        os.sync()
+        shutil.rmtree(f"{path}-warmup", ignore_errors=True)
     started = time.time()
     t0 = time.perf_counter()
     writer = stream(path, rows_total)
@@ -208,9 +212,9 @@ def encode_rate(
 
 
 def commit_ms(path: str, fill_rows: int, repeats: int = 5) -> float:
-    """Median milliseconds of one commit (`flush(partial=True)`) of a sequence of
-    `fill_rows` rows that start a new 512-row chunk, after a whole chunk was committed
-    (steady state: the store exists and has room)."""
+    """Median milliseconds of committing one 8-row sequence (`flush(partial=True)`) into
+    a last chunk that committed rows fill `fill_rows` of 512 (after a whole chunk:
+    steady state, the store exists and has room)."""
     from capture_server.capture.records import SequenceEnd
     from capture_server.plugin import float_cast
     from capture_server.store import StoreOptions
@@ -218,16 +222,21 @@ def commit_ms(path: str, fill_rows: int, repeats: int = 5) -> float:
 
     float_cast.register()
     full = _pool()[0]
-    rows = dataclasses.replace(
-        full, **{f.name: _head(getattr(full, f.name), fill_rows) for f in dataclasses.fields(full)}
-    )
+
+    def head(n: int):
+        fields = dataclasses.fields(full)
+        return dataclasses.replace(
+            full, **{f.name: _head(getattr(full, f.name), n) for f in fields}
+        )
+
     times = []
     for r in range(repeats):
         writer = StoreWriter(f"{path}-{r}", StoreOptions(weights_dtype="float16"))
         writer.open(_meta())
-        writer.add_sequence(SequenceEnd("first", 0, 0, 0, SEQ_ROWS), full)
+        writer.add_sequence(SequenceEnd("whole", 0, 0, 0, SEQ_ROWS), full)
+        writer.add_sequence(SequenceEnd("fill", 0, 0, 0, fill_rows), head(fill_rows))
         writer.flush(partial=True)
-        writer.add_sequence(SequenceEnd("s", 0, 0, 0, fill_rows), rows)
+        writer.add_sequence(SequenceEnd("new", 0, 0, 0, 8), head(8))
         t0 = time.perf_counter()
         writer.flush(partial=True)
         times.append(time.perf_counter() - t0)
@@ -258,6 +267,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--numpy-cast", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, rows, codec, *dp = args.child
@@ -272,6 +282,7 @@ def main() -> None:
             args.threads,
             args.durable,
             not args.numpy_cast,
+            not args.no_warmup,
         )
         print(json.dumps(run))
         return
@@ -404,7 +415,7 @@ def main() -> None:
     # -- commit cost by how full the last chunk is ---------------------------------------
     commits = {
         f"{fill} of 512 rows": round(commit_ms(os.path.join(scratch, f"commit{fill}"), fill), 1)
-        for fill in (8, 128, 256, 504)
+        for fill in (0, 128, 256, 496)
     }
     print(f"commit ms: {commits}", file=sys.stderr)
 
@@ -421,7 +432,7 @@ def main() -> None:
         """Aggregate MB/s and token rows/s of `count` writer processes splitting the
         rows, at once."""
         path = os.path.join(scratch, f"writers{count}")
-        flags = ["--shape", shape] + ([] if logits else ["--no-logits"])
+        flags = ["--shape", shape, "--no-warmup"] + ([] if logits else ["--no-logits"])
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, "--child", path, str(rows // count), CODECS[0]]
