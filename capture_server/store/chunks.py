@@ -124,10 +124,10 @@ def encoder_for(array: zarr.Array) -> Encoder | None:
 class ChunkWriter:
     """Casts, encodes and writes whole chunks of a store's arrays in a thread pool.
 
-    `submit` queues one chunk; `wait` returns when every queued chunk is on disk (or
-    raises the first failure). A chunk key written again (the partial last chunk, at
-    each commit) waits for its previous write first, so the newest bytes always land
-    last.
+    `submit` queues one object (a chunk, or a tail segment with its own encoder);
+    `wait` returns when every queued one is on disk (or raises the first failure). A key
+    written again (a padded last chunk, later written whole by a resumed writer) waits
+    for its previous write first, so the newest bytes always land last.
     """
 
     def __init__(
@@ -135,8 +135,9 @@ class ChunkWriter:
     ) -> None:
         self.store = store
         self.durable = durable
-        """fdatasync each object before it is renamed into place, and its directory
-        after (survives power loss, not only the death of the process)."""
+        """fdatasync each object before it counts as written, and the directories of
+        chunks once per `wait`/`settled` (commits then survive power loss, not only the
+        death of the process)."""
         self.threads = max(1, threads)
         self._local_root = Path(store.root) if type(store) is LocalStore else None
         self._pool: ThreadPoolExecutor | None = None
@@ -159,8 +160,9 @@ class ChunkWriter:
     ) -> None:
         """Queue chunk `key`: `pieces` (any dtype) joined on the row axis, cast to `dtype`,
         zero-padded to `shape`, encoded and written. `atomic` false writes the object in
-        place, for a chunk that holds no committed row (no reader reads it, and a crash
-        leaves only rows a resumed writer rewrites): one new file instead of two."""
+        place, for one no reader reads before it is whole (a tail segment: no index part
+        names its rows until it is written, and a resumed writer deletes what a crash
+        left): one new file instead of two."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moetrace-chunk")
         previous = self._pending.pop(key, None)
