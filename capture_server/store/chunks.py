@@ -41,10 +41,6 @@ Cast = Callable[[np.ndarray, np.ndarray], None]
 """`cast(dst, src)`: src's values into dst (same shape), converted to dst's dtype."""
 
 
-def numpy_cast(dst: np.ndarray, src: np.ndarray) -> None:
-    dst[...] = src
-
-
 _float16_cast: Cast | None = None
 
 
@@ -72,7 +68,7 @@ def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
     ):
         fast(dst, src)
     else:
-        numpy_cast(dst, src)
+        dst[...] = src
 
 
 ENCODER_THREADS = 2
@@ -82,6 +78,11 @@ node, where a node runs one writer per rank."""
 
 MAX_IN_FLIGHT_PER_THREAD = 2
 """Chunks queued per encoder thread before the staging thread waits (bounds memory)."""
+
+
+def chunk_key(name: str, array: zarr.Array, index: int) -> str:
+    """Store key of chunk `index` on the row axis of array `name` (zarr's own encoding)."""
+    return f"{name}/{array.metadata.encode_chunk_key((index, *(0 for _ in array.shape[1:])))}"
 
 
 def encoder_for(array: zarr.Array) -> Encoder | None:

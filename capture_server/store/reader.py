@@ -20,6 +20,7 @@ from capture_server import protocol
 from capture_server.capture.records import ModelSummary
 from capture_server.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from capture_server.store import _raw
+from capture_server.store.chunks import chunk_key
 from capture_server.store.format import (
     ATTRS_KEY,
     FORMAT_NAME,
@@ -120,6 +121,7 @@ class RoutingStore:
     ) -> dict[str, np.ndarray]:
         """Arrays of token rows ``[start, stop)``."""
         out = {}
+        committed_end = self.num_tokens if self._tails else 0
         for name in names or tuple(self._arrays):
             if name not in self._arrays:
                 continue
@@ -137,7 +139,7 @@ class RoutingStore:
                         out[name],
                         lambda chunk, a=array, n=name: self._chunk_exists(n, a, chunk),
                         lambda lo, hi, a=array: a[lo:hi],
-                        committed_end=self.num_tokens,
+                        committed_end=committed_end,
                     )
             except Exception as exc:
                 raise StoreCorruptError(
@@ -146,8 +148,7 @@ class RoutingStore:
         return out
 
     def _chunk_exists(self, name: str, array: zarr.Array, chunk: int) -> bool:
-        coords = (chunk, *(0 for _ in array.shape[1:]))
-        return _raw.exists(self.root.store, f"{name}/{array.metadata.encode_chunk_key(coords)}")
+        return _raw.exists(self.root.store, chunk_key(name, array, chunk))
 
     def sequence(
         self, sequence_id: int, names: tuple[str, ...] | None = None

@@ -40,7 +40,13 @@ from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.errors import StoreFormatError, StoreWriteError
 from capture_server.protocol import Annotation
 from capture_server.store import _raw, tails
-from capture_server.store.chunks import ENCODER_THREADS, ChunkWriter, Encoder, encoder_for
+from capture_server.store.chunks import (
+    ENCODER_THREADS,
+    ChunkWriter,
+    Encoder,
+    chunk_key,
+    encoder_for,
+)
 from capture_server.store.format import (
     ATTRS_KEY,
     COMPRESSORS,
@@ -404,11 +410,9 @@ class StoreWriter:
         if pad and rest:
             whole, written, rest = whole + 1, total, 0
         first = self._buf_start // chunk
-        new_end = max(self._submitted_end, self._buf_start + written)
         tail_start = max(self._submitted_end, self._buf_start + written)
         tail = partial and rest and tail_start < self._buf_end
-        if tail:
-            new_end = self._buf_end
+        new_end = self._buf_end if tail else tail_start
         # the arrays' shape covers tail rows too: readers slice them through zarr first
         end = self._buf_start + (math.ceil(total / chunk) if tail else whole) * chunk
         for name, arr in self.arrays.items():
@@ -445,8 +449,7 @@ class StoreWriter:
                 block[: sum(map(len, taken))] = np.concatenate(taken)
             arr[index * self.chunk : (index + 1) * self.chunk] = block
             return
-        key = f"{name}/{arr.metadata.encode_chunk_key((index, *(0 for _ in shape[1:])))}"
-        self._chunks.submit(key, taken, shape, arr.dtype, encode)
+        self._chunks.submit(chunk_key(name, arr, index), taken, shape, arr.dtype, encode)
 
     def _commit(self) -> int:
         """Commit the staged sequences whose rows are on disk and whose texts, when they

@@ -22,7 +22,7 @@ from capture_server.store import open_store
 from capture_server.store.sink import StoreSink
 from tests.mounts import tmpfs
 from tests.store import synthetic
-from tests.store.test_roundtrip import EXACT, assert_sequence_intact, write_all
+from tests.store.test_roundtrip import EXACT, assert_committed_intact, write_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,13 +60,6 @@ def _stream_until_failure(sink: StoreSink, count: int) -> StoreWriteError:
     return failure.value
 
 
-def _assert_committed_readable(path) -> int:
-    store = open_store(path)
-    for row in store.index.iter_rows(named=True):
-        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
-    return len(store.index)
-
-
 def test_full_disk_through_the_store_layer(tmp_path):
     path = tmp_path / "s"
     sink = StoreSink(path, EXACT, flush_interval=0.01)
@@ -74,7 +67,7 @@ def test_full_disk_through_the_store_layer(tmp_path):
     sink.open(synthetic.meta())
     error = _stream_until_failure(sink, 200)
     assert "No space left on device" in str(error) and str(path) in str(error)
-    assert _assert_committed_readable(path) > 0
+    assert assert_committed_intact(path) > 0
 
 
 def test_full_disk_on_a_size_limited_mount(tiny_mount):
@@ -83,7 +76,7 @@ def test_full_disk_on_a_size_limited_mount(tiny_mount):
     sink.open(synthetic.meta())
     error = _stream_until_failure(sink, 400)
     assert "No space left on device" in str(error)
-    assert _assert_committed_readable(path) > 0
+    assert assert_committed_intact(path) > 0
 
 
 def test_missing_store(tmp_path):

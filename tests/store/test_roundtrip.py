@@ -33,6 +33,14 @@ def assert_sequence_intact(store, seq_id: int, key: str) -> None:
     np.testing.assert_array_equal(got["is_prompt"], want.is_prompt)
 
 
+def assert_committed_intact(path) -> int:
+    """Every committed sequence of the store at `path` reads back whole; their count."""
+    store = open_store(path)
+    for row in store.index.iter_rows(named=True):
+        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
+    return len(store.index)
+
+
 def test_round_trip_arrays_index_and_metadata(tmp_path):
     keys = [f"seq-{i}" for i in range(40)]
     write_all(tmp_path / "s", keys)

@@ -16,7 +16,7 @@ from capture_server.store import open_store
 from capture_server.store.tails import list_segments
 from capture_server.store.writer import StoreWriter
 from tests.store import synthetic
-from tests.store.test_roundtrip import assert_sequence_intact
+from tests.store.test_roundtrip import assert_committed_intact
 
 KEYS = [f"seq-{i}" for i in range(30)]
 
@@ -25,13 +25,6 @@ def _add(writer: StoreWriter, key: str) -> None:
     writer.add_sequence(
         synthetic.end_of(key), synthetic.sequence_rows(key, synthetic.length_of(key))
     )
-
-
-def _all_intact(path) -> int:
-    store = open_store(path)
-    for row in store.index.iter_rows(named=True):
-        assert_sequence_intact(store, row["sequence_id"], row["request_id"])
-    return len(store.index)
 
 
 def test_live_store_reads_from_tails_and_each_commit_writes_its_new_rows(tmp_path):
@@ -48,7 +41,7 @@ def test_live_store_reads_from_tails_and_each_commit_writes_its_new_rows(tmp_pat
         if end > chunk_start:  # the last chunk is partial: its new rows are a tail
             assert newest is not None and newest.stop == end
             assert newest.start == max(start, chunk_start), "a commit rewrote older rows"
-        assert _all_intact(path) == i + 1
+        assert assert_committed_intact(path) == i + 1
     assert list_segments(writer.store), "the live store has no tail segment"
     writer.close()
     assert not list_segments(writer.store), "a closed store keeps tail segments"
@@ -74,7 +67,7 @@ def test_resume_from_tails_left_by_a_crash(tmp_path):
     assert max(s.stop for s in list_segments(first.store)) > open_store(path).num_tokens
     first._chunks.close()  # the process dies here: no close, no seal
     assert list_segments(first.store)
-    assert _all_intact(path) == 7
+    assert assert_committed_intact(path) == 7
 
     second = StoreWriter(path, synthetic.EXACT)
     second.open(synthetic.meta())
@@ -82,6 +75,6 @@ def test_resume_from_tails_left_by_a_crash(tmp_path):
         _add(second, key)
         second.flush(partial=True)
     second.close()
-    assert _all_intact(path) == len(KEYS)
+    assert assert_committed_intact(path) == len(KEYS)
     assert set(open_store(path).index["request_id"]) == set(KEYS)
     assert not list_segments(second.store)
