@@ -82,6 +82,8 @@ class BlockPlan:
         "prompt_len",
         "token_offset",
         "num_rows",
+        "shared_offset",
+        "shared_rows",
         "labels",
     )
 

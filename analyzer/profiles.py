@@ -217,6 +217,9 @@ def profile_block(
     do not pay for reading them. `created_at` (the store's attribute) lets a process
     keep the store open across blocks.
     """
-    store, rows = read_block(url, start, stop, arrays, created_at)
-    metas = [dict(row, labels=json.loads(row["labels"] or "{}")) for row in sequences]
-    return profile_rows(metas, rows, start, store.model.num_experts)
+    store, rows, first = read_block(url, start, stop, sequences, arrays, created_at)
+    metas = [
+        dict(row, labels=json.loads(row["labels"] or "{}"), token_offset=int(at))
+        for row, at in zip(sequences, first, strict=True)
+    ]
+    return profile_rows(metas, rows, 0, store.model.num_experts)

@@ -45,13 +45,18 @@ def read_block(
     url: str,
     start: int,
     stop: int,
+    sequences: list[dict],
     arrays: tuple[str, ...] | None = None,
     created_at: float | None = None,
-) -> tuple[RoutingStore, dict[str, np.ndarray]]:
-    """The store and its rows ``[start, stop)`` of ids, positions and `arrays` (see
-    `arrays_to_read`); `created_at` (the store's) lets a process keep it open."""
+) -> tuple[RoutingStore, dict[str, np.ndarray], np.ndarray]:
+    """The store, the rows of the block's `sequences` (stored in ``[start, stop)``) of
+    ids, positions and `arrays` (see `arrays_to_read`), and each sequence's first row in
+    them (`RoutingStore.read_sequences`: prompt rows stored once for several samples are
+    joined back, so every sample counts its prompt). `created_at` (the store's) lets a
+    process keep it open."""
     store = _open_for_rows(url, stop, created_at)
-    return store, store.read_rows(start, stop, arrays_to_read(store, arrays))
+    rows, first = store.read_sequences(sequences, start, stop, arrays_to_read(store, arrays))
+    return store, rows, first
 
 
 def geometry_sample(

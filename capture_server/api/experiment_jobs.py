@@ -98,6 +98,9 @@ def usage_of_store(url: str, block: int = 1 << 16) -> np.ndarray:
     for start in range(0, store.num_tokens, block):
         ids = store.read_rows(start, min(start + block, store.num_tokens), ("topk_ids",))
         counts += selection_counts(ids["topk_ids"], experts)
+    for start, rows in store.shared_prefixes():  # stored once, counted per sample
+        ids = store.read_rows(start, start + rows, ("topk_ids",))
+        counts += selection_counts(ids["topk_ids"], experts)
     if not counts.any():
         raise InterventionError("experiment.usage_job: its store has no rows")
     return counts

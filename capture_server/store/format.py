@@ -48,6 +48,12 @@ class StoreOptions:
     its last chunk padded, and memory holds up to a chunk of rows per array."""
     compressor: str = "blosc-lz4-shuffle"
     """One of `COMPRESSORS`."""
+    share_prompt_rows: bool = True
+    """Store the prompt rows a request's samples have in common once: a later sample
+    whose leading prompt rows equal the first sample's, byte for byte, refers to them
+    (index columns ``shared_offset``, ``shared_rows``) instead of storing them again.
+    With prefix caching the samples' prompt rows are one forward's (kept by KV slot),
+    so n samples of a long prompt store it once. Readers join them back."""
 
     def __post_init__(self) -> None:
         for name in ("weights_dtype", "logits_dtype", "hidden_dtype"):

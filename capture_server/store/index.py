@@ -28,12 +28,36 @@ INDEX_SCHEMA = {
     "prompt_index": pl.Int64,
     "token_offset": pl.Int64,
     "num_rows": pl.Int64,
+    "shared_offset": pl.Int64,
+    "shared_rows": pl.Int64,
     "first_position": pl.Int64,
     "prompt_len": pl.Int64,
     "labels": pl.String,
     "intervention": pl.String,
     "committed_at": pl.Float64,
 }
+
+
+def stored_rows(row: dict[str, Any]) -> int:
+    """Rows a sequence's index row says it stored itself at ``token_offset``: its rows
+    less those it shares with an earlier sample of its request (`store.shared_prompts`)."""
+    return max(int(row["num_rows"]) - int(row.get("shared_rows") or 0), 0)
+
+
+def stored_end() -> pl.Expr:
+    """One past each sequence's last stored row, as a polars expression over an index
+    with the shared-row columns (`with_shared_columns`)."""
+    own = (pl.col("num_rows") - pl.col("shared_rows")).clip(lower_bound=0)
+    return pl.col("token_offset") + own
+
+
+def with_shared_columns(index: pl.DataFrame) -> pl.DataFrame:
+    """The index with ``shared_offset`` and ``shared_rows`` filled (-1 and 0) where a
+    part was written before stores shared prompt rows."""
+    for name, missing in (("shared_offset", -1), ("shared_rows", 0)):
+        column = pl.col(name) if name in index.columns else pl.lit(None)
+        index = index.with_columns(column.cast(pl.Int64).fill_null(missing).alias(name))
+    return index
 
 
 def parquet_bytes(frame: pl.DataFrame) -> bytes:

@@ -29,7 +29,13 @@ from capture_server.store.format import (
     MODEL_GROUP,
     StoreOptions,
 )
-from capture_server.store.index import INDEX_SCHEMA, read_index_parts
+from capture_server.store.index import (
+    INDEX_SCHEMA,
+    read_index_parts,
+    stored_end,
+    stored_rows,
+    with_shared_columns,
+)
 from capture_server.store.tails import TailIndex
 
 
@@ -85,7 +91,7 @@ class RoutingStore:
         """Committed token rows."""
         if not len(self.index):
             return 0
-        return int((self.index["token_offset"] + self.index["num_rows"]).max())
+        return int(self.index.select(stored_end()).max().item())
 
     @property
     def array_rows(self) -> int:
@@ -154,18 +160,77 @@ class RoutingStore:
         self, sequence_id: int, names: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
         """All arrays of one sequence plus ``is_prompt``."""
-        row = self.index.filter(pl.col("sequence_id") == sequence_id)
-        if not len(row):
+        found = self.index.filter(pl.col("sequence_id") == sequence_id)
+        if not len(found):
             raise KeyError(f"{self.url}: no committed sequence {sequence_id}")
-        offset, n = int(row["token_offset"][0]), int(row["num_rows"][0])
-        arrays = self.read_rows(offset, offset + n, names)
-        positions = arrays.get(protocol.POSITIONS)
-        if positions is None:
-            positions = self.read_rows(offset, offset + n, (protocol.POSITIONS,))[
-                protocol.POSITIONS
-            ]
-        arrays["is_prompt"] = positions < int(row["prompt_len"][0])
+        row = found.row(0, named=True)
+        wanted = tuple(names or self.array_names)
+        start = int(row["token_offset"])
+        arrays, _ = self.read_sequences(
+            [row], start, start + stored_rows(row), (*wanted, protocol.POSITIONS)
+        )
+        positions = arrays[protocol.POSITIONS]
+        if protocol.POSITIONS not in wanted:
+            del arrays[protocol.POSITIONS]
+        arrays["is_prompt"] = positions < int(row["prompt_len"])
         return arrays
+
+    def read_sequences(
+        self,
+        sequences: list[dict[str, Any]],
+        start: int,
+        stop: int,
+        names: tuple[str, ...] | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The rows of whole `sequences` (index rows whose stored rows lie in
+        ``[start, stop)``), each sequence's rows contiguous, with the prompt rows it
+        shares with another sample of its request joined in; and each one's first row.
+
+        Without shared rows this is ``read_rows(start, stop)`` and the first rows are the
+        offsets in it; with them the rows are gathered anew in the order of `sequences`.
+        """
+        rows = self.read_rows(start, stop, names)
+        first = np.array([int(s["token_offset"]) - start for s in sequences], dtype=np.int64)
+        shared = np.array([int(s.get("shared_rows") or 0) for s in sequences], dtype=np.int64)
+        if not shared.any():
+            return rows, first
+        logical = np.array([int(s["num_rows"]) for s in sequences], dtype=np.int64)
+        prefix = np.minimum(shared, logical)
+        own = logical - prefix
+        # the holders' rows outside [start, stop) are read once each, after the block's
+        sources, take, outside = [rows], [], stop - start
+        extra: dict[tuple[int, int], int] = {}
+        for i, s in enumerate(sequences):
+            if prefix[i]:
+                a = int(s["shared_offset"])
+                b = a + int(prefix[i])
+                if start <= a and b <= stop:
+                    at = a - start
+                else:
+                    if (a, b) not in extra:
+                        extra[a, b] = outside
+                        sources.append(self.read_rows(a, b, names))
+                        outside += b - a
+                    at = extra[a, b]
+                take.append(np.arange(at, at + prefix[i]))
+            take.append(np.arange(first[i], first[i] + own[i]))
+        index = np.concatenate(take) if take else np.zeros(0, dtype=np.int64)
+        out = {
+            name: np.concatenate([src[name] for src in sources])[index]
+            if len(sources) > 1
+            else values[index]
+            for name, values in rows.items()
+        }
+        return out, np.cumsum(logical) - logical
+
+    def shared_prefixes(self) -> list[tuple[int, int]]:
+        """(first row, rows) of every committed sequence's prompt rows that are stored
+        with another sample of its request: counting every stored row once, plus these,
+        counts each sequence's rows once."""
+        shared = self.index.filter(pl.col("shared_rows") > 0)
+        rows = pl.min_horizontal("shared_rows", "num_rows")
+        pairs = shared.select("shared_offset", rows.alias("rows")).iter_rows()
+        return [(int(a), int(n)) for a, n in pairs if n > 0]
 
     def blocks(self, target_tokens: int | None = None) -> Iterator[Block]:
         """Chunk-aligned runs of whole sequences, about `target_tokens` rows each.
@@ -177,7 +242,7 @@ class RoutingStore:
         target = max(target_tokens or 16 * self.chunk_tokens, 1)
         idx = self.index.sort("token_offset")
         offsets = idx["token_offset"].to_numpy()
-        ends = offsets + idx["num_rows"].to_numpy()
+        ends = idx.select(stored_end())["token_offset"].to_numpy()
         ids = idx["sequence_id"].to_numpy()
         i = 0
         while i < len(ids):
@@ -223,7 +288,7 @@ def open_single(path_or_url: str | Path, *, read_index: bool = True) -> RoutingS
     index = read_index_parts(store) if read_index else None
     if index is None:
         index = pl.DataFrame(schema=INDEX_SCHEMA)
-    index = index.unique("sequence_id", keep="first").sort("sequence_id")
+    index = with_shared_columns(index.unique("sequence_id", keep="first").sort("sequence_id"))
     # stores written before interventions have no such column: nothing intervened there
     intervention = pl.col("intervention") if "intervention" in index.columns else pl.lit(None)
     index = index.with_columns(intervention.fill_null("").cast(pl.String).alias("intervention"))

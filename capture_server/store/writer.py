@@ -9,7 +9,9 @@ Invariants:
       the last chunk is; a chunk's tail segments are deleted once its object exists.
       Chunks are cast, encoded and written in a thread pool (`store.chunks`), bypassing
       zarr's write path but producing the bytes zarr would.
-    - Sequences are contiguous on the token axis, in staging order.
+    - Sequences are contiguous on the token axis, in staging order; a sequence's prompt
+      rows equal to an earlier sample's of its request are not stored again
+      (`store.shared_prompts`): it refers to them, and they lie before its own rows.
     - A sequence is visible (in the index) only after all its rows are written: its
       index part is written after its chunks, and an index part appears atomically.
     - A sequence awaiting texts (`SequenceEnd.awaits_texts`) is committed only once its
@@ -63,9 +65,13 @@ from capture_server.store.index import (
     INDEX_SCHEMA,
     parquet_bytes,
     read_index_parts,
+    stored_end,
+    stored_rows,
+    with_shared_columns,
     write_annotations,
 )
 from capture_server.store.parts import PartId, ensure_root
+from capture_server.store.shared_prompts import SharedPrompts
 
 logger = logging.getLogger("moetrace.store")
 
@@ -119,6 +125,7 @@ class StoreWriter:
         self._buf_end = 0  # rows below this are staged
         self._staged: list[dict[str, Any]] = []  # index rows of staged, uncommitted sequences
         self._committed: set[tuple[str, int]] = set()
+        self._shared: SharedPrompts | None = None  # set at opening, when the store shares
         self._committed_before: set[tuple[str, int]] = set()  # by an earlier writer
         self._awaiting: set[tuple[str, int]] = set()  # staged, committed with their texts
         self._texts: dict[tuple[str, int], Annotation] = {}  # not written yet
@@ -146,6 +153,9 @@ class StoreWriter:
             self._create(meta)
         else:
             self._resume(meta, attrs)
+        # parts never share: the stages of a pipeline would each decide alone
+        if self.options.share_prompt_rows and self.part is None:
+            self._shared = SharedPrompts()
         self.is_open = True
 
     def _create(self, meta: ModelMeta) -> None:
@@ -239,7 +249,7 @@ class StoreWriter:
         index = read_index_parts(self.store)
         committed_end = 0
         if index is not None and len(index):
-            committed_end = int((index["token_offset"] + index["num_rows"]).max())
+            committed_end = int(with_shared_columns(index).select(stored_end()).max().item())
             self._next_id = int(index["sequence_id"].max()) + 1
             self._committed = set(
                 zip(index["request_id"].to_list(), index["sample_index"].to_list(), strict=True)
@@ -310,10 +320,16 @@ class StoreWriter:
         ):
             return False
         n = 0 if rows is None else len(rows)
+        shared, shared_offset = 0, -1
         if n:
             assert rows is not None
-            for name, values in self._columns(rows).items():
-                self._buf[name].append(values)
+            columns = self._columns(rows)
+            if self._shared is not None:
+                shared, shared_offset = self._shared.match(
+                    end.request_id, end.prompt_len, self._buf_end, columns
+                )
+            for name, values in columns.items():
+                self._buf[name].append(values[shared:])
         self._staged.append(
             {
                 "request_id": end.request_id,
@@ -321,13 +337,15 @@ class StoreWriter:
                 "prompt_index": end.prompt_index,
                 "token_offset": self._buf_end,
                 "num_rows": n,
+                "shared_offset": shared_offset,
+                "shared_rows": shared,
                 "first_position": end.first_position,
                 "prompt_len": end.prompt_len,
                 "labels": json.dumps(end.labels, sort_keys=True),
                 "intervention": end.intervention,
             }
         )
-        self._buf_end += n
+        self._buf_end += n - shared
         if end.awaits_texts:
             self._awaiting.add(key)
         return True
@@ -487,7 +505,7 @@ class StoreWriter:
 
     def _committable(self, staged: dict[str, Any]) -> bool:
         key = (staged["request_id"], staged["sample_index"])
-        on_disk = staged["token_offset"] + staged["num_rows"] <= self._written_end
+        on_disk = staged["token_offset"] + stored_rows(staged) <= self._written_end
         return on_disk and (key not in self._awaiting or key in self._texts)
 
     def _seal(self) -> None:

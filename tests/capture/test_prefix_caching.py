@@ -84,3 +84,45 @@ def test_n8_samples_of_long_shared_prompts_equal_caching_off(cached_engine, spec
         truth = reference.route(seq.token_ids[:-1])
         np.testing.assert_array_equal(rows.topk_ids, truth.ids)
         np.testing.assert_allclose(rows.router_logits, truth.logits, atol=1e-4)
+
+
+def test_n8_samples_store_their_cached_prompt_once(cached_engine, tmp_path):
+    """Into a store, the eight samples' prompt rows are stored once (`store.shared_prompts`)
+    and every sample still reads back whole; against the same call stored without sharing,
+    row for row, and against the in-memory capture of the same call."""
+    vocab = len(cached_engine.tokenizer)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(1, vocab, size=PROMPT_LEN).tolist() for _ in range(2)]
+    sampling = dict(n=SAMPLES, max_tokens=MAX_TOKENS, temperature=1.0, seed=4, ignore_eos=True)
+    exact = {"weights_dtype": "float32", "logits_dtype": "float32", "hidden_dtype": "float32"}
+
+    memory = cached_engine.generate(prompts, **sampling)
+    shared = cached_engine.generate_to_store(
+        prompts, str(tmp_path / "shared"), store_options=exact, **sampling
+    )
+    full = cached_engine.generate_to_store(
+        prompts,
+        str(tmp_path / "full"),
+        store_options={**exact, "share_prompt_rows": False},
+        **sampling,
+    )
+    # each prompt's first sample to end holds its rows; its seven siblings share them
+    counts = shared.index["shared_rows"].to_list()
+    assert sorted(counts)[:2] == [0, 0] and len(counts) == 2 * SAMPLES
+    assert min(sorted(counts)[2:]) >= 256, "the cached prompt blocks must be shared"
+    assert (full.index["shared_rows"] == 0).all()
+    assert shared.num_tokens < 0.4 * full.num_tokens
+
+    by_key = {(s.prompt_index, s.sample_index): s.rows for s in memory.sequences}
+    full_rows = {
+        (r["prompt_index"], r["sample_index"]): full.sequence(r["sequence_id"])
+        for r in full.index.iter_rows(named=True)
+    }
+    for row in shared.index.iter_rows(named=True):
+        key = (row["prompt_index"], row["sample_index"])
+        got, want, stored = shared.sequence(row["sequence_id"]), by_key[key], full_rows[key]
+        for name in ("positions", "token_ids", "topk_ids", "topk_weights", "router_logits"):
+            np.testing.assert_array_equal(got[name], stored[name], err_msg=name)
+        np.testing.assert_array_equal(got["hidden_states_1"], stored["hidden_states_1"])
+        np.testing.assert_array_equal(got["topk_ids"], want.topk_ids)
+        np.testing.assert_allclose(got["router_logits"], want.router_logits, atol=1e-4)

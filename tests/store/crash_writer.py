@@ -4,6 +4,8 @@ python -m tests.store.crash_writer STORE NUM_SEQUENCES
 python -m tests.store.crash_writer STORE NUM_SEQUENCES DP_RANK DP_SIZE PP_STAGE PP_SIZE
     (one part of a parted store: rank DP_RANK's share of the sequences, stage PP_STAGE's
     layers)
+python -m tests.store.crash_writer STORE NUM_REQUESTS --samples
+    (four samples per request, sharing their prompt rows: `synthetic.sample_rows`)
 python -m tests.store.crash_writer STORE NUM_SEQUENCES --pause-in-commit
     (stops for good inside a commit, once two commits are done: one object of the
     commit (tail segment or chunk) is in place, the rest and its index part are not; prints
@@ -38,6 +40,18 @@ def main(path: str, count: int) -> None:
     print("finished", flush=True)
 
 
+def main_samples(path: str, requests: int, samples: int = 4) -> None:
+    sink = StoreSink(path, synthetic.EXACT, flush_interval=0.02)
+    sink.open(synthetic.meta())
+    for r in range(requests):
+        for s in range(samples):
+            sink.write(synthetic.sample_rows(f"req-{r}", s))
+            sink.end_sequence(synthetic.sample_end(f"req-{r}", s))
+            time.sleep(0.01)
+    sink.close()
+    print("finished", flush=True)
+
+
 def main_part(path: str, count: int, dp_rank: int, dp_size: int, stage: int, pp: int) -> None:
     keys = [f"seq-{i}" for i in range(count)][dp_rank::dp_size]
     parted.write_part(path, PartId(dp_rank, stage, pp), keys, pause=0.01)
@@ -64,7 +78,9 @@ def pause_in_commit(store: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[3:] == ["--pause-in-commit"]:
+    if sys.argv[3:] == ["--samples"]:
+        main_samples(sys.argv[1], int(sys.argv[2]))
+    elif sys.argv[3:] == ["--pause-in-commit"]:
         pause_in_commit(Path(sys.argv[1]))
         main(sys.argv[1], int(sys.argv[2]))
     elif len(sys.argv) == 3:

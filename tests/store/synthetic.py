@@ -79,3 +79,45 @@ def interleaved_steps(keys: list[str], step_rows: int = 3):
             if cursor[k] == length_of(k):
                 active.remove(k)
                 yield "end", end_of(k)
+
+
+PROMPT, GENERATED = 50, 20
+"""Rows of a request's shared prompt and of each sample's own generation (`sample_rows`)."""
+
+
+def sample_rows(request: str, sample: int, differ_at: int | None = None) -> RoutingRows:
+    """Sample `sample` of `request`: the request's prompt rows (the same for every sample,
+    unless `differ_at`: its ids change from that row on), then the sample's own rows."""
+    prompt = sequence_rows(request, PROMPT)
+    own = sequence_rows(f"{request}/{sample}", GENERATED)
+    rows = RoutingRows.concat([prompt, own])
+    rows.positions = np.arange(len(rows), dtype=np.int64)
+    rows.request_ids = np.array([request] * len(rows), dtype=object)
+    rows.sample_index = np.full(len(rows), sample, dtype=np.int32)
+    rows.is_prompt = rows.positions < PROMPT
+    if differ_at is not None:
+        rows.topk_ids = rows.topk_ids.copy()
+        rows.topk_ids[differ_at:PROMPT] = (rows.topk_ids[differ_at:PROMPT] + 1) % E
+    return rows
+
+
+def sample_end(request: str, sample: int, awaits_texts: bool = False) -> SequenceEnd:
+    return SequenceEnd(
+        request_id=request,
+        sample_index=sample,
+        prompt_len=PROMPT,
+        first_position=0,
+        num_rows=PROMPT + GENERATED,
+        prompt_index=int(request.split("-")[1]),
+        awaits_texts=awaits_texts,
+    )
+
+
+def assert_sample_intact(store, row: dict, differ_at: int | None = None) -> None:
+    """The committed sequence of index `row` reads back as `sample_rows` wrote it."""
+    want = sample_rows(row["request_id"], row["sample_index"], differ_at)
+    got = store.sequence(row["sequence_id"])
+    for name in ("topk_ids", "topk_weights", "router_logits", "token_ids", "positions"):
+        np.testing.assert_array_equal(got[name], getattr(want, name), err_msg=name)
+    np.testing.assert_array_equal(got["hidden_states_0"], want.hidden_states[0])
+    np.testing.assert_array_equal(got["is_prompt"], want.is_prompt)
