@@ -4,8 +4,10 @@ every row captured into a store either way, side by side in one engine.
 Workload: a tiny Qwen3-MoE specimen, 16 prompts x 384 tokens, n = 8 seeded samples of 16
 new tokens each, ids + weights + logits into a new Zarr store per call. Calls alternate
 between the prefix cache read (on) and skipped (`skip_reading_prefix_cache`, off), each
-on fresh prompts so that only a prompt's own samples can share its blocks. Reports
-seconds per call (generation and commit) and bytes on disk, on / off.
+on fresh prompts so that only a prompt's own samples can share its blocks. A third
+mode reads the cache but stores every sample's prompt rows in full
+(`share_prompt_rows=False`: what stores held before prompt rows were shared). Reports
+seconds per call (generation and commit), rows stored and bytes on disk.
 
     .venv/bin/python bench/prefix_caching.py [--rounds 3] [--out docs/results/prefix.json]
 """
@@ -60,27 +62,35 @@ def main() -> None:
     sampling = dict(n=SAMPLES, max_tokens=NEW_TOKENS, temperature=1.0, seed=3, ignore_eos=True)
     calls = iter(range(10_000))
 
-    def run(cached: bool) -> tuple[float, int, int]:
-        """One call on fresh prompts: (seconds, store bytes, rows reused from slots)."""
+    def run(mode: str) -> tuple[float, int, int, int]:
+        """One call on fresh prompts: (seconds, store bytes, rows reused from slots,
+        rows stored)."""
         prompts = [rng.integers(1, vocab, PROMPT_TOKENS).tolist() for _ in range(PROMPTS)]
         store = work / f"store{next(calls)}"
         reused = engine.stats()["prefix_rows_reused"]
         start = time.perf_counter()
-        engine.generate_to_store(
-            prompts, str(store), skip_reading_prefix_cache=not cached, **sampling
+        result = engine.generate_to_store(
+            prompts,
+            str(store),
+            skip_reading_prefix_cache=mode == "off",
+            store_options={"share_prompt_rows": mode != "on, stored in full"},
+            **sampling,
         )
         seconds = time.perf_counter() - start
-        return seconds, disk_bytes(store), engine.stats()["prefix_rows_reused"] - reused
+        reused = engine.stats()["prefix_rows_reused"] - reused
+        return seconds, disk_bytes(store), reused, result.num_tokens
 
-    run(True), run(False)  # warm-up
-    results: dict[str, list[tuple[float, int, int]]] = {"on": [], "off": []}
+    modes = ("on", "off", "on, stored in full")
+    for mode in modes:  # warm-up
+        run(mode)
+    results: dict[str, list[tuple[float, int, int, int]]] = {mode: [] for mode in modes}
     for r in range(args.rounds):
-        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            results[mode].append(run(mode == "on"))
-            seconds, size, reused = results[mode][-1]
+        for mode in modes[r % 3 :] + modes[: r % 3]:
+            results[mode].append(run(mode))
+            seconds, size, reused, stored = results[mode][-1]
             print(
-                f"round {r} caching {mode:3s} {seconds:6.2f} s {size / 2**20:7.1f} MiB "
-                f"{reused} rows reused",
+                f"round {r} caching {mode:18s} {seconds:6.2f} s {size / 2**20:7.1f} MiB "
+                f"{reused} rows reused, {stored} rows stored",
                 file=sys.stderr,
             )
     engine.close()
@@ -90,6 +100,7 @@ def main() -> None:
             "seconds": round(statistics.median(x[0] for x in runs), 3),
             "store_mib": round(statistics.median(x[1] for x in runs) / 2**20, 2),
             "rows_reused": int(statistics.median(x[2] for x in runs)),
+            "rows_stored": int(statistics.median(x[3] for x in runs)),
             "each_round_seconds": [round(x[0], 3) for x in runs],
         }
         for mode, runs in results.items()
@@ -98,13 +109,20 @@ def main() -> None:
     ratios = {
         "speed_on_over_off": round(summary["off"]["seconds"] / summary["on"]["seconds"], 3),
         "disk_on_over_off": round(summary["on"]["store_mib"] / summary["off"]["store_mib"], 3),
+        "disk_on_over_stored_in_full": round(
+            summary["on"]["store_mib"] / summary["on, stored in full"]["store_mib"], 3
+        ),
     }
     for mode, row in summary.items():
         print(
-            f"caching {mode:3s} {row['seconds']:6.2f} s  {tokens / row['seconds']:8.1f} "
-            f"generated tok/s  {row['store_mib']:7.1f} MiB"
+            f"caching {mode:18s} {row['seconds']:6.2f} s  {tokens / row['seconds']:8.1f} "
+            f"generated tok/s  {row['store_mib']:7.1f} MiB  {row['rows_stored']} rows stored"
         )
-    print(f"speed on/off {ratios['speed_on_over_off']}x, disk on/off {ratios['disk_on_over_off']}x")
+    print(
+        f"speed on/off {ratios['speed_on_over_off']}x, disk on/off "
+        f"{ratios['disk_on_over_off']}x, disk on/stored in full "
+        f"{ratios['disk_on_over_stored_in_full']}x"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(

@@ -67,6 +67,10 @@ def captured(request, specimen) -> Captured:
     arch = request.param
     path = specimen(arch)
     moe_layers = build.LAYERS - (1 if arch == "deepseek_v3" else 0)
+    # MLA on a CPU with AMX tiles defaults to vLLM's AMX_MLA backend, which takes no
+    # float32 weights ("expect weight to be bfloat16, ..."); the reference CPU_MLA
+    # backend, the default without AMX, does (vllm/platforms/cpu.py, get_attn_backend_cls)
+    mla = {"attention_backend": "CPU_MLA"} if arch == "deepseek_v3" else {}
     engine = CaptureEngine(
         str(path),
         hidden_layers=range(moe_layers),
@@ -75,6 +79,7 @@ def captured(request, specimen) -> Captured:
         seed=0,
         enforce_eager=True,
         interventions=True,
+        **mla,
     )
     scored, refused = {}, {}
     prompts, completions = zip(*SCORED, strict=True)
