@@ -22,6 +22,7 @@ import httpx
 from clients.errors import MoetraceHTTPError
 
 FINISHED = ("done", "failed", "cancelled")
+MAX_WAIT = 60.0  # seconds the server holds a status request at most
 JSONL = {"content-type": "application/jsonl"}
 UPLOAD_CHUNK = 1 << 16  # bytes read at a time from an uploaded file
 
@@ -61,8 +62,9 @@ class _BaseClient:
         return _Call("POST", "/v1/jobs", json=job)
 
     @staticmethod
-    def _status(job_id: str) -> _Call:
-        return _Call("GET", f"/v1/jobs/{job_id}")
+    def _status(job_id: str, wait: float = 0.0) -> _Call:
+        params = {"wait": round(min(wait, MAX_WAIT), 3)} if wait > 0 else {}
+        return _Call("GET", f"/v1/jobs/{job_id}", params=params)
 
     @staticmethod
     def _list(offset: int, limit: int) -> _Call:
@@ -92,6 +94,13 @@ class _BaseClient:
         if response.is_error:
             raise MoetraceHTTPError(response)
         return response.json()
+
+    @staticmethod
+    def _wait_for(poll: float, deadline: float | None) -> float:
+        """Seconds the next long poll may wait: `poll`, or less before the deadline."""
+        if deadline is None:
+            return poll
+        return max(min(poll, deadline - time.monotonic()), 0.001)
 
     @staticmethod
     def _finished(
@@ -169,10 +178,17 @@ class Client(_BaseClient):
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job is done, failed or cancelled; returns the final record."""
+        """Wait until the job is done, failed or cancelled; returns the final record.
+
+        Each request is a long poll: the server answers when the job ends, or after
+        `poll` seconds with its progress (for `on_progress`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._finished(job := self.status(job_id), deadline, timeout, on_progress):
-            time.sleep(poll)
+        job = self.status(job_id)
+        while not self._finished(job, deadline, timeout, on_progress):
+            wait, asked = self._wait_for(poll, deadline), time.monotonic()
+            job = self._send(self._status(job_id, wait))
+            if job["state"] not in FINISHED:  # a server that does not hold the request
+                time.sleep(max(wait - (time.monotonic() - asked), 0.0))
         return job
 
 
@@ -239,8 +255,15 @@ class AsyncClient(_BaseClient):
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job is done, failed or cancelled; returns the final record."""
+        """Wait until the job is done, failed or cancelled; returns the final record.
+
+        Each request is a long poll: the server answers when the job ends, or after
+        `poll` seconds with its progress (for `on_progress`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._finished(job := await self.status(job_id), deadline, timeout, on_progress):
-            await asyncio.sleep(poll)
+        job = await self.status(job_id)
+        while not self._finished(job, deadline, timeout, on_progress):
+            wait, asked = self._wait_for(poll, deadline), time.monotonic()
+            job = await self._send(self._status(job_id, wait))
+            if job["state"] not in FINISHED:  # a server that does not hold the request
+                await asyncio.sleep(max(wait - (time.monotonic() - asked), 0.0))
         return job

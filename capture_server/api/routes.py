@@ -182,6 +182,9 @@ def list_jobs(
     return JobsPublic(data=data, count=count)
 
 
+MAX_WAIT_SECONDS = 60.0  # a long poll answers by then: proxies cut idle requests
+
+
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=JobPublic,
@@ -189,12 +192,24 @@ def list_jobs(
     tags=["jobs"],
     responses=errors(404),
 )
-def get_job(job_id: str, request: Request) -> JobPublic:
-    """Get a job's state and progress."""
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: float = Query(
+        0.0,
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description="Seconds to wait for the job to end before answering (long poll): "
+        "a client learns the end at once instead of one poll interval later.",
+    ),
+) -> JobPublic:
+    """Get a job's state and progress; with `wait`, once it ends or `wait` seconds pass."""
     app = _state(request)
     job = app.db.get(job_id)
     if job is None:
         raise HTTPException(404, detail="Job not found")
+    if wait > 0 and await app.runner.wait_ended(job_id, wait):
+        job = app.db.get(job_id) or job
     return _public(app.runner.view(job), app.runner.store_path(job_id))
 
 

@@ -169,6 +169,15 @@ class JobRunner:
         job = self.view(self.db.get(job_id) or {"id": job_id, "errors": []})
         self.record(job_id, state="failed", errors=[*job["errors"], f"{type(exc).__name__}: {exc}"])
 
+    async def wait_ended(self, job_id: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a job's task to end (its final state is
+        recorded by then); True when it ended, False for a job with no task here."""
+        task = self.tasks.get(job_id)
+        if task is None:
+            return False
+        await asyncio.wait({task}, timeout=timeout)  # never cancels the job
+        return task.done()
+
     def resume_unfinished(self) -> int:
         """Resume queued and running jobs; cancels cut short by a restart are final."""
         self.db.finish_interrupted_cancels()

@@ -26,10 +26,9 @@ class Server:
     def wait_job(self, job_id: str, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            job = self.client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()  # long poll
             if job["state"] in ("done", "failed", "cancelled"):
                 return job
-            time.sleep(0.5)
         raise TimeoutError(f"job {job_id} did not finish")
 
 

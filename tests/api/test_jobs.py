@@ -241,3 +241,21 @@ def test_a_cancel_survives_a_restart(tmp_path):
     assert db.finish_interrupted_cancels() == 1
     assert db.get(job_id)["state"] == "cancelled"
     assert not db.request_cancel(job_id)
+
+
+def test_a_long_poll_answers_when_the_job_ends(server):
+    """``GET /v1/jobs/{id}?wait=S`` holds the request until the job ends: one request
+    sees it running at the start and done at the end; bounds are checked by name."""
+    body = {
+        "kind": "rollout",
+        "model": "qwen3_moe",
+        "prompts": [{"prompt": f"a long poll {i}"} for i in range(4)],
+        "sampling": {"max_tokens": 8, "temperature": 0.0},
+    }
+    job_id = server.client.post("/v1/jobs", json=body).json()["id"]
+    job = server.client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    assert job["state"] == "done" and job["sequences_done"] == 4, job
+    held = server.client.get(f"/v1/jobs/{job_id}", params={"wait": 60})
+    assert held.json()["state"] == "done", "an ended job answers at once"
+    bad = server.client.get(f"/v1/jobs/{job_id}", params={"wait": 61})
+    assert bad.status_code == 422 and "wait" in bad.text

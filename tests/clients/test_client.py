@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -33,6 +34,23 @@ def test_wait_polls_until_finished_and_sends_the_token():
     with Client("http://svc", token="t", transport=httpx.MockTransport(handler)) as client:
         assert client.wait("j", poll=0)["state"] == "done"
     assert seen == ["Bearer t"] * 3
+
+
+def test_wait_long_polls_with_the_poll_interval():
+    """After the first status, each request asks the server to hold it up to `poll`
+    seconds (``wait``); a server that answers at once is not asked again at once."""
+    states = iter(["running", "running", "done"])
+    waits = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        waits.append(request.url.params.get("wait"))
+        return httpx.Response(200, json={"id": "j", "state": next(states)})
+
+    with Client("http://svc", transport=httpx.MockTransport(handler)) as client:
+        started = time.monotonic()
+        assert client.wait("j", poll=0.2)["state"] == "done"
+        assert time.monotonic() - started >= 0.2, "an old server's quick answer waits out poll"
+    assert waits == [None, "0.2", "0.2"]
 
 
 def test_async_client_submits():
