@@ -175,7 +175,10 @@ class StoreSink(RoutingSink):
                         self.writer.flush(partial=False)
                 elif kind in ("tick", "flush", "close"):
                     pending_before = self._queue.qsize()
-                    self.writer.flush(partial=True)
+                    if kind == "close":  # commit, seal the last chunk, stop the encoders
+                        self.writer.close()
+                    else:
+                        self.writer.flush(partial=True)
                     last_commit = time.monotonic()
                     if pending_before == 0 and not self.writer.staged_sequences:
                         self._uncommitted_since = None

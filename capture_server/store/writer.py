@@ -529,8 +529,8 @@ class StoreWriter:
         if self.root is None:
             return
         try:
+            self._seal()  # the last rows go straight into chunk objects, not tail segments
             self.flush(partial=True)
-            self._seal()
         finally:
             self._chunks.close()
         if self._staged:

@@ -126,36 +126,6 @@ def test_a_sharer_reads_whole_when_its_holder_never_commits(tmp_path):
     assert_reads_as_written(store)
 
 
-def test_the_analyzer_counts_shared_prompt_rows_once_per_sample(tmp_path):
-    """Each block's profiles from the sharing store equal those of the same rows stored
-    in full, prompt counts included."""
-    from analyzer.plan import BlockPlan
-    from analyzer.profiles import profile_block
-
-    write(tmp_path / "shared", share=True)
-    write(tmp_path / "full", share=False)
-
-    def profiles(path) -> dict:
-        store = open_store(path)
-        plan = BlockPlan(store, 64, keep=None)
-        out = {}
-        for block in plan.blocks:
-            rows = plan.rows(block)
-            got = profile_block(str(path), block.start, block.stop, rows)
-            for i, row in enumerate(rows):
-                key = (row["prompt_index"], row["sample_index"])
-                out[key] = (got.prompt[i], got.cumulative[i], got.last_ids[i])
-        return out
-
-    shared, full = profiles(tmp_path / "shared"), profiles(tmp_path / "full")
-    assert shared.keys() == full.keys() and len(full) == 6 * SAMPLES
-    for key, (prompt, cumulative, last) in full.items():
-        assert prompt.sum() > 0
-        np.testing.assert_array_equal(shared[key][0], prompt)
-        np.testing.assert_array_equal(shared[key][1], cumulative)
-        np.testing.assert_array_equal(shared[key][2], last)
-
-
 def test_sigkill_while_samples_share_prompt_rows_then_resume(tmp_path):
     """Killed at random moments while writing samples that share prompt rows: every
     committed sample reads whole (its shared prompt included) and once; a resumed writer

@@ -49,3 +49,36 @@ def test_closing_store_is_never_written_by_two_writers(tmp_path):
         got = store.sequence(row["sequence_id"])["topk_ids"]
         want = synthetic.sequence_rows(row["request_id"], row["num_rows"]).topk_ids
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_closed_sink_leaves_plain_zarr_and_no_encoder_threads(tmp_path):
+    """Closing the sink (what a job's end does) seals the store: no tail segments are
+    left, plain zarr reads every committed row, and the writer's encoder threads end."""
+    import threading
+
+    import zarr
+
+    from capture_server.store.sink import StoreSink
+
+    before = {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
+    keys = [f"seq-{i}" for i in range(30)]
+    sink = StoreSink(tmp_path / "s", EXACT)
+    sink.open(synthetic.meta())
+    for kind, item in synthetic.interleaved_steps(keys):
+        sink.write(item) if kind == "rows" else sink.end_sequence(item)
+    sink.flush()  # a commit of a partial chunk: tail segments exist now
+    assert list((tmp_path / "s" / "tail").rglob("*.npy"))
+    sink.close()
+    assert not list((tmp_path / "s" / "tail").rglob("*.npy"))
+    store = open_store(tmp_path / "s")
+    assert len(store.index) == 30
+    plain = zarr.open_group(str(tmp_path / "s"), mode="r")["topk_ids"][: store.num_tokens]
+    np.testing.assert_array_equal(
+        plain, store.read_rows(0, store.num_tokens, ("topk_ids",))["topk_ids"]
+    )
+    for row in store.index.iter_rows(named=True):
+        want = synthetic.sequence_rows(row["request_id"], synthetic.length_of(row["request_id"]))
+        a = row["token_offset"]
+        np.testing.assert_array_equal(plain[a : a + row["num_rows"]], want.topk_ids)
+    after = {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
+    assert not after - before, "the closed store's encoder threads still run"
