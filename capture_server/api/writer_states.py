@@ -29,6 +29,8 @@ class WriterStates:
         self._closing: dict[str, list[asyncio.Future[str]]] = {}
         self._wake = asyncio.Event()
         self._poller: asyncio.Task | None = None
+        self._to_close: list[tuple[str, list[str], asyncio.Future[None]]] = []
+        self._closer: asyncio.Task | None = None
 
     async def failure(self, store: str) -> str:
         """The error, once `store`'s writer has failed (wait on it while the job runs,
@@ -37,9 +39,33 @@ class WriterStates:
 
     async def close(self, store: str, request_ids: list[str]) -> str | None:
         """End a job's requests in the worker, then wait until its store is committed
-        and closed, never blocking the engine on the commit. Returns the store's error."""
-        await close_rpc([store], request_ids).run(self.engine)
+        and closed, never blocking the engine on the commit. Returns the store's error.
+
+        Closes asked for while a close call is on its way go together in the next one
+        (`protocol.close_rpc` takes many stores): jobs that end together, as small jobs
+        of one batch do, cost one call to the engine, not one each."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_close.append((store, request_ids, sent))
+        if self._closer is None or self._closer.done():
+            self._closer = asyncio.create_task(self._send_closes())
+        await sent
         return sink_error(await self._wait(self._closing, store))
+
+    async def _send_closes(self) -> None:
+        while self._to_close:
+            batch, self._to_close = self._to_close, []
+            stores = [store for store, _, _ in batch]
+            ids = [rid for _, request_ids, _ in batch for rid in request_ids]
+            try:
+                await close_rpc(stores, ids).run(self.engine)
+            except Exception as exc:  # each job learns it, as it would from its own call
+                for _, _, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(exc)
+                continue
+            for _, _, sent in batch:
+                if not sent.done():
+                    sent.set_result(None)
 
     async def _wait(self, waiters: dict[str, list[asyncio.Future[str]]], store: str) -> str:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()

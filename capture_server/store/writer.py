@@ -184,7 +184,9 @@ class StoreWriter:
         for name, (shape, dtype) in specs.items():
             self.arrays[name] = root.create_array(
                 name,
-                shape=(0, *shape),
+                # room for the first GROW_CHUNKS chunks at once: growing rewrites every
+                # array's metadata, which was most of a small job's close
+                shape=(chunk * GROW_CHUNKS, *shape),
                 chunks=(chunk, *shape),
                 dtype=dtype,
                 compressors=COMPRESSORS[opts.compressor](dtype.itemsize),
