@@ -14,7 +14,8 @@ Workload: a tiny Qwen3-MoE specimen, 64 prompts of 32 random tokens x 64 new tok
 - OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job.
 
 Engine settings are the service's (fp32, eager, whole prompts on CPU). Each mode is
-timed `REPEATS` times after a warm-up; rounds interleave the in-process child and a
+timed `REPEATS` times (``--repeats``) after a warm-up, the server's modes interleaved;
+rounds interleave the in-process child and a
 fresh server; the report divides each mode's median tokens/s by the in-process one.
 
     .venv/bin/python bench/service_throughput.py [--rounds 2] [--out docs/results/service.json]
@@ -242,7 +243,11 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
         modes["OpenAI /v1/completions, 64 concurrent"] = lambda: asyncio.run(
             timed_openai(url, prompts, f"bench{next(calls)}")
         )
-        return {name: [run() for _ in range(REPEATS)] for name, run in modes.items()}
+        times: dict[str, list[float]] = {name: [] for name in modes}
+        for _ in range(REPEATS):  # modes interleaved: this machine's noise drifts in time
+            for name, run in modes.items():
+                times[name].append(run())
+        return times
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
@@ -252,10 +257,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds.")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="Timed calls per mode.")
     parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-async", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-plain", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    globals()["REPEATS"] = args.repeats  # read by every mode, in this process and children
     env = dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -286,7 +293,7 @@ def main() -> None:
         ):
             plugins = {"VLLM_PLUGINS": "none"} if name == plain else {}
             child = subprocess.run(
-                [sys.executable, __file__, flag, model],
+                [sys.executable, __file__, flag, model, "--repeats", str(args.repeats)],
                 env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING=multiprocessing, **plugins),
                 capture_output=True,
                 text=True,

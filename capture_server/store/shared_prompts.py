@@ -11,15 +11,25 @@ exactly what was captured.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
 
 from capture_server import protocol
 
+MAX_HELD_ENV = "MOETRACE_SHARED_PROMPTS_MAX_GIB"
 MAX_HELD_BYTES = 256 * 2**20
-"""Prompt rows held for matching, at most; the oldest requests' go first (a later
-sample of such a request then stores its prompt rows itself)."""
+"""Prompt rows one store's writer holds for matching, at most (default; the environment
+variable `MAX_HELD_ENV` sets it in GiB). The oldest requests' go first, and a later
+sample of such a request then stores its prompt rows itself: nothing is lost, the store
+is only larger. Rows are held as the capture gives them (float32 logits): at Qwen3-30B-A3B
+shapes with logits, 27.7 kB a row, the default holds about 9,700 prompt rows."""
+
+
+def max_held_bytes() -> int:
+    value = os.environ.get(MAX_HELD_ENV)
+    return MAX_HELD_BYTES if not value else int(float(value) * 2**30)
 
 
 def leading_equal_rows(a: np.ndarray, b: np.ndarray) -> int:
@@ -37,8 +47,8 @@ class SharedPrompts:
     """The holder's prompt rows of each recent request, and the match of a later sample
     against them."""
 
-    def __init__(self, max_bytes: int = MAX_HELD_BYTES) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_held_bytes() if max_bytes is None else max_bytes
         self._held: OrderedDict[str, tuple[int, dict[str, np.ndarray]]] = OrderedDict()
         self._bytes = 0
 
