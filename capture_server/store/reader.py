@@ -242,7 +242,7 @@ class RoutingStore:
         target = max(target_tokens or 16 * self.chunk_tokens, 1)
         idx = self.index.sort("token_offset")
         offsets = idx["token_offset"].to_numpy()
-        ends = idx.select(stored_end())["token_offset"].to_numpy()
+        ends = idx.select(stored_end().alias("end"))["end"].to_numpy()
         ids = idx["sequence_id"].to_numpy()
         i = 0
         while i < len(ids):
