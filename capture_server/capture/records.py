@@ -145,6 +145,30 @@ class RoutingRows:
         )
 
     @staticmethod
+    def gather(pieces: list[tuple[RoutingRows, int, int]]) -> RoutingRows:
+        """Rows ``start:stop`` of each of several steps' rows, in order: `concat` of
+        their slices, without a `RoutingRows` per slice (a sequence has one per step)."""
+
+        def joined(field: str) -> np.ndarray:
+            return np.concatenate([getattr(r, field)[a:b] for r, a, b in pieces])
+
+        first = pieces[0][0]
+        return RoutingRows(
+            request_ids=joined("request_ids"),
+            sample_index=joined("sample_index"),
+            positions=joined("positions"),
+            token_ids=joined("token_ids"),
+            is_prompt=joined("is_prompt"),
+            topk_ids=joined("topk_ids"),
+            topk_weights=joined("topk_weights"),
+            router_logits=None if first.router_logits is None else joined("router_logits"),
+            hidden_states={
+                k: np.concatenate([r.hidden_states[k][a:b] for r, a, b in pieces])
+                for k in first.hidden_states
+            },
+        )
+
+    @staticmethod
     def concat(parts: list[RoutingRows]) -> RoutingRows:
         """Rows of several steps in order."""
         first = parts[0]

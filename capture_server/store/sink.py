@@ -151,7 +151,7 @@ class StoreSink(RoutingSink):
             raise StoreWriteError(f"{self.writer.url}: store writer failed: {err}")
 
     def _run(self) -> None:
-        parts: dict[tuple[str, int], list[RoutingRows]] = defaultdict(list)
+        parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]] = defaultdict(list)
         last_commit = time.monotonic()
         try:
             if not self.writer.is_open:
@@ -165,8 +165,10 @@ class StoreSink(RoutingSink):
                     kind, item = "tick", None
                 if kind == "rows":
                     keys, bounds = item.segments()
-                    for key, a, b in zip(keys, bounds[:-1], bounds[1:], strict=True):
-                        parts[key].append(item.slice(int(a), int(b)))
+                    for key, a, b in zip(
+                        keys, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True
+                    ):
+                        parts[key].append((item, a, b))  # sliced once, when the sequence ends
                 elif kind == "texts":
                     self.writer.add_texts(item)
                 elif kind == "end":
@@ -190,7 +192,9 @@ class StoreSink(RoutingSink):
             logger.error("store writer for %s failed: %s", self.writer.url, exc)
             self._error = exc
 
-    def _end(self, end: SequenceEnd, parts: dict[tuple[str, int], list[RoutingRows]]) -> None:
+    def _end(
+        self, end: SequenceEnd, parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]]
+    ) -> None:
         key = (end.request_id, end.sample_index)
         pieces = parts.pop(key, [])
         with self._lock:
@@ -199,6 +203,6 @@ class StoreSink(RoutingSink):
         if dropped:
             self.stats["dropped_sequences"] += 1
             return
-        rows = RoutingRows.concat(pieces) if pieces else None
+        rows = RoutingRows.gather(pieces) if pieces else None
         if not self.writer.add_sequence(end, rows):
             self.stats["duplicates_skipped"] += 1
