@@ -4,6 +4,7 @@ so the model loop only enqueues."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,10 @@ from capture_server.store.writer import StoreWriter
 
 logger = logging.getLogger("moetrace.store")
 
+COMMIT_INTERVAL_ENV = "MOETRACE_COMMIT_INTERVAL"
+"""Seconds between a store's commits of finished sequences (each commit writes an index
+part and a tail segment per array): lower commits sooner, higher writes fewer files."""
+
 
 class StoreSink(RoutingSink):
     """A capture sink that streams into a routing store from a background thread.
@@ -33,7 +38,8 @@ class StoreSink(RoutingSink):
             step's rows are dropped, the sequences they belong to are never committed,
             and `stats["dropped_steps"]` counts them).
         flush_interval: seconds after which staged sequences are committed even when
-            they do not fill a chunk.
+            they do not fill a chunk (default: `COMMIT_INTERVAL_ENV` in the environment,
+            else 2).
         part: this writer's part of a store with several writers (`store.parts`).
     """
 
@@ -45,13 +51,15 @@ class StoreSink(RoutingSink):
         job: dict[str, Any] | None = None,
         queue_steps: int = 256,
         on_full: str = "wait",
-        flush_interval: float = 2.0,
+        flush_interval: float | None = None,
         part: PartId | None = None,
     ) -> None:
         if on_full not in ("wait", "drop"):
             raise ValueError(f"on_full: expected 'wait' or 'drop', got {on_full!r}")
         self.writer = StoreWriter(url, options, job, part)
         self.on_full = on_full
+        if flush_interval is None:
+            flush_interval = float(os.environ.get(COMMIT_INTERVAL_ENV) or 2.0)
         self.flush_interval = flush_interval
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_steps)
         self._thread: threading.Thread | None = None

@@ -36,14 +36,17 @@ PROMPTS, SAMPLES, MAX_TOKENS = 32, 4, 40
 MODEL = "qwen3_moe-planted"
 SERVER_ENV = {
     "MOETRACE_CONCURRENCY": "4",  # prompts run 4 at a time: commits come steadily
+    # a commit every 0.25 s, not 2 s: on a fast machine a whole job (or its resume) fit
+    # in one 2-second commit, so no kill could land between commits
+    "MOETRACE_COMMIT_INTERVAL": "0.25",
     # The engine's worker runs in its engine-core process (vLLM's one-process executor)
     # instead of a third process: a restart imports vLLM twice, not three times (about
     # 21 s instead of 31 s here). A kill -9 takes the whole process group either way.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 MID_JOB = PROMPTS * SAMPLES // 3
-"""Committed sequences a mid-job kill waits for, at most: a commit holds up to about
-two seconds of waves (about 48 sequences here), so the job is still unfinished."""
+"""Committed sequences a mid-job kill waits for, at most: a commit holds what finished
+since the last one (texts reach the writer every 0.5 s), so the job is still unfinished."""
 
 
 def _submit(server: Server, serial: int) -> str:
