@@ -171,22 +171,7 @@ class RoutingRows:
     @staticmethod
     def concat(parts: list[RoutingRows]) -> RoutingRows:
         """Rows of several steps in order."""
-        first = parts[0]
-        return RoutingRows(
-            request_ids=np.concatenate([p.request_ids for p in parts]),
-            sample_index=np.concatenate([p.sample_index for p in parts]),
-            positions=np.concatenate([p.positions for p in parts]),
-            token_ids=np.concatenate([p.token_ids for p in parts]),
-            is_prompt=np.concatenate([p.is_prompt for p in parts]),
-            topk_ids=np.concatenate([p.topk_ids for p in parts]),
-            topk_weights=np.concatenate([p.topk_weights for p in parts]),
-            router_logits=None
-            if first.router_logits is None
-            else np.concatenate([p.router_logits for p in parts]),
-            hidden_states={
-                k: np.concatenate([p.hidden_states[k] for p in parts]) for k in first.hidden_states
-            },
-        )
+        return RoutingRows.gather([(p, 0, len(p)) for p in parts])
 
 
 @dataclass(frozen=True, slots=True)

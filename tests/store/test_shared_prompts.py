@@ -141,16 +141,18 @@ def test_sigkill_while_samples_share_prompt_rows_then_resume(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
         assert killed, "the writer must still be running when it is killed"
-        committed = check(path)
+        committed = committed_keys_read_whole(path)
         assert before <= committed
         before = committed
     proc = subprocess.run([*command, "--samples"], cwd=ROOT, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert check(path) == {(f"req-{r}", s) for r in range(requests) for s in range(SAMPLES)}
+    every = {(f"req-{r}", s) for r in range(requests) for s in range(SAMPLES)}
+    assert committed_keys_read_whole(path) == every
     assert (open_store(path).index["shared_rows"] > 0).sum() > 0
 
 
-def check(path) -> set:
+def committed_keys_read_whole(path) -> set:
+    """(request, sample) of every committed sequence, each checked to read whole, once."""
     try:
         store = open_store(path)
     except (StoreNotFoundError, StoreFormatError):
