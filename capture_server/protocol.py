@@ -63,7 +63,20 @@ class WorkerRpc:
     args: tuple = ()
 
     def run(self, engine: RpcTarget) -> list[Any] | Awaitable[list[Any]]:
+        core = getattr(engine, "engine_core", None)
+        if len(getattr(core, "core_engines", ())) > 1:  # an AsyncLLM of several DP engines
+            return self._run_on_every_engine(core)
         return engine.collective_rpc(self.method, args=self.args)
+
+    async def _run_on_every_engine(self, core: Any) -> list[Any]:
+        """``AsyncLLM.collective_rpc`` reaches the first data-parallel engine only
+        (`AsyncMPClient.collective_rpc_async` in vllm/v1/engine/core_client.py); every
+        DP rank writes its own store part, so ask each engine: their workers' results,
+        engine after engine."""
+        per_engine = await core.call_utility_all_async(
+            "collective_rpc", self.method, None, self.args, None
+        )
+        return [worker for workers in per_engine for worker in workers]
 
 
 RPC_FLUSH = "moetrace_flush"
@@ -93,6 +106,57 @@ def workers_without_collector(stats: list[dict[str, Any]]) -> list[int]:
     """Positions, in `stats_rpc`'s per-worker results, of the workers that capture
     nothing: an engine configured for capture whose workers did not load the plugin."""
     return [i for i, worker in enumerate(stats) if not worker]
+
+
+def writer_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's capture stats from `stats_rpc`'s per-worker results: its writer's,
+    or, with one writer per data-parallel rank, theirs combined (counters, expert load
+    and per-store writer metrics summed; a store's commit lag the largest; every
+    writer's store errors). {} when no worker writes."""
+    writers = [w for w in stats if w.get("role") == "writer"]
+    if len(writers) <= 1:
+        return writers[0] if writers else {}
+    merged: dict[str, Any] = dict(writers[0])
+    for other in writers[1:]:
+        for key, value in other.items():
+            mine = merged.get(key)
+            if key == "expert_load":
+                merged[key] = [
+                    [a + b for a, b in zip(x, y, strict=True)]
+                    for x, y in zip(mine, value, strict=True)
+                ]
+            elif key == "sinks":
+                merged[key] = _merged_sink_metrics(mine, value)
+            elif key == "sink_errors":
+                merged[key] = {**value, **mine}
+            elif isinstance(value, (int, float)) and isinstance(mine, (int, float)):
+                merged[key] = mine + value
+    return merged
+
+
+def _merged_sink_metrics(
+    a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    merged = {url: dict(m) for url, m in a.items()}
+    for url, metrics in b.items():
+        mine = merged.setdefault(url, {})
+        for name, value in metrics.items():
+            combine = max if name == "lag_seconds" else float.__add__
+            mine[name] = combine(float(mine.get(name, 0.0)), float(value))
+    return merged
+
+
+def merged_sink_states(states: list[dict[str, str]], sink_urls: list[str]) -> dict[str, str]:
+    """Each store's state across `sink_states_rpc`'s per-worker results: a store written
+    by several writers (one part per data-parallel rank) is failed when any writer
+    failed, closing while any closes, open while any has it open, else closed."""
+    order = ("closed", "open", "closing")
+    merged: dict[str, str] = {}
+    for url in sink_urls:
+        seen = [worker[url] for worker in states if url in worker]
+        failed = [state for state in seen if state.startswith("failed")]
+        merged[url] = failed[0] if failed else max(seen, key=order.index, default="closed")
+    return merged
 
 
 def close_rpc(sink_urls: list[str], finished_ids: list[str] | None = None) -> WorkerRpc:

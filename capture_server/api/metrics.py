@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from capture_server.protocol import stats_rpc
+from capture_server.protocol import stats_rpc, writer_stats
 
 JOB_STATES = ("queued", "running", "open", "cancelling", "done", "failed", "cancelled")
 
@@ -32,7 +32,7 @@ class ServiceMetrics:
         self._jobs = state.db.count_by_state()
         self._tokens_generated = state.runner.tokens_generated
         self._workers = {
-            name: (await stats_rpc().run(engine))[0]
+            name: writer_stats(await stats_rpc().run(engine))
             for name, engine in state.engines.engines.items()
         }
 

@@ -28,9 +28,11 @@ from capture_server.protocol import (
     close_rpc,
     forwarded_positions,
     job_sequence_key,
+    merged_sink_states,
     sink_error,
     sink_states_rpc,
     stats_rpc,
+    writer_stats,
 )
 
 logger = logging.getLogger("moetrace.service")
@@ -87,7 +89,7 @@ class Engines:
                 stats = exc
             require_active(stats, name)
             assert not isinstance(stats, BaseException)
-            self.routing[name] = stats[0]["routing"]
+            self.routing[name] = writer_stats(stats)["routing"]
 
     def shutdown(self) -> None:
         for engine in self.engines.values():
@@ -484,7 +486,7 @@ def expected_rows(request: JobCreate, prompts: list[PromptItem]) -> int:
 async def sink_state(engine: Any, store: str) -> str:
     """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
     engine's worker."""
-    return (await sink_states_rpc([store]).run(engine))[0][store]
+    return merged_sink_states(await sink_states_rpc([store]).run(engine), [store])[store]
 
 
 async def close_store(engine: Any, store: str, request_ids: list[str]) -> str | None:

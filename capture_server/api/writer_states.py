@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from capture_server.protocol import close_rpc, sink_error, sink_states_rpc
+from capture_server.protocol import close_rpc, merged_sink_states, sink_error, sink_states_rpc
 
 RUNNING_TICK = 1.0  # seconds between polls while no store is committing its end
 CLOSING_TICK = 0.02  # while one is: a finished job learns its commit is done this soon
@@ -93,7 +93,8 @@ class WriterStates:
             if not stores:
                 continue
             try:
-                states = (await sink_states_rpc(stores).run(self.engine))[0]
+                per_worker = await sink_states_rpc(stores).run(self.engine)
+                states = merged_sink_states(per_worker, stores)
             except Exception as exc:  # the engine is gone: every waiter learns why
                 states = dict.fromkeys(stores, f"failed: engine: {exc}")
             for store in stores:

@@ -8,9 +8,13 @@ or URL, written by `capture_server.store.sink.StoreSink`.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capture_server.capture.sink import MemorySink, RoutingSink
+from capture_server.errors import CaptureSettingsError
+
+if TYPE_CHECKING:
+    from capture_server.store.parts import PartId
 
 __all__ = ["forget_sink", "memory_sink", "open_sink"]
 
@@ -32,12 +36,20 @@ def forget_sink(url: str) -> None:
         _registry.pop(url, None)
 
 
-def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingSink:
+def open_sink(
+    url: str, store_options: dict[str, Any] | None = None, part: PartId | None = None
+) -> RoutingSink:
     """The sink for `url`, created once per process and then shared; a store is created
-    with `store_options` (`StoreOptions` fields) when it does not exist yet."""
+    with `store_options` (`StoreOptions` fields) when it does not exist yet. With `part`
+    (a data-parallel engine's writer) the sink writes that part of a parted store."""
     with _registry_lock:
         if url not in _registry:
             if url.startswith("memory://"):
+                if part is not None:
+                    raise CaptureSettingsError(
+                        f"{url}: data-parallel engines capture into stores only "
+                        "(each rank writes its own part); use generate_to_store"
+                    )
                 _registry[url] = MemorySink()
             else:
                 from capture_server.store.format import StoreOptions
@@ -46,5 +58,5 @@ def open_sink(url: str, store_options: dict[str, Any] | None = None) -> RoutingS
                 opts = dict(store_options or {})
                 if "hidden_layers" in opts:
                     opts["hidden_layers"] = tuple(opts["hidden_layers"])
-                _registry[url] = StoreSink(url, StoreOptions(**opts))
+                _registry[url] = StoreSink(url, StoreOptions(**opts), part=part)
         return _registry[url]

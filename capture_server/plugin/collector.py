@@ -26,6 +26,7 @@ from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.plugin.interventions import refuse_interventions
 from capture_server.plugin.prefix_rows import PrefixRowsError, SlotLayout, SlotRows
 from capture_server.protocol import Annotation, split_sample
+from capture_server.store.parts import PartId
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ class StepCollector:
         *,
         routing: RoutingShape,
         interventions: bool = False,
+        part: PartId | None = None,
     ) -> None:
         self.buffers = buffers
+        self.part = part  # under data parallelism: the store part this engine writes
         self.routing = routing  # what interventions are checked against
         self.interventions = interventions  # the engine applies requests' interventions
         self.meta = meta
@@ -476,7 +479,7 @@ class StepCollector:
                     self._finish_closing(url)
                     if url in self.sink_errors:
                         return
-                sink = open_sink(url, options.store)
+                sink = open_sink(url, options.store, self.part)
                 sink.open(self.meta)
                 self._sinks[url] = sink
                 early = self._early_texts.pop(url, None)

@@ -5,11 +5,16 @@ Plain tensor parallelism: the router gate is a replicated linear on all-reduced 
 the whole batch with the same ids, weights, logits and hidden states. TP rank 0 hooks
 and writes; the other ranks are replicas that allocate nothing and write nothing.
 
+Data parallelism: each DP rank is its own engine core with its own scheduler, and its TP
+rank 0 writes its own part of the store (`store.parts`, format version 2), holding the
+sequences that rank served; the router hook keeps only the rank's own rows of a router
+call that sees every rank's tokens (`plugin.dp_rows`).
+
 Refused, each with what to change, because their rows would be wrong, duplicated or
 missing (vLLM 0.32, read in its source):
-    - data parallelism (each DP rank is its own engine core: two writers of one store),
-      pipeline parallelism (each stage holds only its layers), and sequence-parallel MoE
-      (TP rank r routes only its slice of the tokens; `ParallelConfig.use_sequence_parallel_moe`);
+    - pipeline parallelism (each stage holds only its layers; no stage writer yet),
+      prefill context parallelism, and sequence-parallel MoE (TP rank r routes only its
+      slice of the tokens; `ParallelConfig.use_sequence_parallel_moe`);
     - dual-batch overlap (`ParallelConfig.use_ubatching`: two threads write the same
       buffer rows);
     - speculative decoding (draft tokens are forwarded and some rejected).
@@ -20,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from capture_server.plugin.router_hook import CaptureUnsupportedError
+from capture_server.store.parts import PartId
 
 WRITER, REPLICA = "writer", "replica"
 
@@ -27,13 +33,10 @@ WRITER, REPLICA = "writer", "replica"
 def unsupported_layout(vllm_config: Any) -> str | None:
     """Why capture cannot be right on this engine's layout, or None."""
     parallel = vllm_config.parallel_config
-    if parallel.data_parallel_size > 1:
-        return (
-            f"data parallelism (data_parallel_size={parallel.data_parallel_size}): run one "
-            "capture server per DP rank for now"
-        )
     if parallel.pipeline_parallel_size > 1:
         return f"pipeline parallelism (pipeline_parallel_size={parallel.pipeline_parallel_size})"
+    if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        return "prefill context parallelism (prefill_context_parallel_size > 1)"
     if getattr(parallel, "use_sequence_parallel_moe", False):
         return "sequence-parallel MoE (expert parallel with TP and DP)"
     if getattr(parallel, "use_ubatching", False):
@@ -54,3 +57,12 @@ def capture_role(vllm_config: Any, tp_rank: int) -> str:
             f"moetrace capture does not support {reason}; turn it off for capture engines"
         )
     return WRITER if tp_rank == 0 else REPLICA
+
+
+def writer_part(vllm_config: Any) -> PartId | None:
+    """The part of a parted store this engine's writer writes: its DP rank's, or None
+    (one writer, a version-1 store) without data parallelism."""
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size == 1:
+        return None
+    return PartId(dp_rank=int(parallel.data_parallel_rank))

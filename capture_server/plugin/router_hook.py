@@ -17,6 +17,7 @@ from capture_server.capture.intervention import RoutingShape
 from capture_server.capture.records import ModelMeta
 from capture_server.errors import CaptureError
 from capture_server.plugin.buffers import CaptureBuffers
+from capture_server.plugin.dp_rows import DataParallelRows
 from capture_server.plugin.interventions import InterventionTables
 
 logger = logging.getLogger(__name__)
@@ -157,10 +158,12 @@ def hook_routers(
     runners: list[tuple[int, Any]],
     buffers: CaptureBuffers | None,
     interventions: InterventionTables | None = None,
+    dp_rows: DataParallelRows | None = None,
 ) -> None:
     """Wrap each runner's `router.select_experts` so it records into `buffers` (the
     writer; None on a TP replica) and applies each row's intervention (`interventions`,
-    when the engine runs them).
+    when the engine runs them). Under data parallelism (`dp_rows`) it records only the
+    rank's own rows of a call that routes every rank's tokens.
 
     The wrapper's steps:
         1. add each row's mask (−inf for experts it may not select) to the router logits;
@@ -200,7 +203,17 @@ def hook_routers(
                 topk_weights = interventions.zero_weights(_slot, topk_weights, topk_ids)
             # Step 4
             if buffers is not None:
-                buffers.record(_slot, hidden_states, router_logits, topk_weights, topk_ids)
+                if dp_rows is None:
+                    buffers.record(_slot, hidden_states, router_logits, topk_weights, topk_ids)
+                else:
+                    a, b = dp_rows.span(topk_ids.shape[0])
+                    buffers.record(
+                        _slot,
+                        hidden_states[a:b],
+                        router_logits[a:b],
+                        topk_weights[a:b],
+                        topk_ids[a:b],
+                    )
             return topk_weights, topk_ids
 
         select_experts._moetrace = True  # type: ignore[attr-defined]

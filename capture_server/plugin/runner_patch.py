@@ -10,8 +10,9 @@ from capture_server.capture.intervention import RoutingShape
 from capture_server.errors import CaptureError, CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
+from capture_server.plugin.dp_rows import DataParallelRows
 from capture_server.plugin.interventions import InterventionTables, RequestInterventions
-from capture_server.plugin.layout import REPLICA, capture_role
+from capture_server.plugin.layout import REPLICA, capture_role, writer_part
 from capture_server.plugin.router_hook import (
     check_supported,
     describe_model,
@@ -73,11 +74,14 @@ def install_capture(runner: Any) -> StepCollector | None:
         logits=bool(config.get("logits", True)),
         device=runner.device,
     )
-    hook_routers(runners, buffers, tables)
+    part = writer_part(runner.vllm_config)
+    dp_rows = None if part is None else DataParallelRows(part.dp_rank, _dp_size(runner))
+    hook_routers(runners, buffers, tables, dp_rows)
     verify_hooked(runners)
     logger.info(
-        "moetrace capture on: %d MoE layers %s, %d experts, top-%d, hidden states of "
+        "moetrace capture on%s: %d MoE layers %s, %d experts, top-%d, hidden states of "
         "MoE layers %s; device buffers %.1f MiB; interventions %s",
+        "" if part is None else f" (writes store part {part.name})",
         len(runners),
         meta.moe_layers,
         meta.num_experts,
@@ -92,7 +96,12 @@ def install_capture(runner: Any) -> StepCollector | None:
         weight_scale=output_scale(runners[0][1]),
         routing=routing,
         interventions=interventions is not None,
+        part=part,
     )
+
+
+def _dp_size(runner: Any) -> int:
+    return int(runner.vllm_config.parallel_config.data_parallel_size)
 
 
 def _traced(compilation: Any) -> bool:

