@@ -161,6 +161,23 @@ def test_data_parallel_engine_writes_one_part_per_rank(specimen, tmp_path):
         assert 'moetrace_store_sequences_committed_total{model="qwen3_moe-planted"} 10.0' in (
             metrics
         )
+        online = [  # the OpenAI endpoint: flush and texts reach whichever rank served
+            server.client.post(
+                "/v1/completions",
+                json={
+                    "model": "qwen3_moe-planted",
+                    "prompt": prompt,
+                    "max_tokens": 4,
+                    "temperature": 0.0,
+                    "moetrace": {"job": "online-dp"},
+                },
+            ).json()["moetrace"]
+            for prompt in prompts[:4]
+        ]
+        assert [o["sequences"] for o in online] == [["c0"], ["c1"], ["c2"], ["c3"]]
+        captured = open_store(online[-1]["store"])
+        assert sorted(captured.index["request_id"]) == ["c0", "c1", "c2", "c3"]
+        assert captured.index["completion_text"].null_count() == 0
     finally:
         stop_server(server)
     assert "data_parallel_size=2" in (tmp_path / "server.log").read_text()
