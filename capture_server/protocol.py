@@ -110,12 +110,38 @@ def workers_without_collector(stats: list[dict[str, Any]]) -> list[int]:
 
 def writer_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """One engine's capture stats from `stats_rpc`'s per-worker results: its writer's,
-    or, with one writer per data-parallel rank, theirs combined (counters, expert load
-    and per-store writer metrics summed; a store's commit lag the largest; every
-    writer's store errors). {} when no worker writes."""
+    or those of its writers combined, one per (data-parallel rank, pipeline stage).
+
+    Data-parallel ranks hold different tokens, so their counters, expert load and store
+    metrics add up. Pipeline stages hold the same tokens and different layers: counters
+    are the first stage's, expert load and MoE layers are the stages' joined in order,
+    and every stage's bytes written count. A store's commit lag is the largest, and
+    every writer's store errors are kept. {} when no worker writes."""
     writers = [w for w in stats if w.get("role") == "writer"]
     if len(writers) <= 1:
         return writers[0] if writers else {}
+    stages: dict[int, list[dict[str, Any]]] = {}
+    for w in writers:
+        stages.setdefault((w.get("part") or {}).get("pp_stage", 0), []).append(w)
+    per_stage = [_merged_ranks(stages[s]) for s in sorted(stages)]
+    merged = per_stage[0]
+    for stage in per_stage[1:]:
+        merged["expert_load"] = [*merged["expert_load"], *stage["expert_load"]]
+        merged["routing"] = {
+            **merged["routing"],
+            "num_layers": merged["routing"]["num_layers"] + stage["routing"]["num_layers"],
+        }
+        merged["sink_errors"] = {**stage["sink_errors"], **merged["sink_errors"]}
+        for url, metrics in stage["sinks"].items():
+            mine = merged["sinks"].setdefault(url, {})
+            mine["bytes_written"] = mine.get("bytes_written", 0.0) + metrics.get(
+                "bytes_written", 0.0
+            )
+    return merged
+
+
+def _merged_ranks(writers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pipeline stage's writers of different data-parallel ranks, added up."""
     merged: dict[str, Any] = dict(writers[0])
     for other in writers[1:]:
         for key, value in other.items():

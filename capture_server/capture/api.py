@@ -35,6 +35,7 @@ from capture_server.protocol import (
     flush_rpc,
     forwarded_positions,
     stats_rpc,
+    writer_stats,
 )
 
 InterventionArg = Intervention | dict[str, Any] | list[Any] | None
@@ -143,7 +144,7 @@ class CaptureEngine:
             self.close()
             raise
         assert not isinstance(stats, BaseException)
-        self.routing: dict[str, Any] = stats[0]["routing"]
+        self.routing: dict[str, Any] = writer_stats(stats)["routing"]
         """The served routing: MoE layers, experts, top-k, and whether interventions run."""
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -342,7 +343,7 @@ class CaptureEngine:
 
     def stats(self) -> dict[str, Any]:
         """Capture counters of the worker: steps, rows, preempted requests, dropped recomputes."""
-        return stats_rpc().run(self.llm)[0]
+        return writer_stats(stats_rpc().run(self.llm))
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

@@ -76,6 +76,7 @@ def stats(worker: Any) -> dict[str, Any]:
     interventions = getattr(worker.model_runner, "_moetrace_interventions", None)
     return {
         "role": "writer",
+        "part": None if collector.part is None else asdict(collector.part),
         **collector.stats,
         "intervention_seconds": 0.0 if interventions is None else interventions.seconds,
         "routing": {**asdict(collector.routing), "interventions": collector.interventions},

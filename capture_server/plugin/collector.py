@@ -70,9 +70,11 @@ def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int
     return options.sequence or parent, options.sample if options.sample >= 0 else sample
 
 
-def _as_requested(rows: RoutingRows, options: CaptureOptions) -> RoutingRows:
-    """The rows with only the optional arrays the request asked for (views, no copy)."""
-    wanted = set(options.hidden_layers)
+def _as_requested(rows: RoutingRows, options: CaptureOptions, moe_offset: int) -> RoutingRows:
+    """The rows with only the optional arrays the request asked for (views, no copy).
+    Requests name MoE layers of the whole model; a pipeline stage's rows hold its own,
+    from `moe_offset` on."""
+    wanted = {h - moe_offset for h in options.hidden_layers}
     if options.logits and wanted >= set(rows.hidden_states):
         return rows
     return replace(
@@ -100,9 +102,11 @@ class StepCollector:
         routing: RoutingShape,
         interventions: bool = False,
         part: PartId | None = None,
+        moe_offset: int = 0,
     ) -> None:
         self.buffers = buffers
-        self.part = part  # under data parallelism: the store part this engine writes
+        self.part = part  # under data or pipeline parallelism: the store part it writes
+        self.moe_offset = moe_offset  # MoE layers of earlier pipeline stages
         self.routing = routing  # what interventions are checked against
         self.interventions = interventions  # the engine applies requests' interventions
         self.meta = meta
@@ -328,7 +332,10 @@ class StepCollector:
             assert self.buffers.logits is not None
             device_arrays["logits"] = self.buffers.logits.index_select(1, index)
         for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
-            if every_row or any(s is not None and layer in s.options.hidden_layers for s in states):
+            model_layer = layer + self.moe_offset
+            if every_row or any(
+                s is not None and model_layer in s.options.hidden_layers for s in states
+            ):
                 device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
         return _PendingStep(
             rows={"req_of_row": req_of_row[rows], "states": states, "captured": captured},
@@ -381,7 +388,7 @@ class StepCollector:
         self.stats["rows"] += int(kept_per_req.sum())
         for r, prefix in prefixes:  # before the step's rows: each sequence's rows in order
             options = states[r].options  # type: ignore[union-attr]
-            part = _as_requested(prefix, options)
+            part = _as_requested(prefix, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
         if not kept_per_req.any():
             return
@@ -403,7 +410,7 @@ class StepCollector:
         for s, r in enumerate(first_req):
             part = rows if len(sinks) == 1 else rows.select(order[bounds[s] : bounds[s + 1]])
             options = states[r].options  # type: ignore[union-attr]
-            part = _as_requested(part, options)
+            part = _as_requested(part, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
 
     def _recall_prefix(
@@ -479,7 +486,7 @@ class StepCollector:
                     self._finish_closing(url)
                     if url in self.sink_errors:
                         return
-                sink = open_sink(url, options.store, self.part)
+                sink = open_sink(url, self._stage_store_options(options.store), self.part)
                 sink.open(self.meta)
                 self._sinks[url] = sink
                 early = self._early_texts.pop(url, None)
@@ -489,6 +496,15 @@ class StepCollector:
         except (MoetraceError, OSError, ValueError) as exc:
             self.sink_errors[url] = str(exc)
             logger.error("moetrace sink %s failed; its rows are dropped from now on: %s", url, exc)
+
+    def _stage_store_options(self, store: dict[str, Any]) -> dict[str, Any]:
+        """A store's options as this pipeline stage's part keeps them: the hidden layers
+        of its own MoE layers, numbered from its first (`store.parts`)."""
+        if self.part is None or self.part.pp_size == 1 or "hidden_layers" not in store:
+            return store
+        own = range(self.moe_offset, self.moe_offset + len(self.meta.moe_layers))
+        local = [h - self.moe_offset for h in store["hidden_layers"] if h in own]
+        return {**store, "hidden_layers": local}
 
     def _end_request(self, req_id: str) -> None:
         state = self._requests.pop(req_id, None)

@@ -5,15 +5,17 @@ Plain tensor parallelism: the router gate is a replicated linear on all-reduced 
 the whole batch with the same ids, weights, logits and hidden states. TP rank 0 hooks
 and writes; the other ranks are replicas that allocate nothing and write nothing.
 
-Data parallelism: each DP rank is its own engine core with its own scheduler, and its TP
-rank 0 writes its own part of the store (`store.parts`, format version 2), holding the
-sequences that rank served; the router hook keeps only the rank's own rows of a router
-call that sees every rank's tokens (`plugin.dp_rows`).
+Data and pipeline parallelism: each DP rank is its own engine core with its own
+scheduler, and each pipeline stage's worker holds only its stage's layers; TP rank 0 of
+each (DP rank, PP stage) writes its own part of the store (`store.parts`, format
+version 2): the sequences its rank served, the MoE layers of its stage. The router hook
+keeps only the rank's own rows of a router call that sees every rank's tokens
+(`plugin.dp_rows`); stages run the same scheduled steps, so the reader joins their rows
+by (sequence, sample, position).
 
 Refused, each with what to change, because their rows would be wrong, duplicated or
 missing (vLLM 0.32, read in its source):
-    - pipeline parallelism (each stage holds only its layers; no stage writer yet),
-      prefill context parallelism, and sequence-parallel MoE (TP rank r routes only its
+    - prefill context parallelism and sequence-parallel MoE (TP rank r routes only its
       slice of the tokens; `ParallelConfig.use_sequence_parallel_moe`);
     - dual-batch overlap (`ParallelConfig.use_ubatching`: two threads write the same
       buffer rows);
@@ -33,8 +35,6 @@ WRITER, REPLICA = "writer", "replica"
 def unsupported_layout(vllm_config: Any) -> str | None:
     """Why capture cannot be right on this engine's layout, or None."""
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        return f"pipeline parallelism (pipeline_parallel_size={parallel.pipeline_parallel_size})"
     if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         return "prefill context parallelism (prefill_context_parallel_size > 1)"
     if getattr(parallel, "use_sequence_parallel_moe", False):
@@ -59,10 +59,12 @@ def capture_role(vllm_config: Any, tp_rank: int) -> str:
     return WRITER if tp_rank == 0 else REPLICA
 
 
-def writer_part(vllm_config: Any) -> PartId | None:
-    """The part of a parted store this engine's writer writes: its DP rank's, or None
-    (one writer, a version-1 store) without data parallelism."""
+def writer_part(vllm_config: Any, pp_stage: int = 0) -> PartId | None:
+    """The part of a parted store this worker writes, as pipeline stage `pp_stage` of
+    its DP rank; None (one writer, a version-1 store) without data or pipeline
+    parallelism."""
     parallel = vllm_config.parallel_config
-    if parallel.data_parallel_size == 1:
+    if parallel.data_parallel_size == 1 and parallel.pipeline_parallel_size == 1:
         return None
-    return PartId(dp_rank=int(parallel.data_parallel_rank))
+    dp_rank = int(parallel.data_parallel_rank) if parallel.data_parallel_size > 1 else 0
+    return PartId(dp_rank, pp_stage, int(parallel.pipeline_parallel_size))

@@ -14,6 +14,7 @@ from capture_server.plugin.dp_rows import DataParallelRows
 from capture_server.plugin.interventions import InterventionTables, RequestInterventions
 from capture_server.plugin.layout import REPLICA, capture_role, writer_part
 from capture_server.plugin.router_hook import (
+    CaptureUnsupportedError,
     check_supported,
     describe_model,
     find_moe_runners,
@@ -41,18 +42,26 @@ def install_capture(runner: Any) -> StepCollector | None:
         return None
     model = runner.get_model()
     runners = find_moe_runners(model)
-    check_supported(runners)
-    hidden_layers = tuple(int(x) for x in config.get("hidden_layers", ()))
-    for layer in hidden_layers:
-        if not 0 <= layer < len(runners):
-            raise CaptureSettingsError(
-                f"moetrace hidden_layers: expected MoE-layer indices in [0, {len(runners)}), "
-                f"got {layer}"
-            )
-    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
+    # every worker, before anything can raise: stages exchange their MoE-layer counts
+    offset, total = _stage_moe_layers(len(runners), get_pp_group())
+    check_supported(runners)
+    # MoE-layer indices of the whole model; this stage's buffers hold its own layers
+    hidden_global = tuple(int(x) for x in config.get("hidden_layers", ()))
+    for layer in hidden_global:
+        if not 0 <= layer < total:
+            raise CaptureSettingsError(
+                f"moetrace hidden_layers: expected MoE-layer indices in [0, {total}), got {layer}"
+            )
+    hidden_layers = tuple(h - offset for h in hidden_global if 0 <= h - offset < len(runners))
     role = capture_role(runner.vllm_config, get_tensor_model_parallel_rank())
     routing = routing_shape(runners)
+    if config.get("interventions") and get_pp_group().world_size > 1:
+        raise CaptureUnsupportedError(
+            "moetrace interventions are not supported with pipeline parallelism: each "
+            "stage holds only its layers; start the engine without interventions"
+        )
     interventions = _install_interventions(runner, routing) if config.get("interventions") else None
     runner._moetrace_interventions = interventions
     tables = None if interventions is None else interventions.tables
@@ -74,7 +83,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         logits=bool(config.get("logits", True)),
         device=runner.device,
     )
-    part = writer_part(runner.vllm_config)
+    part = writer_part(runner.vllm_config, get_pp_group().rank_in_group)
     dp_rows = None if part is None else DataParallelRows(part.dp_rank, _dp_size(runner))
     hook_routers(runners, buffers, tables, dp_rows)
     verify_hooked(runners)
@@ -97,7 +106,30 @@ def install_capture(runner: Any) -> StepCollector | None:
         routing=routing,
         interventions=interventions is not None,
         part=part,
+        moe_offset=offset,
     )
+
+
+def _stage_moe_layers(local: int, pp_group: Any) -> tuple[int, int]:
+    """(MoE layers of the pipeline stages before this one, MoE layers of the model).
+
+    Each stage's model holds only its decoder blocks (vLLM's `get_pp_indices`), so the
+    stages tell each other their counts over the pipeline group's CPU group: a
+    collective every worker of the group reaches at load time. A stage without MoE
+    layers would write no part, and is refused."""
+    if pp_group.world_size == 1:
+        return 0, local
+    import torch.distributed
+
+    counts: list[Any] = [None] * pp_group.world_size
+    torch.distributed.all_gather_object(counts, local, group=pp_group.cpu_group)
+    if 0 in counts:
+        raise CaptureUnsupportedError(
+            f"moetrace capture: pipeline stages hold {counts} MoE layers; every stage "
+            "must hold at least one (change --pipeline-parallel-size)"
+        )
+    stage = pp_group.rank_in_group
+    return sum(counts[:stage]), sum(counts)
 
 
 def _dp_size(runner: Any) -> int:

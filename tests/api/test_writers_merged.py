@@ -44,3 +44,16 @@ def test_a_store_is_done_only_when_every_writer_is():
     assert states("open", "closed") == "open"
     assert states("closing", "failed: disk full") == "failed: disk full"
     assert merged_sink_states([{}, {}], [STORE]) == {STORE: "closed"}
+
+
+def test_pipeline_stages_join_their_layers_and_count_tokens_once():
+    def stage(s: int, dp: int, load: list[list[int]]) -> dict:
+        writer = _writer(3, load, 2, 0.1)
+        return {**writer, "part": {"dp_rank": dp, "pp_stage": s, "pp_size": 2}}
+
+    merged = writer_stats(
+        [stage(0, 0, [[1, 0]]), stage(1, 0, [[0, 1]]), stage(0, 1, [[2, 0]]), stage(1, 1, [[0, 3]])]
+    )
+    assert merged["expert_load"] == [[3, 0], [0, 4]]  # stage 0's layer, then stage 1's
+    assert merged["routing"]["num_layers"] == 2
+    assert merged["steps"] == 6  # two DP ranks' steps; the stages ran the same ones

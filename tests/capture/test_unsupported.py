@@ -85,11 +85,18 @@ def test_each_data_parallel_rank_writes_its_own_part():
     assert part is not None and (part.dp_rank, part.pp_stage, part.pp_size) == (1, 0, 1)
 
 
+def test_each_pipeline_stage_writes_its_own_part():
+    from capture_server.plugin.layout import writer_part
+
+    config = _vllm_config(pipeline_parallel_size=2, data_parallel_rank=0)
+    part = writer_part(config, pp_stage=1)
+    assert part is not None and (part.dp_rank, part.pp_stage, part.pp_size) == (0, 1, 2)
+
+
 @pytest.mark.parametrize(
     ("config", "named"),
     [
         (_vllm_config(prefill_context_parallel_size=2), "prefill context parallelism"),
-        (_vllm_config(pipeline_parallel_size=2), "pipeline parallelism"),
         (_vllm_config(use_sequence_parallel_moe=True), "sequence-parallel MoE"),
         (_vllm_config(use_ubatching=True), "dual-batch overlap"),
         (
