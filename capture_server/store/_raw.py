@@ -52,6 +52,11 @@ def exists(store: Store, key: str) -> bool:
     return bool(sync(store.exists(key)))
 
 
+def delete_dir(store: Store, prefix: str) -> None:
+    """Delete every object under `prefix` (none there is fine)."""
+    sync(store.delete_dir(prefix))
+
+
 def delete_many(store: Store, keys: list[str]) -> None:
     """Delete objects (missing ones are fine), concurrently."""
     import asyncio

@@ -41,7 +41,7 @@ from capture_server import protocol
 from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.errors import StoreFormatError, StoreWriteError
 from capture_server.protocol import Annotation
-from capture_server.store import _raw, tails
+from capture_server.store import _raw, tails, templates
 from capture_server.store.chunks import (
     ENCODER_THREADS,
     ChunkWriter,
@@ -51,7 +51,6 @@ from capture_server.store.chunks import (
 )
 from capture_server.store.format import (
     ATTRS_KEY,
-    COMPRESSORS,
     FORMAT_NAME,
     FORMAT_VERSION,
     GROW_CHUNKS,
@@ -107,7 +106,6 @@ class StoreWriter:
         self.requested = options or StoreOptions()
         self.job = dict(job or {})
         self.store = _raw.make_store(self.url)
-        self.root: zarr.Group | None = None
         self.options = self.requested
         self.chunk = 0
         self.arrays: dict[str, zarr.Array] = {}
@@ -144,13 +142,13 @@ class StoreWriter:
             ensure_root(self.root_url)
         try:
             existing = zarr.open_group(store=self.store, mode="r")
-            attrs = existing.attrs.get(ATTRS_KEY)
+            attrs, fresh = existing.attrs.get(ATTRS_KEY), False
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-            attrs = None
+            attrs, fresh = None, True
         except Exception as exc:
             raise StoreFormatError(f"{self.url}: not a readable zarr group ({exc})") from None
         if attrs is None:
-            self._create(meta)
+            self._create(meta, replace=not fresh)
         else:
             self._resume(meta, attrs)
         # parts never share: the stages of a pipeline would each decide alone
@@ -158,7 +156,9 @@ class StoreWriter:
             self._shared = SharedPrompts()
         self.is_open = True
 
-    def _create(self, meta: ModelMeta) -> None:
+    def _create(self, meta: ModelMeta, *, replace: bool) -> None:
+        """Create the arrays, the model group, then the root group with the attributes.
+        `replace`: a crashed creation left a group without attributes; its arrays go."""
         opts = self.requested
         L, k, E, d = len(meta.moe_layers), meta.top_k, meta.num_experts, meta.hidden_size
         specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
@@ -176,29 +176,24 @@ class StoreWriter:
         self.options = StoreOptions(**{**asdict(opts), "chunk_tokens": chunk})
         self.chunk = chunk
 
-        # "a", never "w": "w" deletes whatever the directory holds, texts (info/) another
-        # process wrote included (`index.write_annotations` takes any store). What a
-        # crashed create left is replaced array by array; no index part exists before the
-        # attributes.
-        root = zarr.open_group(store=self.store, mode="a")
-        for name, (shape, dtype) in specs.items():
-            self.arrays[name] = root.create_array(
-                name,
-                # room for the first GROW_CHUNKS chunks at once: growing rewrites every
-                # array's metadata, which was most of a small job's close
-                shape=(chunk * GROW_CHUNKS, *shape),
-                chunks=(chunk, *shape),
-                dtype=dtype,
-                compressors=COMPRESSORS[opts.compressor](dtype.itemsize),
-                fill_value=0,
-                # chunk objects side by side ("c.12.0.0"), not one directory per index
-                # ("c/12/0/0"): a chunk then costs one new file, not one and two
-                # directories (file creation is most of a write's kernel time here)
-                chunk_key_encoding={"name": "default", "separator": "."},
-                overwrite=True,
-            )
+        # never the whole directory: it may hold texts (info/) another process wrote
+        # (`index.write_annotations` takes any store). No index part exists before the
+        # attributes, so a crashed creation left no rows. Room for the first GROW_CHUNKS
+        # chunks at once: growing rewrites every array's metadata, which was most of a
+        # small job's close.
+        self.arrays = templates.create_arrays(
+            self.store,
+            {
+                name: ((chunk * GROW_CHUNKS, *shape), (chunk, *shape), dtype.str)
+                for name, (shape, dtype) in specs.items()
+            },
+            opts.compressor,
+            replace=replace,
+        )
         self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
-        model = root.create_group(MODEL_GROUP, overwrite=True)
+        if replace:
+            _raw.delete_dir(self.store, MODEL_GROUP)
+        _raw.set_bytes(self.store, f"{MODEL_GROUP}/zarr.json", templates.GROUP_DOCUMENT)
         # the router matrices serve only with the router inputs they route (geometry,
         # re-routing); without hidden states they would be written for nothing, and
         # they are large (48 x 128 x 2048 floats, 50 MB, for Qwen3-30B-A3B): a store
@@ -214,7 +209,12 @@ class StoreWriter:
         }
         for name, values in weights.items():
             if values is not None:
-                model.create_array(name, data=values.astype(np.float32), overwrite=True)
+                zarr.create_array(
+                    self.store,
+                    name=f"{MODEL_GROUP}/{name}",
+                    data=values.astype(np.float32),
+                    overwrite=True,
+                )
         attrs = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -225,8 +225,9 @@ class StoreWriter:
             "job": self.job,
             **({"part": asdict(self.part)} if self.part is not None else {}),
         }
-        root.attrs[ATTRS_KEY] = attrs  # written last: a store without it is not a store yet
-        self.root = root
+        # written last: a store without its attributes is not a store yet
+        document = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: attrs}}
+        _raw.set_bytes(self.store, "zarr.json", json.dumps(document).encode())
 
     def _resume(self, meta: ModelMeta, attrs: dict[str, Any]) -> None:
         if attrs.get("format") != FORMAT_NAME or attrs.get("format_version") != FORMAT_VERSION:
@@ -245,8 +246,8 @@ class StoreWriter:
         raw["hidden_layers"] = tuple(raw["hidden_layers"])
         self.options = StoreOptions(**raw)
         self.chunk = self.options.chunk_tokens
-        self.root = zarr.open_group(store=self.store, mode="r+")
-        self.arrays = {name: self.root[name] for name in attrs["arrays"]}
+        root = zarr.open_group(store=self.store, mode="r+")
+        self.arrays = {name: root[name] for name in attrs["arrays"]}
         self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
         index = read_index_parts(self.store)
         committed_end = 0
@@ -528,7 +529,7 @@ class StoreWriter:
     def close(self) -> None:
         """Commit everything staged; sequences whose texts never came are dropped (their
         requests were aborted, or their caller died)."""
-        if self.root is None:
+        if not self.is_open:
             return
         try:
             self._seal()  # the last rows go straight into chunk objects, not tail segments

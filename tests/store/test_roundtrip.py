@@ -239,3 +239,31 @@ def test_router_matrices_are_kept_only_with_hidden_states(tmp_path):
     writer.open(synthetic.meta())
     writer.close()
     assert "router_weights" not in open_store(tmp_path / "s").router_weights()
+
+
+def test_a_creation_that_died_before_its_attributes_is_replaced(tmp_path):
+    """A writer killed while creating leaves a group without attributes, arrays of its
+    own (here: another chunk size, and a chunk object) and router matrices: the next
+    writer replaces all of them, keeps the texts, and its rows read back."""
+    from capture_server.store.index import write_annotations
+    from capture_server.store.writer import StoreWriter
+
+    path = tmp_path / "s"
+    first = StoreWriter(path, StoreOptions(chunk_tokens=16, hidden_layers=(0,)))
+    first.open(synthetic.meta())
+    first.close()
+    (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    (path / "topk_ids" / "c.9.0.0").write_bytes(b"left by the dead writer")
+    early = Annotation("seq-1", 0, completion_text="early", finish_reason="stop", generated_len=1)
+    write_annotations(str(path), [early])
+
+    write_all(path, ["seq-1", "seq-2"], StoreOptions(hidden_layers=()))
+    store = open_store(path)
+    assert store.chunk_tokens != 16 and not (path / "topk_ids" / "c.9.0.0").exists()
+    assert "router_weights" not in store.router_weights()  # no hidden layers this time
+    row = store.index.filter(store.index["request_id"] == "seq-1").row(0, named=True)
+    assert row["completion_text"] == "early"
+    got = store.sequence(row["sequence_id"])
+    want = synthetic.sequence_rows("seq-1", synthetic.length_of("seq-1"))
+    np.testing.assert_array_equal(got["topk_ids"], want.topk_ids)
+    np.testing.assert_array_equal(got["token_ids"], want.token_ids)

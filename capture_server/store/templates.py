@@ -1,0 +1,81 @@
+"""A new store's arrays, created from metadata documents made once per array shape.
+
+Creating an array through zarr's group API costs milliseconds per array (several round
+trips through zarr's event loop, and a listing of the array's prefix to overwrite it):
+most of the time a small job spends creating its store. A store's arrays differ from
+job to job only in their shapes, dtypes and codecs, so the document zarr writes for each
+is made once (`array_document`, on an in-memory store, by zarr itself) and written
+as bytes, all of a store's at once; the `zarr.Array` handles are built on those same
+documents without reading them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore, StorePath
+
+from capture_server.store.format import COMPRESSORS
+
+ArraySpec = tuple[tuple[int, ...], tuple[int, ...], str]
+"""(shape, chunk shape, dtype name) of one array."""
+
+GROUP_DOCUMENT = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def array_document(spec: ArraySpec, compressor: str) -> bytes:
+    """The ``zarr.json`` zarr writes for an array of `spec` and `compressor` (zero fill,
+    chunk objects named ``c.<i>.<j>``, side by side: one new file per chunk)."""
+    shape, chunks, dtype_name = spec
+    dtype = np.dtype(dtype_name)
+    scratch = MemoryStore()
+    zarr.create_array(
+        scratch,
+        name="a",
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=COMPRESSORS[compressor](dtype.itemsize),
+        fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
+    )
+    document = sync(scratch.get("a/zarr.json", prototype=default_buffer_prototype()))
+    assert document is not None
+    return document.to_bytes()
+
+
+def create_arrays(
+    store: Store, specs: dict[str, ArraySpec], compressor: str, *, replace: bool
+) -> dict[str, zarr.Array]:
+    """Write the arrays' documents, concurrently, and return handles on them. With
+    `replace`, whatever the arrays' prefixes held (a crashed creation's) goes first."""
+    documents = {name: array_document(spec, compressor) for name, spec in specs.items()}
+
+    async def write() -> None:
+        if replace:
+            await asyncio.gather(*(store.delete_dir(name) for name in documents))
+        buffer = default_buffer_prototype().buffer
+        await asyncio.gather(
+            *(
+                store.set(f"{name}/zarr.json", buffer.from_bytes(document))
+                for name, document in documents.items()
+            )
+        )
+
+    sync(write())
+    return {
+        name: zarr.Array(
+            AsyncArray(ArrayV3Metadata.from_dict(json.loads(document)), StorePath(store, name))
+        )
+        for name, document in documents.items()
+    }
