@@ -74,8 +74,12 @@ def create_arrays(
 
     sync(write())
     return {
-        name: zarr.Array(
-            AsyncArray(ArrayV3Metadata.from_dict(json.loads(document)), StorePath(store, name))
-        )
-        for name, document in documents.items()
+        name: zarr.Array(AsyncArray(array_metadata(spec, compressor), StorePath(store, name)))
+        for name, spec in specs.items()
     }
+
+
+@functools.lru_cache(maxsize=256)
+def array_metadata(spec: ArraySpec, compressor: str) -> ArrayV3Metadata:
+    """`array_document` parsed (immutable: one object serves every store's handle)."""
+    return ArrayV3Metadata.from_dict(json.loads(array_document(spec, compressor)))
