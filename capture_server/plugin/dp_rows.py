@@ -16,7 +16,37 @@ at ``r * n`` for a graph of ``n`` tokens per rank.
 
 from __future__ import annotations
 
+from typing import Any
+
 from capture_server.errors import CaptureError
+
+
+def rows_of_rank(runners: list[tuple[int, Any]], vllm_config: Any) -> DataParallelRows | None:
+    """The narrowing this data-parallel rank's hooks need, or None where every MoE layer
+    routes only the rank's own rows (its kernel dispatches after routing:
+    `MoERunner.do_naive_dispatch_combine` is false).
+
+    Raises `CaptureUnsupportedError` where a layer routes the gathered rows inside a
+    traced forward: on CPU and TPU the MoE forward is traced with the model
+    (`MoERunner._select_forward`; on GPUs it is the opaque ``moe_forward`` op, whose
+    Python runs at every call), and the rank's slice depends on token counts the trace
+    cannot branch on."""
+    from capture_server.plugin.router_hook import CaptureUnsupportedError
+
+    parallel = vllm_config.parallel_config
+    naive = [block for block, r in runners if getattr(r, "do_naive_dispatch_combine", True)]
+    if parallel.data_parallel_size == 1 or not naive:
+        return None
+    from vllm.platforms import current_platform
+
+    traced = vllm_config.compilation_config.mode.name != "NONE"
+    if traced and (current_platform.is_cpu() or current_platform.is_tpu()):
+        raise CaptureUnsupportedError(
+            f"moetrace capture cannot attribute the rows of MoE blocks {naive}: they route "
+            "every data-parallel rank's tokens inside a compiled forward on this platform; "
+            "run the engine eager (--enforce-eager)"
+        )
+    return DataParallelRows(int(parallel.data_parallel_rank), int(parallel.data_parallel_size))
 
 
 class DataParallelRows:

