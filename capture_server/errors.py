@@ -44,6 +44,11 @@ class CaptureError(MoetraceError):
     """Raised when capture cannot be set up or would record wrong values."""
 
 
+class CaptureUnsupportedError(CaptureError, ValueError):
+    """Raised at start-up when the model or engine runs a routing path or layout whose
+    capture could not be right."""
+
+
 class CaptureSettingsError(CaptureError, ValueError):
     """Raised at start-up when capture settings name something the model does not have
     (a hidden-state layer past its MoE layers)."""

@@ -141,8 +141,10 @@ def writer_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _merged_ranks(writers: list[dict[str, Any]]) -> dict[str, Any]:
-    """One pipeline stage's writers of different data-parallel ranks, added up."""
+    """One pipeline stage's writers of different data-parallel ranks, added up (new
+    dicts: the workers' results are left as they are)."""
     merged: dict[str, Any] = dict(writers[0])
+    merged["sinks"] = _merged_sink_metrics(merged.get("sinks", {}), {})
     for other in writers[1:]:
         for key, value in other.items():
             mine = merged.get(key)

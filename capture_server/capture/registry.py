@@ -41,14 +41,15 @@ def open_sink(
 ) -> RoutingSink:
     """The sink for `url`, created once per process and then shared; a store is created
     with `store_options` (`StoreOptions` fields) when it does not exist yet. With `part`
-    (a data-parallel engine's writer) the sink writes that part of a parted store."""
+    (a data-parallel rank's or pipeline stage's writer) the sink writes that part of a
+    parted store."""
     with _registry_lock:
         if url not in _registry:
             if url.startswith("memory://"):
                 if part is not None:
                     raise CaptureSettingsError(
-                        f"{url}: data-parallel engines capture into stores only "
-                        "(each rank writes its own part); use generate_to_store"
+                        f"{url}: engines with several writers (data or pipeline parallel) "
+                        "capture into stores only, one part each; use generate_to_store"
                     )
                 _registry[url] = MemorySink()
             else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from capture_server.errors import CaptureError
+from capture_server.errors import CaptureError, CaptureUnsupportedError
 
 
 def rows_of_rank(runners: list[tuple[int, Any]], vllm_config: Any) -> DataParallelRows | None:
@@ -31,8 +31,6 @@ def rows_of_rank(runners: list[tuple[int, Any]], vllm_config: Any) -> DataParall
     (`MoERunner._select_forward`; on GPUs it is the opaque ``moe_forward`` op, whose
     Python runs at every call), and the rank's slice depends on token counts the trace
     cannot branch on."""
-    from capture_server.plugin.router_hook import CaptureUnsupportedError
-
     parallel = vllm_config.parallel_config
     naive = [block for block, r in runners if getattr(r, "do_naive_dispatch_combine", True)]
     if parallel.data_parallel_size == 1 or not naive:

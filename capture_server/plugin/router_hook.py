@@ -15,16 +15,12 @@ import torch
 
 from capture_server.capture.intervention import RoutingShape
 from capture_server.capture.records import ModelMeta
-from capture_server.errors import CaptureError
+from capture_server.errors import CaptureError, CaptureUnsupportedError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.dp_rows import DataParallelRows
 from capture_server.plugin.interventions import InterventionTables
 
 logger = logging.getLogger(__name__)
-
-
-class CaptureUnsupportedError(CaptureError, ValueError):
-    """The model runs a routing path whose capture could not be right."""
 
 
 def find_moe_runners(model: torch.nn.Module) -> list[tuple[int, Any]]:
