@@ -24,6 +24,7 @@ from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.plugin.interventions import refuse_interventions
+from capture_server.plugin.layout import stage_layers
 from capture_server.plugin.prefix_rows import PrefixRowsError, SlotLayout, SlotRows
 from capture_server.protocol import Annotation, split_sample
 from capture_server.store.parts import PartId
@@ -500,11 +501,10 @@ class StepCollector:
     def _stage_store_options(self, store: dict[str, Any]) -> dict[str, Any]:
         """A store's options as this pipeline stage's part keeps them: the hidden layers
         of its own MoE layers, numbered from its first (`store.parts`)."""
-        if self.part is None or self.part.pp_size == 1 or "hidden_layers" not in store:
+        if "hidden_layers" not in store:
             return store
-        own = range(self.moe_offset, self.moe_offset + len(self.meta.moe_layers))
-        local = [h - self.moe_offset for h in store["hidden_layers"] if h in own]
-        return {**store, "hidden_layers": local}
+        own = stage_layers(store["hidden_layers"], self.moe_offset, len(self.meta.moe_layers))
+        return {**store, "hidden_layers": list(own)}
 
     def _end_request(self, req_id: str) -> None:
         state = self._requests.pop(req_id, None)

@@ -53,6 +53,7 @@ class DataParallelRows:
     def __init__(self, dp_rank: int, dp_size: int) -> None:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self._counts_of: tuple[object, list[int]] | None = None  # (DP metadata, its counts)
 
     def span(self, num_rows: int) -> tuple[int, int]:
         """``(start, stop)`` of this rank's rows among `num_rows` rows routed together.
@@ -64,12 +65,7 @@ class DataParallelRows:
         dp = get_forward_context().dp_metadata if is_forward_context_available() else None
         if dp is None:  # a forward that does not synchronise ranks routes only its own
             return 0, num_rows
-        counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]
-        if len(counts) != self.dp_size:
-            raise CaptureError(
-                f"moetrace capture: {len(counts)} data-parallel token counts, expected "
-                f"{self.dp_size}"
-            )
+        counts = self._counts(dp)
         own = counts[self.dp_rank]
         if num_rows == own:
             return 0, own
@@ -81,3 +77,16 @@ class DataParallelRows:
             f"{self.dp_rank}, whose ranks hold {counts} tokens: neither its own rows nor "
             "all ranks' rows, so they cannot be attributed"
         )
+
+    def _counts(self, dp: object) -> list[int]:
+        """Tokens per rank in this forward, read once per forward (every MoE layer asks)."""
+        if self._counts_of is not None and self._counts_of[0] is dp:
+            return self._counts_of[1]
+        counts = [int(c) for c in dp.num_tokens_across_dp_cpu.tolist()]  # type: ignore[attr-defined]
+        if len(counts) != self.dp_size:
+            raise CaptureError(
+                f"moetrace capture: {len(counts)} data-parallel token counts, expected "
+                f"{self.dp_size}"
+            )
+        self._counts_of = (dp, counts)
+        return counts

@@ -24,9 +24,10 @@ missing (vLLM 0.32, read in its source):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from capture_server.plugin.router_hook import CaptureUnsupportedError
+from capture_server.errors import CaptureUnsupportedError
 from capture_server.store.parts import PartId
 
 WRITER, REPLICA = "writer", "replica"
@@ -57,6 +58,12 @@ def capture_role(vllm_config: Any, tp_rank: int) -> str:
             f"moetrace capture does not support {reason}; turn it off for capture engines"
         )
     return WRITER if tp_rank == 0 else REPLICA
+
+
+def stage_layers(layers: Sequence[int], first: int, count: int) -> tuple[int, ...]:
+    """Of `layers` (MoE-layer indices of the whole model), those of the pipeline stage
+    holding MoE layers ``first .. first + count - 1``, numbered from its first."""
+    return tuple(layer - first for layer in layers if 0 <= layer - first < count)
 
 
 def writer_part(vllm_config: Any, pp_stage: int = 0) -> PartId | None:

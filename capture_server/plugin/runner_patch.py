@@ -7,14 +7,13 @@ import logging
 from typing import Any
 
 from capture_server.capture.intervention import RoutingShape
-from capture_server.errors import CaptureError, CaptureSettingsError
+from capture_server.errors import CaptureError, CaptureSettingsError, CaptureUnsupportedError
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.collector import StepCollector
 from capture_server.plugin.dp_rows import rows_of_rank
 from capture_server.plugin.interventions import InterventionTables, RequestInterventions
-from capture_server.plugin.layout import REPLICA, capture_role, writer_part
+from capture_server.plugin.layout import REPLICA, capture_role, stage_layers, writer_part
 from capture_server.plugin.router_hook import (
-    CaptureUnsupportedError,
     check_supported,
     describe_model,
     find_moe_runners,
@@ -44,8 +43,9 @@ def install_capture(runner: Any) -> StepCollector | None:
     runners = find_moe_runners(model)
     from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
+    pp_group = get_pp_group()
     # every worker, before anything can raise: stages exchange their MoE-layer counts
-    offset, total = _stage_moe_layers(len(runners), get_pp_group())
+    offset, total = _stage_moe_layers(len(runners), pp_group)
     check_supported(runners)
     # MoE-layer indices of the whole model; this stage's buffers hold its own layers
     hidden_global = tuple(int(x) for x in config.get("hidden_layers", ()))
@@ -54,10 +54,10 @@ def install_capture(runner: Any) -> StepCollector | None:
             raise CaptureSettingsError(
                 f"moetrace hidden_layers: expected MoE-layer indices in [0, {total}), got {layer}"
             )
-    hidden_layers = tuple(h - offset for h in hidden_global if 0 <= h - offset < len(runners))
+    hidden_layers = stage_layers(hidden_global, offset, len(runners))
     role = capture_role(runner.vllm_config, get_tensor_model_parallel_rank())
     routing = routing_shape(runners)
-    if config.get("interventions") and get_pp_group().world_size > 1:
+    if config.get("interventions") and pp_group.world_size > 1:
         raise CaptureUnsupportedError(
             "moetrace interventions are not supported with pipeline parallelism: each "
             "stage holds only its layers; start the engine without interventions"
@@ -83,7 +83,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         logits=bool(config.get("logits", True)),
         device=runner.device,
     )
-    part = writer_part(runner.vllm_config, get_pp_group().rank_in_group)
+    part = writer_part(runner.vllm_config, pp_group.rank_in_group)
     dp_rows = rows_of_rank(runners, runner.vllm_config)
     hook_routers(runners, buffers, tables, dp_rows)
     verify_hooked(runners)

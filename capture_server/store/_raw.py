@@ -52,9 +52,14 @@ def exists(store: Store, key: str) -> bool:
     return bool(sync(store.exists(key)))
 
 
-def delete_dir(store: Store, prefix: str) -> None:
-    """Delete every object under `prefix` (none there is fine)."""
-    sync(store.delete_dir(prefix))
+def delete_dirs(store: Store, prefixes: list[str]) -> None:
+    """Delete every object under each of `prefixes` (none there is fine), concurrently."""
+    import asyncio
+
+    async def delete() -> None:
+        await asyncio.gather(*(store.delete_dir(prefix) for prefix in prefixes))
+
+    sync(delete())
 
 
 def delete_many(store: Store, keys: list[str]) -> None:

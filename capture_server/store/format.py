@@ -5,6 +5,7 @@ See docs/store-format.md for the full description.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,3 +108,10 @@ COMPRESSORS = {
     "zstd": _zstd,
     "none": _none,
 }
+
+
+def group_document(attrs: dict | None = None) -> bytes:
+    """A zarr v3 group's ``zarr.json``, with moetrace's attributes under `ATTRS_KEY`
+    when given (written as bytes: one atomic object, no round trip through zarr)."""
+    attributes = {} if attrs is None else {ATTRS_KEY: attrs}
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}).encode()

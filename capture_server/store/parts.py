@@ -18,7 +18,6 @@ The reader (`PartedStore`) joins them:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,7 +29,12 @@ from capture_server import protocol
 from capture_server.capture.records import ModelSummary
 from capture_server.errors import StoreCorruptError, StoreFormatError
 from capture_server.store import _raw
-from capture_server.store.format import ATTRS_KEY, FORMAT_NAME, INFO_PREFIX, StoreOptions
+from capture_server.store.format import (
+    FORMAT_NAME,
+    INFO_PREFIX,
+    StoreOptions,
+    group_document,
+)
 from capture_server.store.index import read_index_parts
 from capture_server.store.reader import RoutingStore, join_annotations, open_single
 
@@ -73,8 +77,7 @@ def ensure_root(root_url: str) -> None:
         "layout": "parts",
         "created_at": time.time(),
     }
-    document = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: attrs}}
-    _raw.set_bytes(store, "zarr.json", json.dumps(document).encode())
+    _raw.set_bytes(store, "zarr.json", group_document(attrs))
 
 
 def part_ids(root_url: str) -> list[str]:

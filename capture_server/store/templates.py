@@ -29,8 +29,6 @@ from capture_server.store.format import COMPRESSORS
 ArraySpec = tuple[tuple[int, ...], tuple[int, ...], str]
 """(shape, chunk shape, dtype name) of one array."""
 
-GROUP_DOCUMENT = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
-
 
 @functools.lru_cache(maxsize=256)
 def array_document(spec: ArraySpec, compressor: str) -> bytes:
@@ -55,15 +53,12 @@ def array_document(spec: ArraySpec, compressor: str) -> bytes:
 
 
 def create_arrays(
-    store: Store, specs: dict[str, ArraySpec], compressor: str, *, replace: bool
+    store: Store, specs: dict[str, ArraySpec], compressor: str
 ) -> dict[str, zarr.Array]:
-    """Write the arrays' documents, concurrently, and return handles on them. With
-    `replace`, whatever the arrays' prefixes held (a crashed creation's) goes first."""
+    """Write the arrays' documents, concurrently, and return handles on them."""
     documents = {name: array_document(spec, compressor) for name, spec in specs.items()}
 
     async def write() -> None:
-        if replace:
-            await asyncio.gather(*(store.delete_dir(name) for name in documents))
         buffer = default_buffer_prototype().buffer
         await asyncio.gather(
             *(

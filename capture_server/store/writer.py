@@ -58,6 +58,7 @@ from capture_server.store.format import (
     MODEL_GROUP,
     StoreOptions,
     choose_chunk_tokens,
+    group_document,
     ids_dtype,
 )
 from capture_server.store.index import (
@@ -178,9 +179,11 @@ class StoreWriter:
 
         # never the whole directory: it may hold texts (info/) another process wrote
         # (`index.write_annotations` takes any store). No index part exists before the
-        # attributes, so a crashed creation left no rows. Room for the first GROW_CHUNKS
-        # chunks at once: growing rewrites every array's metadata, which was most of a
-        # small job's close.
+        # attributes, so a crashed creation left no rows, only its arrays and model group.
+        if replace:
+            _raw.delete_dirs(self.store, [*specs, MODEL_GROUP])
+        # room for the first GROW_CHUNKS chunks at once: growing rewrites every array's
+        # metadata, which was most of a small job's close
         self.arrays = templates.create_arrays(
             self.store,
             {
@@ -188,12 +191,9 @@ class StoreWriter:
                 for name, (shape, dtype) in specs.items()
             },
             opts.compressor,
-            replace=replace,
         )
         self._encoders = {name: encoder_for(arr) for name, arr in self.arrays.items()}
-        if replace:
-            _raw.delete_dir(self.store, MODEL_GROUP)
-        _raw.set_bytes(self.store, f"{MODEL_GROUP}/zarr.json", templates.GROUP_DOCUMENT)
+        _raw.set_bytes(self.store, f"{MODEL_GROUP}/zarr.json", group_document())
         # the router matrices serve only with the router inputs they route (geometry,
         # re-routing); without hidden states they would be written for nothing, and
         # they are large (48 x 128 x 2048 floats, 50 MB, for Qwen3-30B-A3B): a store
@@ -226,8 +226,7 @@ class StoreWriter:
             **({"part": asdict(self.part)} if self.part is not None else {}),
         }
         # written last: a store without its attributes is not a store yet
-        document = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_KEY: attrs}}
-        _raw.set_bytes(self.store, "zarr.json", json.dumps(document).encode())
+        _raw.set_bytes(self.store, "zarr.json", group_document(attrs))
 
     def _resume(self, meta: ModelMeta, attrs: dict[str, Any]) -> None:
         if attrs.get("format") != FORMAT_NAME or attrs.get("format_version") != FORMAT_VERSION:
