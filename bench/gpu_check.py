@@ -345,7 +345,6 @@ def check_layout(path: Path, engine_kwargs: dict, expect: str, store: Path) -> d
     """One engine layout on the planted model: capture into `store` and check every
     sequence (expect ``capture``), or fail to start saying why (expect ``refuse``)."""
     from capture_server.capture.api import CaptureEngine
-    from capture_server.specimens.planted import planted_topk
 
     try:
         engine = CaptureEngine(str(path), **engine_kwargs)
@@ -362,18 +361,29 @@ def check_layout(path: Path, engine_kwargs: dict, expect: str, store: Path) -> d
             raise Failed(f"the engine started: capture must refuse {engine_kwargs}")
         batch = prompts(12, len(engine.tokenizer), seed=5)
         result = engine.generate_to_store(batch, str(store), n=2, max_tokens=8, temperature=1.0)
-        keys = list(zip(result.index["request_id"], result.index["sample_index"], strict=True))
-        if len(keys) != len(set(keys)) or len(keys) != 2 * len(batch):
-            raise Failed(f"{len(keys)} sequences stored ({len(set(keys))} distinct), expected 24")
-        for row in result.index.iter_rows(named=True):
-            rows = result.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
-            for layer in range(rows["topk_ids"].shape[1]):
-                want = planted_topk(rows["token_ids"], layer)
-                if not np.array_equal(np.sort(rows["topk_ids"][:, layer], -1), np.sort(want, -1)):
-                    raise Failed(f"sequence {row['sequence_id']} layer {layer}: ids differ")
-        return {"sequences": len(keys), "stats": engine.stats()}
+        return {"sequences": check_planted_store(result, 2 * len(batch)), "stats": engine.stats()}
     finally:
         engine.close()
+
+
+def check_planted_store(store: Any, expected: int) -> int:
+    """Every sequence of `store` present once, `expected` of them, each with its planted
+    routing (ids compared as sets per row); the count."""
+    from capture_server.specimens.planted import planted_topk
+
+    index = store.index
+    keys = list(zip(index["request_id"], index["sample_index"], strict=True))
+    if len(keys) != len(set(keys)) or len(keys) != expected:
+        raise Failed(
+            f"{len(keys)} sequences stored ({len(set(keys))} distinct), expected {expected}"
+        )
+    for row in index.iter_rows(named=True):
+        rows = store.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
+        for layer in range(rows["topk_ids"].shape[1]):
+            want = planted_topk(rows["token_ids"], layer)
+            if not np.array_equal(np.sort(rows["topk_ids"][:, layer], -1), np.sort(want, -1)):
+                raise Failed(f"sequence {row['sequence_id']} layer {layer}: ids differ")
+    return len(keys)
 
 
 def check_served_layout(path: Path, engine_kwargs: dict, root: Path) -> dict:
@@ -383,7 +393,6 @@ def check_served_layout(path: Path, engine_kwargs: dict, root: Path) -> dict:
     import httpx
 
     from capture_server.api.launch import launch
-    from capture_server.specimens.planted import planted_topk
     from capture_server.store import open_store
 
     flags = [f"--{key.replace('_', '-')}" for key, on in engine_kwargs.items() if on is True]
@@ -410,22 +419,12 @@ def check_served_layout(path: Path, engine_kwargs: dict, root: Path) -> dict:
             if job["state"] not in ("queued", "running"):
                 break
         if job["state"] != "done":
-            raise Failed(f"job {job['state']}: {job.get('error')}")
+            raise Failed(f"job {job['state']}: {job.get('errors')}")
         store = open_store(job["store"])
-        index = store.index
-        keys = list(zip(index["request_id"], index["sample_index"], strict=True))
-        if len(keys) != len(set(keys)) or len(keys) != 24:
-            raise Failed(f"{len(keys)} sequences stored ({len(set(keys))} distinct), expected 24")
-        ranks = sorted(index["dp_rank"].unique())
+        ranks = sorted(store.index["dp_rank"].unique())
         if len(ranks) != engine_kwargs["data_parallel_size"]:
             raise Failed(f"only DP ranks {ranks} wrote: the check needs every rank's rows")
-        for row in index.iter_rows(named=True):
-            rows = store.sequence(row["sequence_id"], ("token_ids", "topk_ids"))
-            for layer in range(rows["topk_ids"].shape[1]):
-                want = planted_topk(rows["token_ids"], layer)
-                if not np.array_equal(np.sort(rows["topk_ids"][:, layer], -1), np.sort(want, -1)):
-                    raise Failed(f"sequence {row['sequence_id']} layer {layer}: ids differ")
-        return {"sequences": len(keys), "dp_ranks": ranks}
+        return {"sequences": check_planted_store(store, 24), "dp_ranks": ranks}
     finally:
         proc.terminate()
         proc.wait(60)
