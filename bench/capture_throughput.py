@@ -60,6 +60,14 @@ MODES = {
         "hidden_layers": [],
         "store": "background",
     },
+    # the same 64 prompts as 32 jobs of 2, each with its own store (the service's many
+    # small jobs, without its HTTP and job records): the engine side of a store per job
+    "same, 32 stores of 2 sequences": {
+        "logits": True,
+        "hidden_layers": [],
+        "store": "background",
+        "stores": 32,
+    },
 }
 
 
@@ -110,12 +118,13 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
                 from capture_server.capture.options import CaptureOptions
 
                 call = next(calls)
-                sink = f"{store_dir}/run{call}"
+                per_store = NUM_SEQS // config.get("stores", 1)
+                sinks = [f"{store_dir}/run{call}-{i // per_store}" for i in range(NUM_SEQS)]
                 batch = []
                 for i in range(len(token_prompts)):
                     q = params.clone()
                     q.extra_args = CaptureOptions(
-                        sink=sink, sequence=call_sequence_key(call, i)
+                        sink=sinks[i], sequence=call_sequence_key(call, i)
                     ).to_extra_args()
                     batch.append(q)
                 outs = engine.llm.generate(
@@ -125,8 +134,9 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
                 if config["store"] == "blocking":
                     flush_rpc(ids).run(engine.llm)
                 else:
-                    close_rpc([sink], ids).run(engine.llm)
-                    closing.append(sink)
+                    stores = list(dict.fromkeys(sinks))
+                    close_rpc(stores, ids).run(engine.llm)
+                    closing.extend(stores)
             elif "interventions" in config:
                 every = config["interventions"]
                 mask = {"mask": {layer: [0, 5] for layer in range(engine.routing["num_layers"])}}

@@ -405,11 +405,13 @@ class StepCollector:
                 sinks[url] = len(sinks)
                 first_req.append(r)
             sink_of_req[r] = sinks[url]
-        sink_of_row = sink_of_req[req_of_row[keep]]
-        order = np.argsort(sink_of_row, kind="stable")
-        bounds = np.searchsorted(sink_of_row[order], np.arange(len(sinks) + 1))
+        if len(sinks) > 1:  # rows reordered by sink once; each sink's part is a view
+            sink_of_row = sink_of_req[req_of_row[keep]]
+            order = np.argsort(sink_of_row, kind="stable")
+            rows = rows.select(order)
+            bounds = np.searchsorted(sink_of_row[order], np.arange(len(sinks) + 1)).tolist()
         for s, r in enumerate(first_req):
-            part = rows if len(sinks) == 1 else rows.select(order[bounds[s] : bounds[s + 1]])
+            part = rows if len(sinks) == 1 else rows.slice(bounds[s], bounds[s + 1])
             options = states[r].options  # type: ignore[union-attr]
             part = _as_requested(part, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))

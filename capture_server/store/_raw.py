@@ -2,10 +2,18 @@
 
 The sequence index lives beside the Zarr arrays as parquet parts; going through the
 same `zarr.abc.store.Store` keeps local directories and object stores on one path.
+
+A local directory is read and written here directly, on the calling thread: zarr runs
+every store call on its event-loop thread, and a local one in a thread pool besides, so
+each small file cost a store writer three thread hand-overs, and the engine thread,
+which shares the GIL with the writers, waited for them (docs/benchmarks.md, small jobs).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 from zarr.abc.store import Store
@@ -25,9 +33,65 @@ def make_store(path_or_url: str | Path, *, read_only: bool = False) -> Store:
     return LocalStore(text.removeprefix("file://"), read_only=read_only)
 
 
+def local_root(store: Store) -> Path | None:
+    """The directory of a local store; None for any other store."""
+    from zarr.storage import LocalStore
+
+    return Path(store.root) if isinstance(store, LocalStore) else None
+
+
+def _writable_root(store: Store) -> Path | None:
+    root = local_root(store)
+    if root is not None and store.read_only:
+        raise ValueError(f"store {root} is open read-only")
+    return root
+
+
+def put_file(
+    path: Path, data: bytes, *, durable: bool = False, atomic: bool = True, sync_dir: bool = True
+) -> None:
+    """Write `path`; `atomic`: through a temporary file beside it, renamed over it (readers
+    see the old object or the new one, never part of one; the naming is zarr's).
+    `durable`: the data is fdatasynced, and with `sync_dir` its directory entry too."""
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial") if atomic else path
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fdatasync(f.fileno())
+        if atomic:
+            os.replace(tmp, path)
+    except BaseException:
+        if atomic:
+            tmp.unlink(missing_ok=True)
+        raise
+    if durable and sync_dir:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
 def get_many(store: Store, keys: list[str]) -> list[bytes | None]:
     """Several objects fetched concurrently (one round trip to zarr's event loop)."""
     import asyncio
+
+    root = local_root(store)
+    if root is not None:
+        return [_read_file(root / key) for key in keys]
 
     async def fetch() -> list:
         prototype = default_buffer_prototype()
@@ -38,10 +102,38 @@ def get_many(store: Store, keys: list[str]) -> list[bytes | None]:
 
 def set_bytes(store: Store, key: str, data: bytes) -> None:
     """Write one object; local stores write a temporary file and rename it (atomic)."""
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    set_many(store, {key: data})
+
+
+def set_many(store: Store, objects: dict[str, bytes]) -> None:
+    """Write several objects (concurrently where the store is remote), each atomically."""
+    import asyncio
+
+    root = _writable_root(store)
+    if root is not None:
+        for key, data in objects.items():
+            path = root / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            put_file(path, data)
+        return
+    buffer = default_buffer_prototype().buffer
+
+    async def write() -> None:
+        await asyncio.gather(*(store.set(k, buffer.from_bytes(d)) for k, d in objects.items()))
+
+    sync(write())
 
 
 def list_keys(store: Store, prefix: str) -> list[str]:
+    root = local_root(store)
+    if root is not None:
+        base = root / prefix.rpartition("/")[0]
+        keys = []
+        for directory, _, files in os.walk(base):
+            rel = Path(directory).relative_to(root).as_posix()
+            keys += [name if rel == "." else f"{rel}/{name}" for name in files]
+        return sorted(k for k in keys if k.startswith(prefix))
+
     async def collect() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
@@ -49,12 +141,21 @@ def list_keys(store: Store, prefix: str) -> list[str]:
 
 
 def exists(store: Store, key: str) -> bool:
+    root = local_root(store)
+    if root is not None:
+        return (root / key).is_file()
     return bool(sync(store.exists(key)))
 
 
 def delete_dirs(store: Store, prefixes: list[str]) -> None:
     """Delete every object under each of `prefixes` (none there is fine), concurrently."""
     import asyncio
+
+    root = _writable_root(store)
+    if root is not None:
+        for prefix in prefixes:
+            shutil.rmtree(root / prefix, ignore_errors=True)
+        return
 
     async def delete() -> None:
         await asyncio.gather(*(store.delete_dir(prefix) for prefix in prefixes))
@@ -67,6 +168,11 @@ def delete_many(store: Store, keys: list[str]) -> None:
     import asyncio
 
     if not keys:
+        return
+    root = _writable_root(store)
+    if root is not None:
+        for key in keys:
+            (root / key).unlink(missing_ok=True)
         return
 
     async def delete() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,9 +31,9 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
-from zarr.storage import LocalStore
 
 from capture_server.store import _raw
+from capture_server.store._raw import fsync_dir, put_file
 
 Encoder = Callable[[np.ndarray], bytes]
 Cast = Callable[[np.ndarray, np.ndarray], None]
@@ -72,9 +71,9 @@ def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 ENCODER_THREADS = 2
-"""Default encoder threads per writer: two scale 1.8x on this project's 2-core
-development machine (docs/benchmarks.md) and leave the engine its own cores on a GPU
-node, where a node runs one writer per rank."""
+"""Default encoder threads, shared by a process's writers: two scale 1.8x on this
+project's 2-core development machine (docs/benchmarks.md) and leave the engine its own
+cores on a GPU node, where a node runs one engine process per rank."""
 
 MAX_IN_FLIGHT_PER_THREAD = 2
 """Chunks queued per encoder thread before the staging thread waits (bounds memory)."""
@@ -122,6 +121,22 @@ def encoder_for(array: zarr.Array) -> Encoder | None:
     return encode
 
 
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def encoder_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of `threads` encoder threads, shared by its store writers: a
+    store per small job started and joined threads of its own, and each start and join
+    preempted the engine's threads (docs/benchmarks.md, small jobs). Keyed by process: a
+    forked child has the pool's objects but not its threads."""
+    key = (os.getpid(), threads)
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="moetrace-chunk")
+        return _pools[key]
+
+
 class ChunkWriter:
     """Casts, encodes and writes whole chunks of a store's arrays in a thread pool.
 
@@ -140,7 +155,7 @@ class ChunkWriter:
         chunks once per `wait`/`settled` (commits then survive power loss, not only the
         death of the process)."""
         self.threads = max(1, threads)
-        self._local_root = Path(store.root) if type(store) is LocalStore else None
+        self._local_root = _raw.local_root(store)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -165,7 +180,7 @@ class ChunkWriter:
         names its rows until it is written, and a resumed writer deletes what a crash
         left): one new file instead of two."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moetrace-chunk")
+            self._pool = encoder_pool(self.threads)
         previous = self._pending.pop(key, None)
         if previous is not None:
             previous.result()
@@ -215,12 +230,8 @@ class ChunkWriter:
             fsync_dir(directory)
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        """Every submitted chunk written (the shared encoder threads stay)."""
+        self.wait()
 
     # -- one task ----------------------------------------------------------------------
 
@@ -260,34 +271,3 @@ class ChunkWriter:
         if chunk and self.durable:
             with self._lock:
                 self._unsynced_dirs.add(path.parent)
-
-
-def put_file(
-    path: Path, data: bytes, *, durable: bool = False, atomic: bool = True, sync_dir: bool = True
-) -> None:
-    """Write `path`; `atomic`: through a temporary file beside it, renamed over it (readers
-    see the old object or the new one, never part of one; the naming is zarr's).
-    `durable`: the data is fdatasynced, and with `sync_dir` its directory entry too."""
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial") if atomic else path
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fdatasync(f.fileno())
-        if atomic:
-            os.replace(tmp, path)
-    except BaseException:
-        if atomic:
-            tmp.unlink(missing_ok=True)
-        raise
-    if durable and sync_dir:
-        fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

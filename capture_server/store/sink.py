@@ -1,5 +1,11 @@
-"""The routing store as a capture sink: a bounded queue and one background writer thread,
-so the model loop only enqueues."""
+"""The routing store as a capture sink: bounded hand-over to one background writer thread,
+so the model loop only enqueues.
+
+A step's rows are appended to a deque without waking the writer: a thread woken at every
+step of every open store costs the step loop a GIL hand-over each (32 small jobs' stores
+halved an engine's rate here, at the same CPU time: docs/benchmarks.md). The writer
+takes the rows when something needs it (a sequence's end, texts, a commit, a close, a
+tick), or when the rows reach the bound."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,14 @@ class StoreSink(RoutingSink):
         if flush_interval is None:
             flush_interval = float(os.environ.get(COMMIT_INTERVAL_ENV) or 2.0)
         self.flush_interval = flush_interval
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_steps)
+        self._queue: queue.Queue[tuple[str, Any, int]] = queue.Queue(maxsize=queue_steps)
+        """Messages that wake the writer, each with the number of rows appended before it
+        (the writer takes those first, so it sees everything in the order it was sent)."""
+        self._rows: deque[RoutingRows] = deque()
+        self._room = threading.Semaphore(queue_steps)  # free places for steps' rows
+        self._appended = 0  # rows appended (by the capture side)
+        self._taken = 0  # rows taken (by the writer thread)
+        self._send_lock = threading.Lock()  # appends and messages in one order
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._dropped_keys: set[tuple[str, int]] = set()
@@ -88,32 +101,35 @@ class StoreSink(RoutingSink):
 
     def write(self, rows: RoutingRows) -> None:
         self._raise_if_failed()
-        if self.on_full == "wait":
-            self._queue.put(("rows", rows))
-            return
-        try:
-            self._queue.put_nowait(("rows", rows))
-        except queue.Full:
-            keys, _ = rows.segments()
-            with self._lock:
-                self._dropped_keys.update(keys)
-                self.stats["dropped_steps"] += 1
+        if not self._room.acquire(blocking=False):
+            self._send("rows", None, block=False)  # full: the writer takes what is there
+            if self.on_full == "drop":
+                keys, _ = rows.segments()
+                with self._lock:
+                    self._dropped_keys.update(keys)
+                    self.stats["dropped_steps"] += 1
+                return
+            while not self._room.acquire(timeout=0.05):
+                self._raise_if_failed()
+        with self._send_lock:
+            self._rows.append(rows)
+            self._appended += 1
 
     def end_sequence(self, end: SequenceEnd) -> None:
         self._raise_if_failed()
         if self._uncommitted_since is None:
             self._uncommitted_since = time.monotonic()
-        self._queue.put(("end", end))
+        self._send("end", end)
 
     def annotate(self, annotations: list[Annotation]) -> None:
         """Texts of sequences; each awaiting sequence commits together with its texts."""
         self._raise_if_failed()
-        self._queue.put(("texts", annotations))
+        self._send("texts", annotations)
 
     def flush(self) -> None:
         """Block until everything enqueued so far is committed."""
         done = threading.Event()
-        self._queue.put(("flush", done))
+        self._send("flush", done)
         while not done.wait(0.05):
             self._raise_if_failed()
         self._raise_if_failed()
@@ -127,7 +143,7 @@ class StoreSink(RoutingSink):
     def request_close(self) -> None:
         """Ask the writer thread to commit everything and stop, without waiting."""
         if self._thread is not None and self._thread.is_alive():
-            self._queue.put(("close", None))
+            self._send("close", None)
 
     @property
     def closed(self) -> bool:
@@ -140,7 +156,7 @@ class StoreSink(RoutingSink):
         """Gauges and counters for monitoring; safe to call from any thread."""
         since = self._uncommitted_since
         return {
-            "queue_depth": self._queue.qsize(),
+            "queue_depth": self._queue.qsize() + self._appended - self._taken,
             # how long the oldest finished sequence has waited to be committed
             "lag_seconds": 0.0 if since is None else time.monotonic() - since,
             "bytes_written": self.writer.bytes_written,
@@ -148,6 +164,14 @@ class StoreSink(RoutingSink):
             "dropped_without_texts": self.writer.dropped_without_texts,
             **self.stats,
         }
+
+    def _send(self, kind: str, item: Any, block: bool = True) -> None:
+        """A message to the writer thread, after the rows appended so far."""
+        with self._send_lock:
+            try:
+                self._queue.put((kind, item, self._appended), block=block)
+            except queue.Full:  # only a wake-up is sent without blocking: one is queued
+                pass
 
     # -- writer thread -----------------------------------------------------------------
 
@@ -168,16 +192,11 @@ class StoreSink(RoutingSink):
             while True:
                 timeout = max(0.0, self.flush_interval - (time.monotonic() - last_commit))
                 try:
-                    kind, item = self._queue.get(timeout=timeout)
+                    kind, item, rows_before = self._queue.get(timeout=timeout)
                 except queue.Empty:
-                    kind, item = "tick", None
-                if kind == "rows":
-                    keys, bounds = item.segments()
-                    for key, a, b in zip(
-                        keys, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True
-                    ):
-                        parts[key].append((item, a, b))  # sliced once, when the sequence ends
-                elif kind == "texts":
+                    kind, item, rows_before = "tick", None, self._appended
+                self._take_rows(rows_before, parts)
+                if kind == "texts":
                     self.writer.add_texts(item)
                 elif kind == "end":
                     self._end(item, parts)
@@ -199,6 +218,18 @@ class StoreSink(RoutingSink):
         except BaseException as exc:  # surfaced to the capture side by _raise_if_failed
             logger.error("store writer for %s failed: %s", self.writer.url, exc)
             self._error = exc
+
+    def _take_rows(
+        self, upto: int, parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]]
+    ) -> None:
+        """Sort the rows appended before message `upto` into their sequences' pieces."""
+        while self._taken < upto:
+            rows = self._rows.popleft()
+            self._taken += 1
+            self._room.release()
+            keys, bounds = rows.segments()
+            for key, a, b in zip(keys, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                parts[key].append((rows, a, b))  # sliced once, when the sequence ends
 
     def _end(
         self, end: SequenceEnd, parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]]

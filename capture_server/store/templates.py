@@ -11,7 +11,6 @@ documents without reading them back.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 
@@ -24,6 +23,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore, StorePath
 
+from capture_server.store import _raw
 from capture_server.store.format import COMPRESSORS
 
 ArraySpec = tuple[tuple[int, ...], tuple[int, ...], str]
@@ -56,18 +56,10 @@ def create_arrays(
     store: Store, specs: dict[str, ArraySpec], compressor: str
 ) -> dict[str, zarr.Array]:
     """Write the arrays' documents, concurrently, and return handles on them."""
-    documents = {name: array_document(spec, compressor) for name, spec in specs.items()}
-
-    async def write() -> None:
-        buffer = default_buffer_prototype().buffer
-        await asyncio.gather(
-            *(
-                store.set(f"{name}/zarr.json", buffer.from_bytes(document))
-                for name, document in documents.items()
-            )
-        )
-
-    sync(write())
+    _raw.set_many(
+        store,
+        {f"{name}/zarr.json": array_document(spec, compressor) for name, spec in specs.items()},
+    )
     return {
         name: zarr.Array(AsyncArray(array_metadata(spec, compressor), StorePath(store, name)))
         for name, spec in specs.items()

@@ -51,17 +51,27 @@ def test_closing_store_is_never_written_by_two_writers(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_closed_sink_leaves_plain_zarr_and_no_encoder_threads(tmp_path):
+def test_a_closed_sink_leaves_plain_zarr_and_its_writer_threads_end(tmp_path):
     """Closing the sink (what a job's end does) seals the store: no tail segments are
-    left, plain zarr reads every committed row, and the writer's encoder threads end."""
+    left, plain zarr reads every committed row, its writer thread ends, and stores
+    share the process's encoder threads (more stores start no more of them)."""
     import threading
 
     import zarr
 
     from capture_server.store.sink import StoreSink
 
-    before = {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
+    def encoder_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
+
     keys = [f"seq-{i}" for i in range(30)]
+    first = StoreSink(tmp_path / "first", EXACT)
+    first.open(synthetic.meta())
+    for kind, item in synthetic.interleaved_steps(keys[:4]):
+        first.write(item) if kind == "rows" else first.end_sequence(item)
+    first.close()
+    before = encoder_threads()  # the process's pools: other tests' thread counts too
+    assert before
     sink = StoreSink(tmp_path / "s", EXACT)
     sink.open(synthetic.meta())
     for kind, item in synthetic.interleaved_steps(keys):
@@ -80,5 +90,5 @@ def test_a_closed_sink_leaves_plain_zarr_and_no_encoder_threads(tmp_path):
         want = synthetic.sequence_rows(row["request_id"], synthetic.length_of(row["request_id"]))
         a = row["token_offset"]
         np.testing.assert_array_equal(plain[a : a + row["num_rows"]], want.topk_ids)
-    after = {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
-    assert not after - before, "the closed store's encoder threads still run"
+    assert encoder_threads() == before, "a second store started encoder threads of its own"
+    assert sink.closed  # its writer thread ended
