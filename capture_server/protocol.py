@@ -198,11 +198,14 @@ def sink_states_rpc(sink_urls: list[str]) -> WorkerRpc:
     return WorkerRpc(RPC_SINK_STATES, (sink_urls,))
 
 
-def annotate_rpc(sink_url: str, annotations: list[Annotation]) -> WorkerRpc:
-    """Hand sequences' texts to the worker writing their store, which commits each
-    sequence together with its texts (`CaptureOptions.texts`). Annotations travel as
-    plain dicts of every field: the engine's RPC transport serialises primitives only."""
-    return WorkerRpc(RPC_ANNOTATE, (sink_url, [asdict(a) for a in annotations]))
+def annotate_rpc(texts: dict[str, list[Annotation]]) -> WorkerRpc:
+    """Hand sequences' texts, per store, to the worker writing the stores, which commits
+    each sequence together with its texts (`CaptureOptions.texts`). Several stores go in
+    one call (concurrent jobs' texts: one engine call, not one each). Annotations travel
+    as plain dicts of every field: the engine's RPC transport serialises primitives only."""
+    return WorkerRpc(
+        RPC_ANNOTATE, ({url: [asdict(a) for a in rows] for url, rows in texts.items()},)
+    )
 
 
 def sink_error(state: str) -> str | None:

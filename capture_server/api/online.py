@@ -97,7 +97,7 @@ class OnlineRecorder:
             rows, pending.annotations = pending.annotations, []
             store = self.store_path(job_id)
             if rows:
-                await annotate_rpc(store, rows).run(engine)
+                await annotate_rpc({store: rows}).run(engine)
             if ids:
                 await flush_rpc(ids, [store]).run(engine)
         self.db.add_progress(job_id, done=len(annotations), tokens=tokens)

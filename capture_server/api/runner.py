@@ -24,7 +24,6 @@ from capture_server.capture.scoring import split_nll, token_nll
 from capture_server.errors import JobsDatabaseError
 from capture_server.protocol import (
     Annotation,
-    annotate_rpc,
     close_rpc,
     forwarded_positions,
     job_sequence_key,
@@ -233,7 +232,7 @@ class JobRunner:
             if texts:
                 batch = texts[:]
                 texts.clear()
-                await annotate_rpc(store, batch).run(engine)
+                await writers.annotate(store, batch)
 
         async def report(force: bool = False) -> None:
             """Progress to the database; texts to the store's writer, which commits each

@@ -282,7 +282,7 @@ class CaptureEngine:
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         pairs = list(zip(keys, outputs, strict=True))
         if texts is not None:
-            annotate_rpc(sink, texts(pairs)).run(self.llm)
+            annotate_rpc({sink: texts(pairs)}).run(self.llm)
         self._flush([o.request_id for o in outputs])
         return pairs
 

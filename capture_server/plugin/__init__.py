@@ -104,8 +104,9 @@ def sink_states(worker: Any, sink_urls: list[str]) -> dict[str, str]:
     return collector.sink_states(sink_urls)
 
 
-def annotate(worker: Any, sink_url: str, rows: list[dict[str, Any]]) -> None:
-    """`protocol.annotate_rpc`: hand sequences' texts to the store that commits them."""
+def annotate(worker: Any, texts: dict[str, list[dict[str, Any]]]) -> None:
+    """`protocol.annotate_rpc`: hand sequences' texts to the stores that commit them."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is not None:
-        collector.annotate(sink_url, [protocol.Annotation(**row) for row in rows])
+        for sink_url, rows in texts.items():
+            collector.annotate(sink_url, [protocol.Annotation(**row) for row in rows])

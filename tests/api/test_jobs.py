@@ -93,6 +93,28 @@ def test_sampled_rollout_follows_the_plant(server):
             np.testing.assert_array_equal(arrays["topk_ids"][:, layer], want)
 
 
+def test_concurrent_small_jobs_each_commit_their_own_texts(server):
+    """Eight 2-prompt jobs at once: their texts and closes reach the engine in shared
+    calls (`WriterStates`); each store holds its own job's sequences with its own texts
+    (each job generates a different length, so a text in the wrong store shows)."""
+    ids = []
+    for j in range(8):
+        body = {
+            "kind": "rollout",
+            "model": "qwen3_moe",
+            "prompts": [{"prompt": p} for p in PROMPTS[2 * j : 2 * j + 2]],
+            "sampling": {"max_tokens": 3 + j, "temperature": 0, "ignore_eos": True},
+        }
+        ids.append(server.client.post("/v1/jobs", json=body).json()["id"])
+    for j, job_id in enumerate(ids):
+        job = server.wait_job(job_id)
+        assert job["state"] == "done" and job["sequences_done"] == 2, job
+        index = open_store(job["store"]).index
+        assert sorted(index["prompt_index"].to_list()) == [0, 1]
+        assert index["generated_len"].to_list() == [3 + j] * 2, "each job's own texts"
+        assert all(len(t) == 3 + j for t in index["completion_token_ids"].to_list())
+
+
 def test_stop_strings_leave_exactly_the_rows_of_the_returned_output(server):
     """Stop strings end a sample inside a step; the engine (its own process, running
     ahead of the detokenizer) may forward more. Every sequence reads P + G - 1 rows of
