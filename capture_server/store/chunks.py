@@ -126,14 +126,19 @@ _pools_lock = threading.Lock()
 
 
 def encoder_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's pool of `threads` encoder threads, shared by its store writers: a
-    store per small job started and joined threads of its own, and each start and join
-    preempted the engine's threads (docs/benchmarks.md, small jobs). Keyed by process: a
-    forked child has the pool's objects but not its threads."""
+    """The process's encoder threads for writers of `threads` threads, shared by its
+    store writers: a store per small job started and joined threads of its own, and each
+    start and join preempted the engine's threads (docs/benchmarks.md, small jobs).
+
+    Room for up to four such writers at once where the cores allow (half the cores):
+    concurrent large jobs keep their own encoding rate on a GPU node; on this project's
+    2-core machine the pool has `threads` threads. Threads start only when work waits.
+    Keyed by process: a forked child has the pool's objects but not its threads."""
     key = (os.getpid(), threads)
     with _pools_lock:
         if key not in _pools:
-            _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="moetrace-chunk")
+            size = max(threads, min(4 * threads, (os.cpu_count() or 1) // 2))
+            _pools[key] = ThreadPoolExecutor(size, thread_name_prefix="moetrace-chunk")
         return _pools[key]
 
 
