@@ -9,4 +9,5 @@ export RAY_AUTH_MODE=disabled
 .venv/bin/python bench/store_throughput.py --rows 20000 --out docs/results/store.json
 .venv/bin/python bench/analyzer_throughput.py --out docs/results/analyzer.json
 .venv/bin/python bench/service_throughput.py --rounds 2 --repeats 5 --out docs/results/service.json
+.venv/bin/python bench/service_throughput.py --jobs-only --rounds 2 --repeats 8 --out docs/results/small-jobs.json
 .venv/bin/python bench/prefix_caching.py --rounds 3 --out docs/results/prefix.json

@@ -253,11 +253,40 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
         proc.wait(timeout=60)
 
 
+def jobs_only(model: str, root: Path, rounds: int, out: str | None) -> None:
+    """The server's modes against its one-job mode, per round and paired by repeat."""
+    per_round = [run_service(model, root / f"round{r}") for r in range(rounds)]
+    one = "REST job (1 x 64 prompts)"
+    summary = {}
+    for name in per_round[0]:
+        medians, paired = [], []
+        for times in per_round:
+            medians.append(statistics.median(times[one]) / statistics.median(times[name]))
+            paired.append(
+                statistics.median(a / b for a, b in zip(times[one], times[name], strict=True))
+            )
+        summary[name] = {
+            "vs_one_job_by_round": medians,
+            "paired_by_round": paired,
+            "seconds_by_round": [times[name] for times in per_round],
+        }
+        shown = ", ".join(f"{m:.2f} (paired {p:.2f})" for m, p in zip(medians, paired, strict=True))
+        print(f"{name:40s} vs one job, by round: {shown}")
+    if out:
+        Path(out).write_text(json.dumps({"workload": {"sequences": NUM_SEQS}, "modes": summary}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds.")
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="Timed calls per mode.")
+    parser.add_argument(
+        "--jobs-only",
+        action="store_true",
+        help="Only the server's modes, one server per round, each call paired with the "
+        "one-job call of its repeat (many small jobs against one job of the same prompts).",
+    )
     parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-async", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-plain", metavar="MODEL", help=argparse.SUPPRESS)
@@ -283,6 +312,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="moetrace-bench-service-"))
     model = str(build_specimen(ARCH, root / "model"))
+    if args.jobs_only:
+        jobs_only(model, root, args.rounds, args.out)
+        return
     plain = "plain vLLM AsyncLLM (no capture)"
     times: dict[str, list[float]] = {plain: [], "in-process API": [], "AsyncLLM direct": []}
     for r in range(args.rounds):
