@@ -5,7 +5,8 @@ A step's rows are appended to a deque without waking the writer: a thread woken 
 step of every open store costs the step loop a GIL hand-over each (32 small jobs' stores
 halved an engine's rate here, at the same CPU time: docs/benchmarks.md). The writer
 takes the rows when something needs it (a sequence's end, texts, a commit, a close, a
-tick), or when the rows reach the bound."""
+tick), or when the rows reach the bound. Writer threads outlive their stores and serve
+the next one (`WriterThreads`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,49 @@ logger = logging.getLogger("moetrace.store")
 COMMIT_INTERVAL_ENV = "MOETRACE_COMMIT_INTERVAL"
 """Seconds between a store's commits of finished sequences (each commit writes an index
 part and a tail segment per array): lower commits sooner, higher writes fewer files."""
+
+
+class WriterThreads:
+    """Threads that run store writers' loops, each kept for the next store once its
+    store closes. Starting a thread makes the starter wait until the new thread runs:
+    the starter is the engine's step loop (a store opens at its first rows), and on a
+    busy host that wait was most of what a small job's store cost the step loop
+    (docs/benchmarks.md, small jobs)."""
+
+    MAX_IDLE = 64  # idle threads kept; more concurrent stores than that start new ones
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+        self._pid = os.getpid()
+
+    def run(self, loop: Callable[[], None]) -> None:
+        """Run `loop` (which handles its own errors) on an idle thread, or a new one."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child has the list, not the threads
+                self._idle, self._pid = [], os.getpid()
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(
+                target=self._serve, args=(inbox,), name="moetrace-store-writer", daemon=True
+            ).start()
+        inbox.put(loop)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            inbox.get()()
+            with self._lock:
+                if len(self._idle) >= self.MAX_IDLE or self._pid != os.getpid():
+                    return
+                self._idle.append(inbox)
+
+
+WRITER_THREADS = WriterThreads()
 
 
 class StoreSink(RoutingSink):
@@ -75,7 +120,8 @@ class StoreSink(RoutingSink):
         self._appended = 0  # rows appended (by the capture side)
         self._taken = 0  # rows taken (by the writer thread)
         self._send_lock = threading.Lock()  # appends and messages in one order
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._finished = threading.Event()  # the writer loop has returned
         self._error: BaseException | None = None
         self._dropped_keys: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -95,9 +141,9 @@ class StoreSink(RoutingSink):
         self.start()
 
     def start(self) -> None:
-        """Start the writer thread (`open` does; separate so tests can hold it back)."""
-        self._thread = threading.Thread(target=self._run, name="moetrace-store-writer", daemon=True)
-        self._thread.start()
+        """Start the writer loop (`open` does; separate so tests can hold it back)."""
+        self._started = True
+        WRITER_THREADS.run(self._run)
 
     def write(self, rows: RoutingRows) -> None:
         self._raise_if_failed()
@@ -136,18 +182,18 @@ class StoreSink(RoutingSink):
 
     def close(self) -> None:
         self.request_close()
-        if self._thread is not None:
-            self._thread.join()
+        if self._started:
+            self._finished.wait()
         self._raise_if_failed()
 
     def request_close(self) -> None:
         """Ask the writer thread to commit everything and stop, without waiting."""
-        if self._thread is not None and self._thread.is_alive():
+        if self._started and not self._finished.is_set():
             self._send("close", None)
 
     @property
     def closed(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
+        return not self._started or self._finished.is_set()
 
     def committed_keys(self) -> set[tuple[str, int]]:
         return self.writer.committed_keys()
@@ -218,6 +264,8 @@ class StoreSink(RoutingSink):
         except BaseException as exc:  # surfaced to the capture side by _raise_if_failed
             logger.error("store writer for %s failed: %s", self.writer.url, exc)
             self._error = exc
+        finally:
+            self._finished.set()
 
     def _take_rows(
         self, upto: int, parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]]

@@ -51,15 +51,15 @@ def test_closing_store_is_never_written_by_two_writers(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_closed_sink_leaves_plain_zarr_and_its_writer_threads_end(tmp_path):
+def test_a_closed_sink_leaves_plain_zarr_and_its_threads_serve_the_next(tmp_path):
     """Closing the sink (what a job's end does) seals the store: no tail segments are
-    left, plain zarr reads every committed row, its writer thread ends, and stores
-    share the process's encoder threads (more stores start no more of them)."""
+    left, plain zarr reads every committed row, its writer loop ends, and the next store
+    reuses its writer thread and the process's encoder threads (starts none)."""
     import threading
 
     import zarr
 
-    from capture_server.store.sink import StoreSink
+    from capture_server.store.sink import WRITER_THREADS, StoreSink
 
     def encoder_threads() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name.startswith("moetrace-chunk")}
@@ -72,8 +72,16 @@ def test_a_closed_sink_leaves_plain_zarr_and_its_writer_threads_end(tmp_path):
     first.close()
     before = encoder_threads()  # the process's pools: other tests' thread counts too
     assert before
+    assert first.closed
+    deadline = time.monotonic() + 5
+    while WRITER_THREADS.idle == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the closed store's thread returns itself to the idle ones
+    assert WRITER_THREADS.idle > 0, "a closed store's writer thread is kept for the next store"
+    writers = {t for t in threading.enumerate() if t.name == "moetrace-store-writer"}
     sink = StoreSink(tmp_path / "s", EXACT)
     sink.open(synthetic.meta())
+    now = {t for t in threading.enumerate() if t.name == "moetrace-store-writer"}
+    assert now <= writers, "the next store started a writer thread instead of reusing one"
     for kind, item in synthetic.interleaved_steps(keys):
         sink.write(item) if kind == "rows" else sink.end_sequence(item)
     sink.flush()  # a commit of a partial chunk: tail segments exist now
