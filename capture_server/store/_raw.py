@@ -86,7 +86,8 @@ def _read_file(path: Path) -> bytes | None:
 
 
 def get_many(store: Store, keys: list[str]) -> list[bytes | None]:
-    """Several objects fetched concurrently (one round trip to zarr's event loop)."""
+    """Several objects (None where missing); a remote store's fetched concurrently, in
+    one round trip to zarr's event loop."""
     import asyncio
 
     root = local_root(store)
