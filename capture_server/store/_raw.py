@@ -149,7 +149,8 @@ def exists(store: Store, key: str) -> bool:
 
 
 def delete_dirs(store: Store, prefixes: list[str]) -> None:
-    """Delete every object under each of `prefixes` (none there is fine), concurrently."""
+    """Delete every object under each of `prefixes` (none there is fine); a remote
+    store's concurrently."""
     import asyncio
 
     root = _writable_root(store)
@@ -165,7 +166,7 @@ def delete_dirs(store: Store, prefixes: list[str]) -> None:
 
 
 def delete_many(store: Store, keys: list[str]) -> None:
-    """Delete objects (missing ones are fine), concurrently."""
+    """Delete objects (missing ones are fine); a remote store's concurrently."""
     import asyncio
 
     if not keys:

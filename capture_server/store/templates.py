@@ -55,7 +55,7 @@ def array_document(spec: ArraySpec, compressor: str) -> bytes:
 def create_arrays(
     store: Store, specs: dict[str, ArraySpec], compressor: str
 ) -> dict[str, zarr.Array]:
-    """Write the arrays' documents, concurrently, and return handles on them."""
+    """Write the arrays' documents (`_raw.set_many`) and return handles on them."""
     _raw.set_many(
         store,
         {f"{name}/zarr.json": array_document(spec, compressor) for name, spec in specs.items()},
