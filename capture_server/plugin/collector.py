@@ -26,6 +26,7 @@ from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.plugin.interventions import refuse_interventions
 from capture_server.plugin.layout import stage_layers
 from capture_server.plugin.prefix_rows import PrefixRowsError, SlotLayout, SlotRows
+from capture_server.plugin.topk_order import in_stored_order
 from capture_server.protocol import Annotation, split_sample
 from capture_server.store.parts import PartId
 
@@ -86,9 +87,8 @@ def _as_requested(rows: RoutingRows, options: CaptureOptions, moe_offset: int) -
 
 
 def _take_rows(a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The host-copied arrays of a step at `rows` (routing arrays have rows on axis 1)."""
-    on_axis_1 = {"ids", "weights", "logits"}
-    return {k: v[:, rows] if k in on_axis_1 else v[rows] for k, v in a.items()}
+    """The host-copied arrays of a step (each with rows on axis 0) at `rows`."""
+    return {k: v[rows] for k, v in a.items()}
 
 
 class StepCollector:
@@ -322,8 +322,9 @@ class StepCollector:
         device_arrays = {
             "positions": runner.positions.index_select(0, index),
             "token_ids": runner.input_ids.gpu.index_select(0, index),
-            "ids": self.buffers.ids.index_select(1, index),
-            "weights": self.buffers.weights.index_select(1, index),
+            # routing buffers are (layers, tokens, ...); gathered rows-first, as stored
+            "ids": self.buffers.ids.transpose(0, 1).index_select(0, index),
+            "weights": self.buffers.weights.transpose(0, 1).index_select(0, index),
         }
         if every_row:
             assert self.slot_rows is not None
@@ -331,7 +332,7 @@ class StepCollector:
             device_arrays["slots"] = table.slot_mapping.gpu.index_select(0, index)
         if want_logits:
             assert self.buffers.logits is not None
-            device_arrays["logits"] = self.buffers.logits.index_select(1, index)
+            device_arrays["logits"] = self.buffers.logits.transpose(0, 1).index_select(0, index)
         for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
             model_layer = layer + self.moe_offset
             if every_row or any(
@@ -451,11 +452,13 @@ class StepCollector:
         positions: np.ndarray,
         keep: np.ndarray,
     ) -> RoutingRows:
-        ids = a["ids"][:, keep].transpose(1, 0, 2)  # (rows, L, k)
-        weights = a["weights"][:, keep].transpose(1, 0, 2)
+        # the host copies are this step's own (rows, layers, k) arrays: edited in place
+        every = bool(keep.all())
+        ids = a["ids"] if every else a["ids"][keep]
+        weights = a["weights"] if every else a["weights"][keep]
         if self.weight_scale != 1.0:
-            weights = weights * np.float32(self.weight_scale)
-        order = np.lexsort((ids, -weights), axis=-1)  # descending weight, then id
+            weights *= np.float32(self.weight_scale)
+        ids, weights = in_stored_order(ids, weights)
         req = req_of_row[keep]
         keys = np.array([None if s is None else s.key for s in states], dtype=object)
         samples = np.array([0 if s is None else s.sample_index for s in states], dtype=np.int32)
@@ -467,9 +470,9 @@ class StepCollector:
             positions=positions[keep],
             token_ids=a["token_ids"][keep].astype(np.int64),
             is_prompt=positions[keep] < prompt_len[req],
-            topk_ids=np.take_along_axis(ids, order, axis=-1),
-            topk_weights=np.take_along_axis(weights, order, axis=-1),
-            router_logits=None if logits is None else logits[:, keep].transpose(1, 0, 2),
+            topk_ids=ids,
+            topk_weights=weights,
+            router_logits=logits if logits is None or every else logits[keep],
             hidden_states={int(k[6:]): v[keep] for k, v in a.items() if k.startswith("hidden")},
         )
 

@@ -145,18 +145,18 @@ class SlotRows:
         return cls(layout, num_slots, group, int(block_size))
 
     def remember(self, slots: np.ndarray, a: dict[str, np.ndarray]) -> None:
-        """Keep a step's forwarded rows (a host copy, arrays as `StepCollector` copies
-        them: ids/weights/logits (L, rows, ...), the rest (rows, ...)) at their slots."""
+        """Keep a step's forwarded rows (host arrays as `StepCollector` copies them, rows
+        on axis 0) at their slots."""
         if len(slots) and (slots.min() < 0 or slots.max() >= self.num_slots):
             raise PrefixRowsError(
                 f"moetrace prefix rows: a KV slot outside [0, {self.num_slots}) was forwarded"
             )
         self.position[slots] = a["positions"]
         self.token[slots] = a["token_ids"]
-        self.ids[slots] = a["ids"].transpose(1, 0, 2)
-        self.weights[slots] = a["weights"].transpose(1, 0, 2)
+        self.ids[slots] = a["ids"]
+        self.weights[slots] = a["weights"]
         if self.logits is not None:
-            self.logits[slots] = a["logits"].transpose(1, 0, 2)
+            self.logits[slots] = a["logits"]
         for layer, rows in self.hidden.items():
             rows[slots] = a[f"hidden{layer}"]
 
@@ -176,11 +176,11 @@ class SlotRows:
         rows = {
             "positions": positions,
             "token_ids": expected.astype(np.int64),
-            "ids": self.ids[slots].transpose(1, 0, 2),
-            "weights": self.weights[slots].transpose(1, 0, 2),
+            "ids": self.ids[slots],
+            "weights": self.weights[slots],
         }
         if self.logits is not None:
-            rows["logits"] = self.logits[slots].transpose(1, 0, 2)
+            rows["logits"] = self.logits[slots]
         for layer, hidden in self.hidden.items():
             rows[f"hidden{layer}"] = hidden[slots]
         return rows
