@@ -9,7 +9,8 @@ Three checks, each against a plain-torch reference computed eagerly:
 2. ``compiled_router``: a router wrapped the way the plugin wraps it (`hook_routers`)
    inside a `torch.compile`d forward records the same ids, weights, logits and hidden
    states as eager, at several batch sizes (what vLLM's torch.compile traces).
-3. ``host_copy``: the device-to-host path (`HostCopy`: gather on the compute stream,
+3. ``host_copy``: the device-to-host path (`HostCopy`: a rows-first gather of the
+   (layers, tokens, k) buffers on the compute stream,
    pinned memory, a copy stream, a blocking-sync event) returns what a synchronous copy
    returns, and compute issued after a large copy starts finishes before the copy does.
 
@@ -168,13 +169,18 @@ def check_compiled_router(device: torch.device) -> dict:
 def check_host_copy(device: torch.device) -> dict:
     copier = HostCopy(device)
     gen = _gen(device, 7)
-    rows = {
+    buffers = {  # (layers, tokens, k), as the router hooks fill them
         "ids": torch.randint(0, EXPERTS, (LAYERS, 1000, TOP_K), device=device, generator=gen),
         "weights": torch.rand(LAYERS, 1000, TOP_K, device=device, generator=gen),
     }
+    index = torch.randperm(1000, device=device, generator=gen)[:700]
+    # gathered rows-first, as `StepCollector._start_copy` does: a transposed view's rows
+    rows = {name: b.transpose(0, 1).index_select(0, index) for name, b in buffers.items()}
     got = copier.start(rows).wait()
-    for name, tensor in rows.items():
-        if not (got[name] == tensor.cpu().numpy()).all():
+    picked = index.cpu().numpy()
+    for name, tensor in buffers.items():
+        want = tensor.cpu().numpy().transpose(1, 0, 2)[picked]
+        if got[name].shape != want.shape or not (got[name] == want).all():
             raise AssertionError(f"host copy of {name} differs from a synchronous copy")
     result: dict = {"equal_to_sync_copy": True}
     if device.type != "cuda":
