@@ -224,7 +224,9 @@ def test_cancel_is_idempotent_and_final(server):
     body = {
         "kind": "rollout",
         "model": "qwen3_moe",
-        "prompts": [{"prompt": f"a long story {i}"} for i in range(16)],
+        # ~50k tokens: long enough that the job cannot end before the cancels arrive on a
+        # loaded machine (16 x 400 once did); cancelled, it costs a few steps
+        "prompts": [{"prompt": f"a long story {i}"} for i in range(128)],
         "sampling": {"max_tokens": 400, "ignore_eos": True},
     }
     job_id = server.client.post("/v1/jobs", json=body).json()["id"]
