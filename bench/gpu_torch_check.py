@@ -10,9 +10,9 @@ Three checks, each against a plain-torch reference computed eagerly:
    inside a `torch.compile`d forward records the same ids, weights, logits and hidden
    states as eager, at several batch sizes (what vLLM's torch.compile traces).
 3. ``host_copy``: the device-to-host path (`HostCopy`: a rows-first gather of the
-   (layers, tokens, k) buffers on the compute stream,
-   pinned memory, a copy stream, a blocking-sync event) returns what a synchronous copy
-   returns, and compute issued after a large copy starts finishes before the copy does.
+   (layers, tokens, k) buffers on the compute stream, pinned memory, a copy stream, a
+   blocking-sync event) returns what a synchronous copy returns, and compute issued
+   after a large copy starts finishes before the copy does.
 
 Without CUDA, the CUDA checks are reported as skipped and the rest run on the CPU (the
 test suite does this). Prints one JSON summary and exits 1 on any failure.

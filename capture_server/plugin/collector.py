@@ -86,11 +86,6 @@ def _as_requested(rows: RoutingRows, options: CaptureOptions, moe_offset: int) -
     )
 
 
-def _take_rows(a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The host-copied arrays of a step (each with rows on axis 0) at `rows`."""
-    return {k: v[rows] for k, v in a.items()}
-
-
 class StepCollector:
     """Attributes buffer rows to requests and streams them to each request's sink."""
 
@@ -356,7 +351,8 @@ class StepCollector:
             self.slot_rows.remember(a.pop("slots"), a)
             captured = step.rows["captured"][req_of_row]
             if not captured.all():
-                a, req_of_row = _take_rows(a, np.flatnonzero(captured)), req_of_row[captured]
+                a = {k: v[captured] for k, v in a.items()}  # every array has rows on axis 0
+                req_of_row = req_of_row[captured]
             if not len(req_of_row):
                 return
         positions = a["positions"].astype(np.int64)
@@ -452,28 +448,28 @@ class StepCollector:
         positions: np.ndarray,
         keep: np.ndarray,
     ) -> RoutingRows:
-        # the host copies are this step's own (rows, layers, k) arrays: edited in place
+        # the host copies are this step's own arrays (rows on axis 0): taken as they are
+        # when every row is kept, and edited in place
         every = bool(keep.all())
-        ids = a["ids"] if every else a["ids"][keep]
-        weights = a["weights"] if every else a["weights"][keep]
+        a = a if every else {k: v[keep] for k, v in a.items()}
+        req, positions = req_of_row[keep], positions[keep]
+        weights = a["weights"]
         if self.weight_scale != 1.0:
             weights *= np.float32(self.weight_scale)
-        ids, weights = in_stored_order(ids, weights)
-        req = req_of_row[keep]
+        ids, weights = in_stored_order(a["ids"], weights)
         keys = np.array([None if s is None else s.key for s in states], dtype=object)
         samples = np.array([0 if s is None else s.sample_index for s in states], dtype=np.int32)
         prompt_len = np.array([0 if s is None else s.prompt_len for s in states])
-        logits = a.get("logits")
         return RoutingRows(
             request_ids=keys[req],
             sample_index=samples[req],
-            positions=positions[keep],
-            token_ids=a["token_ids"][keep].astype(np.int64),
-            is_prompt=positions[keep] < prompt_len[req],
+            positions=positions,
+            token_ids=a["token_ids"].astype(np.int64),
+            is_prompt=positions < prompt_len[req],
             topk_ids=ids,
             topk_weights=weights,
-            router_logits=logits if logits is None or every else logits[keep],
-            hidden_states={int(k[6:]): v[keep] for k, v in a.items() if k.startswith("hidden")},
+            router_logits=a.get("logits"),
+            hidden_states={int(k[6:]): v for k, v in a.items() if k.startswith("hidden")},
         )
 
     def _deliver(self, options: CaptureOptions, call: Any) -> None:

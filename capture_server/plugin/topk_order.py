@@ -25,12 +25,11 @@ def out_of_order(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if falls.all():  # the usual step: every row strictly descending
         return np.zeros(weights.shape[:-1], dtype=bool)
     suspect = ~falls.reshape(weights.shape).all(axis=-1)  # a tie, a rise or NaN
-    if suspect.any():  # the few rows with ties: in order if their ids ascend
-        where = np.nonzero(suspect)
-        some_ids, some = ids[where], weights[where]
-        higher, lower = some[:, :-1], some[:, 1:]
-        tie_in_order = (higher == lower) & (some_ids[:, :-1] < some_ids[:, 1:])
-        suspect[where] = ~((higher > lower) | tie_in_order).all(axis=-1)
+    where = np.nonzero(suspect)  # the few such rows: in order if their tied ids ascend
+    some_ids, some = ids[where], weights[where]
+    higher, lower = some[:, :-1], some[:, 1:]
+    tie_in_order = (higher == lower) & (some_ids[:, :-1] < some_ids[:, 1:])
+    suspect[where] = ~((higher > lower) | tie_in_order).all(axis=-1)
     return suspect
 
 
