@@ -38,11 +38,33 @@ def launch(
     `env` adds environment settings (``MOETRACE_*``); `engine_flags` are vLLM engine
     flags for every model. Returns the process and its base
     URL once ``/readyz`` answers 200. Raises `RuntimeError` with the end of the log when
-    the server dies or times out.
+    the server dies or times out. Without a `port`, a free one is picked, and picked
+    again (up to 3 tries) if another process took it during the server's ~20 s start.
     """
+    args = (models, data_dir, log, token, env, hidden_layers, engine_flags, timeout)
+    for attempt in range(3):
+        try:
+            return _launch_once(port or free_port(), *args)
+        except RuntimeError:
+            taken = "address already in use" in log.read_text(errors="replace")
+            if port is not None or not taken or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(
+    port: int,
+    models: list[Path],
+    data_dir: Path,
+    log: Path,
+    token: str | None,
+    env: dict[str, str] | None,
+    hidden_layers: tuple[int, ...],
+    engine_flags: tuple[str, ...],
+    timeout: float,
+) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",
