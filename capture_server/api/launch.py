@@ -103,6 +103,6 @@ def _launch_once(
                 return proc, url
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.2)  # callers (the kill trials) act on jobs the server resumes at start
     proc.kill()
     raise RuntimeError(f"the capture server did not become ready; log: {log.read_text()[-3000:]}")
