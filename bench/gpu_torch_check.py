@@ -2,7 +2,7 @@
 
     python bench/gpu_torch_check.py [--out summary.json]
 
-Three checks, each against a plain-torch reference computed eagerly:
+Four checks, each against a plain-torch reference computed eagerly:
 1. ``cuda_graph``: the capture buffers' copies (`CaptureBuffers.record`) captured in a
    `torch.cuda.graph` and replayed with new inputs, at several padded batch sizes, fill
    the buffers exactly as eager calls do (what vLLM's CUDA graphs replay).
@@ -13,6 +13,9 @@ Three checks, each against a plain-torch reference computed eagerly:
    (layers, tokens, k) buffers on the compute stream, pinned memory, a copy stream, a
    blocking-sync event) returns what a synchronous copy returns, and compute issued
    after a large copy starts finishes before the copy does.
+4. ``expert_load``: counting a step's ids on the device (`ExpertLoad.add`) equals
+   numpy's count of the same ids, and on CUDA queues its kernels without a host
+   sync (`torch.cuda.set_sync_debug_mode("error")` raises on one).
 
 Without CUDA, the CUDA checks are reported as skipped and the rest run on the CPU (the
 test suite does this). Prints one JSON summary and exits 1 on any failure.
@@ -29,11 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capture_server.plugin.buffers import CaptureBuffers  # noqa: E402
+from capture_server.plugin.expert_load import ExpertLoad  # noqa: E402
 from capture_server.plugin.host_copy import HostCopy  # noqa: E402
 from capture_server.plugin.router_hook import hook_routers  # noqa: E402
 
@@ -207,10 +212,34 @@ def check_host_copy(device: torch.device) -> dict:
     return result
 
 
+def check_expert_load(device: torch.device) -> dict:
+    gen = _gen(device, 11)
+    steps = [
+        torch.randint(0, EXPERTS, (rows, LAYERS, TOP_K), device=device, generator=gen)
+        for rows in (1, 17, 256, 4096)
+    ]
+    load = ExpertLoad(LAYERS, EXPERTS, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for ids in steps:
+            load.add(ids)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    cells = [ids.cpu().numpy() + (np.arange(LAYERS) * EXPERTS)[:, None] for ids in steps]
+    want = np.bincount(np.concatenate([c.ravel() for c in cells]), minlength=LAYERS * EXPERTS)
+    if not (load.total() == want.reshape(LAYERS, EXPERTS)).all():
+        raise AssertionError("the device's expert load differs from numpy's count")
+    return {"rows": [len(ids) for ids in steps], "no_host_sync": device.type == "cuda"}
+
+
 CHECKS: dict[str, tuple[Callable[[torch.device], dict], bool]] = {
     "cuda_graph": (check_cuda_graph, True),  # (check, needs CUDA)
     "compiled_router": (check_compiled_router, False),
     "host_copy": (check_host_copy, False),
+    "expert_load": (check_expert_load, False),
 }
 
 

@@ -22,6 +22,7 @@ from capture_server.capture.registry import forget_sink, open_sink
 from capture_server.capture.sink import RoutingSink
 from capture_server.errors import CaptureError, MoetraceError
 from capture_server.plugin.buffers import CaptureBuffers
+from capture_server.plugin.expert_load import ExpertLoad
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
 from capture_server.plugin.interventions import refuse_interventions
 from capture_server.plugin.layout import stage_layers
@@ -117,8 +118,8 @@ class StepCollector:
         self._closing: dict[str, RoutingSink] = {}  # committing their last rows
         self._early_texts: dict[str, list[Annotation]] = {}  # for sinks not open yet
         self.sink_errors: dict[str, str] = {}
-        self.expert_load = np.zeros((len(meta.moe_layers), meta.num_experts), dtype=np.int64)
-        """Top-k selections per (MoE layer, expert) over every captured token."""
+        device = buffers.ids.device if buffers is not None else torch.device("cpu")
+        self.load = ExpertLoad(len(meta.moe_layers), meta.num_experts, device)
         self.stats: dict[str, float] = {
             "steps": 0,
             "rows": 0,
@@ -270,6 +271,11 @@ class StepCollector:
         sinks = {**self._closing, **self._sinks}
         return {url: m for url, s in sinks.items() if (m := s.metrics())}
 
+    @property
+    def expert_load(self) -> np.ndarray:
+        """Top-k selections per (MoE layer, expert) over every captured token."""
+        return self.load.total()
+
     # -- internals ----------------------------------------------------------------------
 
     def _state(self, runner: Any, req_id: str) -> _RequestState | None:
@@ -321,6 +327,11 @@ class StepCollector:
             "ids": self.buffers.ids.transpose(0, 1).index_select(0, index),
             "weights": self.buffers.weights.transpose(0, 1).index_select(0, index),
         }
+        ids = device_arrays["ids"]  # the load counts captured rows; those dropped later
+        if every_row and not captured.all():  # are taken back (`_complete_pending`)
+            mine = np.flatnonzero(captured[req_of_row])
+            ids = ids.index_select(0, torch.from_numpy(mine).to(ids.device))
+        self.load.add(ids)
         if every_row:
             assert self.slot_rows is not None
             table = batch.block_table.block_tables[self.slot_rows.group]
@@ -388,10 +399,11 @@ class StepCollector:
             options = states[r].options  # type: ignore[union-attr]
             part = _as_requested(prefix, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
+        if not keep.all():  # rows recomputed after preemption: counted in `_start_copy`
+            self.load.take_back(a["ids"][~keep])
         if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)
-        self._count_load(rows.topk_ids)
         # One part per sink (job store): group rows by their request's sink in one sort.
         sinks: dict[str, int] = {}
         sink_of_req = np.zeros(len(states), dtype=np.int64)
@@ -431,14 +443,6 @@ class StepCollector:
         self.stats["prefix_rows_reused"] += length
         req_of_row = np.full(length, r)
         return self._build_rows(a, states, req_of_row, a["positions"], np.ones(length, bool))
-
-    def _count_load(self, topk_ids: np.ndarray) -> None:
-        num_layers, num_experts = self.expert_load.shape
-        # topk_ids is (rows, layers, k): one bincount over (layer, expert) cells
-        flat = topk_ids.astype(np.int64) + (np.arange(num_layers) * num_experts)[:, None]
-        self.expert_load += np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(
-            num_layers, num_experts
-        )
 
     def _build_rows(
         self,

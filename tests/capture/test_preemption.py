@@ -1,6 +1,8 @@
-"""Preemption and recompute add no duplicate: each position is recorded once.
+"""Preemption and recompute add no duplicate: each position is recorded once, and the
+expert load counts it once (rows counted on the device, recomputed ones taken back).
 
-Proof against: transformers on the same weights (`TransformersReference`).
+Proof against: transformers on the same weights (`TransformersReference`); the expert
+load against a count of those proven rows.
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ def test_preemption_recompute_adds_no_duplicates(tight_engine, specimen):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(1, vocab, size=40).tolist() for _ in range(6)]
     result = tight_engine.generate(prompts, max_tokens=60, temperature=0.0, ignore_eos=True)
-    assert tight_engine.stats()["preempted"] > 0, "the test needs preemption to happen"
+    stats = tight_engine.stats()
+    assert stats["preempted"] > 0, "the test needs preemption to happen"
+    assert stats["recomputed_rows_dropped"] > 0, "and recomputed rows to drop"
     for seq in result.sequences:
         np.testing.assert_array_equal(seq.rows.positions, np.arange(40 + 60 - 1))
         want = reference.route(seq.token_ids[:-1])
         np.testing.assert_array_equal(seq.rows.topk_ids, want.ids)
         np.testing.assert_allclose(seq.rows.router_logits, want.logits, atol=1e-4)
+    layers, experts = np.asarray(stats["expert_load"]).shape
+    counted = np.zeros((layers, experts), dtype=np.int64)
+    for seq in result.sequences:
+        for layer in range(layers):
+            counted[layer] += np.bincount(seq.rows.topk_ids[:, layer].ravel(), minlength=experts)
+    np.testing.assert_array_equal(stats["expert_load"], counted)
