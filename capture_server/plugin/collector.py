@@ -330,7 +330,7 @@ class StepCollector:
         ids = device_arrays["ids"]  # the load counts captured rows; those dropped later
         if every_row and not captured.all():  # are taken back (`_complete_pending`)
             mine = np.flatnonzero(captured[req_of_row])
-            ids = ids.index_select(0, torch.from_numpy(mine).to(ids.device))
+            ids = ids.index_select(0, torch.from_numpy(mine).to(ids.device, non_blocking=True))
         self.load.add(ids)
         if every_row:
             assert self.slot_rows is not None
@@ -355,6 +355,7 @@ class StepCollector:
         if step is None:
             return
         a = step.copy.wait()
+        self._normalise(a)
         states: list[_RequestState | None] = step.rows["states"]
         req_of_row: np.ndarray = step.rows["req_of_row"]
         if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
@@ -444,6 +445,15 @@ class StepCollector:
         req_of_row = np.full(length, r)
         return self._build_rows(a, states, req_of_row, a["positions"], np.ones(length, bool))
 
+    def _normalise(self, a: dict[str, np.ndarray]) -> None:
+        """Put a step's host copies (its own arrays, rows on axis 0) in stored form, in
+        place and once: the runner's output scaling folded into the weights, each row's
+        top-k in the stored order. Rows kept by KV slot are kept in this form, so rows
+        recalled from the prefix cache need nothing more."""
+        if self.weight_scale != 1.0:
+            a["weights"] *= np.float32(self.weight_scale)
+        in_stored_order(a["ids"], a["weights"])
+
     def _build_rows(
         self,
         a: dict[str, np.ndarray],
@@ -452,15 +462,10 @@ class StepCollector:
         positions: np.ndarray,
         keep: np.ndarray,
     ) -> RoutingRows:
-        # the host copies are this step's own arrays (rows on axis 0): taken as they are
-        # when every row is kept, and edited in place
-        every = bool(keep.all())
-        a = a if every else {k: v[keep] for k, v in a.items()}
+        """The `keep` rows of host arrays in stored form (`_normalise`), as views when
+        every row is kept."""
+        a = a if keep.all() else {k: v[keep] for k, v in a.items()}
         req, positions = req_of_row[keep], positions[keep]
-        weights = a["weights"]
-        if self.weight_scale != 1.0:
-            weights *= np.float32(self.weight_scale)
-        ids, weights = in_stored_order(a["ids"], weights)
         keys = np.array([None if s is None else s.key for s in states], dtype=object)
         samples = np.array([0 if s is None else s.sample_index for s in states], dtype=np.int32)
         prompt_len = np.array([0 if s is None else s.prompt_len for s in states])
@@ -470,8 +475,8 @@ class StepCollector:
             positions=positions,
             token_ids=a["token_ids"].astype(np.int64),
             is_prompt=positions < prompt_len[req],
-            topk_ids=ids,
-            topk_weights=weights,
+            topk_ids=a["ids"],
+            topk_weights=a["weights"],
             router_logits=a.get("logits"),
             hidden_states={int(k[6:]): v for k, v in a.items() if k.startswith("hidden")},
         )

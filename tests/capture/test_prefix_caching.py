@@ -33,9 +33,19 @@ def cached_engine(specimen):
     engine.close()
 
 
-def test_prefix_cached_positions_get_the_rows_of_their_first_forward(cached_engine):
+@pytest.mark.parametrize("background", [False, True], ids=["kept inline", "kept in background"])
+def test_prefix_cached_positions_get_the_rows_of_their_first_forward(
+    cached_engine, background, monkeypatch
+):
+    """Steps of this tiny model are kept inline (`prefix_rows.BACKGROUND_BYTES`); a real
+    model's large steps on the slot-keeping thread, forced here for every step."""
+    from capture_server.plugin import prefix_rows
+
+    if background:  # the engine runs in this process (tests/conftest.py)
+        monkeypatch.setattr(prefix_rows, "BACKGROUND_BYTES", 0)
     vocab = len(cached_engine.tokenizer)
-    prompt = np.random.default_rng(3).integers(1, vocab, size=PROMPT_LEN).tolist()
+    seed = 3 + background  # a prompt of its own: its first forward is this test's
+    prompt = np.random.default_rng(seed).integers(1, vocab, size=PROMPT_LEN).tolist()
     reused = cached_engine.stats()["prefix_rows_reused"]
     first = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
     second = cached_engine.generate([prompt], max_tokens=4, temperature=0.0).sequences[0]
