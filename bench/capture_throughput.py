@@ -197,6 +197,14 @@ def main() -> None:
     parser.add_argument(
         "--compiled", action="store_true", help="Compiled engines (enforce_eager=False)."
     )
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="Torch threads of each engine (OMP_NUM_THREADS; default: vLLM's, every core). "
+        "1 leaves a core to the store's writer, as a GPU node's engine does: there the "
+        "GPU computes and the host's cores are free.",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -214,6 +222,8 @@ def main() -> None:
         VLLM_CPU_OMP_THREADS_BIND="nobind",
         TOKENIZERS_PARALLELISM="false",
     )
+    if args.engine_threads:
+        env["OMP_NUM_THREADS"] = str(args.engine_threads)
     wanted = {w.strip() for w in args.modes.split("|") if w.strip()}
     unknown = wanted - set(MODES)
     if unknown:
