@@ -287,11 +287,21 @@ def main() -> None:
         help="Only the server's modes, one server per round, each call paired with the "
         "one-job call of its repeat (many small jobs against one job of the same prompts).",
     )
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="Torch threads of every engine, servers' included (OMP_NUM_THREADS; default: "
+        "vLLM's, every core). 1 leaves a core to the API process and the store's writer, "
+        "as a GPU node's engine does.",
+    )
     parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-async", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child-plain", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     globals()["REPEATS"] = args.repeats  # read by every mode, in this process and children
+    if args.engine_threads:  # children and servers inherit it
+        os.environ["OMP_NUM_THREADS"] = str(args.engine_threads)
     env = dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE="1",
