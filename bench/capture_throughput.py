@@ -6,6 +6,10 @@ Each mode runs in its own process (one engine per process), modes interleaved ov
 
     .venv/bin/python bench/capture_throughput.py [--rounds 3] [--out docs/bench-capture.json]
 
+`--paired CALLS` keeps every mode's engine alive at once and takes one call of each in
+turn, CALLS times; each call's ratio is against plain vLLM's call of the same turn (a
+store's commit is inside its call), so this machine's drift over minutes cancels out.
+
 `--compiled` runs every engine as users run it by default (`enforce_eager=False`: the
 model compiled, and on a GPU its decode steps replayed as CUDA graphs); each engine
 then spends about two minutes compiling here before its timed calls.
@@ -71,8 +75,9 @@ MODES = {
 }
 
 
-def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
-    """Build one engine, warm up, time `REPEATS` generate calls; return tokens/s and stats."""
+def prepare_mode(model: str, mode: str, compiled: bool = False):
+    """Build one engine for `mode`; returns (one call, the capture's stats, a wait until
+    stores closed in the background have committed)."""
     import numpy as np
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -96,6 +101,9 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
 
         def stats() -> dict[str, float]:
             return {}
+
+        def wait_committed() -> None:
+            pass
     else:
         from capture_server.capture.api import CaptureEngine
 
@@ -159,9 +167,15 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
                 time.sleep(0.005)
 
         stats = engine.stats
+    return generate, stats, wait_committed
+
+
+def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
+    """Build one engine, warm up, time `REPEATS` generate calls; return tokens/s and stats."""
+    config = MODES[mode]
+    generate, stats, wait_committed = prepare_mode(model, mode, compiled)
     generate()  # warm-up
-    if config and config.get("store") == "background":
-        wait_committed()
+    wait_committed()
     warm = stats().get("host_seconds", 0.0)
     warm_interventions = stats().get("intervention_seconds", 0.0)
     times = []
@@ -185,6 +199,94 @@ def run_mode(model: str, mode: str, compiled: bool = False) -> dict[str, float]:
     }
 
 
+PAIRED_MARK = "moetrace-paired "  # the child's result lines, among vLLM's log lines
+PAIRED_PAUSE = 0.5
+"""Seconds between calls: an engine's OpenMP threads keep spinning for a while after its
+call ends (the default wait policy), taking cores from the next engine's call."""
+
+
+def serve_mode(model: str, mode: str, compiled: bool) -> None:
+    """Paired child: build and warm the engine, then time one call per ``run`` line on
+    stdin (a store's commit included), answering on stdout."""
+    generate, stats, wait_committed = prepare_mode(model, mode, compiled)
+    generate()
+    wait_committed()
+    print(PAIRED_MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            return
+        host = stats().get("host_seconds", 0.0)
+        start = time.perf_counter()
+        generate()
+        wait_committed()
+        seconds = time.perf_counter() - start
+        host = stats().get("host_seconds", 0.0) - host
+        print(PAIRED_MARK + json.dumps({"seconds": seconds, "host": host}), flush=True)
+
+
+def _answer(child: subprocess.Popen) -> dict:
+    for line in child.stdout:
+        if line.startswith(PAIRED_MARK):
+            return json.loads(line[len(PAIRED_MARK) :])
+    raise RuntimeError(f"a paired child ended early (exit {child.wait()})")
+
+
+def run_paired(model: str, modes: list[str], calls: int, env: dict, compiled: bool) -> dict:
+    """Every mode's engine alive at once, one call each in turn (the order rotating),
+    `calls` times: each call is paired with plain vLLM's call of the same turn, so the
+    machine's drift (minutes here) cancels out of the ratios."""
+    children = {}
+    for mode in modes:
+        child_env = dict(env, VLLM_PLUGINS="none") if MODES[mode] is None else env
+        flags = ["--compiled"] if compiled else []
+        children[mode] = subprocess.Popen(
+            [sys.executable, __file__, "--serve", model, mode, *flags],
+            env=child_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+    try:
+        for child in children.values():
+            _answer(child)  # built and warm
+        turns: dict[str, list[dict]] = {m: [] for m in modes}
+        for turn in range(calls):
+            shift = turn % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                time.sleep(PAIRED_PAUSE)
+                children[mode].stdin.write("run\n")
+                children[mode].stdin.flush()
+                turns[mode].append(_answer(children[mode]))
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait(timeout=120)
+    plain = [t["seconds"] for t in turns["plain vLLM"]]
+    summary = {}
+    for mode, results in turns.items():
+        ratios = sorted(p / r["seconds"] for p, r in zip(plain, results, strict=True))
+        summary[mode] = {
+            "tokens_per_s": round(
+                NUM_SEQS * NEW_TOKENS / statistics.median(r["seconds"] for r in results), 1
+            ),
+            "paired_ratio_median": round(statistics.median(ratios), 3),
+            "paired_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
+            "capture_host_share": round(
+                sum(r["host"] for r in results) / sum(r["seconds"] for r in results), 3
+            ),
+            "each_call_seconds": [round(r["seconds"], 4) for r in results],
+        }
+        print(
+            f"{mode:52s} {summary[mode]['tokens_per_s']:9.1f} tok/s  paired ratio "
+            f"{summary[mode]['paired_ratio_median']:5.3f} "
+            f"(quartiles {summary[mode]['paired_ratio_quartiles'][0]:.3f}-"
+            f"{summary[mode]['paired_ratio_quartiles'][2]:.3f})  capture host time "
+            f"{100 * summary[mode]['capture_host_share']:4.1f}%"
+        )
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds over all modes.")
@@ -205,11 +307,23 @@ def main() -> None:
         "1 leaves a core to the store's writer, as a GPU node's engine does: there the "
         "GPU computes and the host's cores are free.",
     )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="Instead of rounds: every mode's engine alive at once, CALLS calls each, "
+        "taken in turn; ratios are per turn against plain vLLM's call (`run_paired`).",
+    )
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         print(json.dumps(run_mode(*args.child, compiled=args.compiled)))
+        return
+    if args.serve:
+        serve_mode(*args.serve, compiled=args.compiled)
         return
 
     from capture_server.specimens import build_specimen
@@ -229,6 +343,14 @@ def main() -> None:
     if unknown:
         parser.error(f"--modes: unknown {sorted(unknown)}; expected some of {list(MODES)}")
     modes = [m for m in MODES if m == "plain vLLM" or not wanted or m in wanted]
+    if args.paired == 1:
+        parser.error("--paired: at least 2 calls (the ratios' quartiles)")
+    if args.paired:
+        summary = run_paired(model, modes, args.paired, env, args.compiled)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"paired_calls": args.paired, "modes": summary}, f, indent=2)
+        return
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for r in range(args.rounds):
         for mode in modes:

@@ -13,21 +13,13 @@ longer pays, the second what the CPU pays now. Both counts are checked equal.
 
 from __future__ import annotations
 
-import argparse
-import json
 import timeit
 
 import numpy as np
 import torch
+from step_shapes import MODEL_SHAPES, STEP_ROWS, out_path, write_results
 
 from capture_server.plugin.expert_load import ExpertLoad
-
-SHAPES = {  # MoE layers, routed experts, top-k (from each model's config.json)
-    "OLMoE-1B-7B": (16, 64, 8),
-    "Qwen3-30B-A3B": (48, 128, 8),
-    "DeepSeek-V3": (58, 256, 8),
-}
-ROWS = (256, 8192)
 
 
 def seconds(fn, *args) -> float:
@@ -43,13 +35,11 @@ def host_count(ids: np.ndarray, load: np.ndarray) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    args = parser.parse_args()
+    out = out_path(__doc__.splitlines()[0])
     torch.set_num_threads(1)  # the engine thread's share; numpy's bincount is one thread
     results = []
-    for name, (layers, experts, k) in SHAPES.items():
-        for rows in ROWS:
+    for name, (layers, experts, k) in MODEL_SHAPES.items():
+        for rows in STEP_ROWS:
             ids = torch.randint(0, experts, (rows, layers, k), dtype=torch.int32)
             before = np.zeros((layers, experts), dtype=np.int64)
             load = ExpertLoad(layers, experts, torch.device("cpu"))
@@ -67,9 +57,7 @@ def main() -> None:
                 f"{name:14s} {rows:5d} rows  host bincount {row['host_bincount_ms']:7.2f} ms"
                 f"  scatter-add on CPU {row['scatter_add_cpu_ms']:7.2f} ms"
             )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(out, results)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,14 @@ over a warm table, as vLLM's free-block queue spreads them.
 
 from __future__ import annotations
 
-import argparse
-import json
 import threading
 import time
 
 import numpy as np
+from step_shapes import MODEL_SHAPES, STEP_ROWS, out_path, write_results
 
 from capture_server.plugin.prefix_rows import BACKGROUND_BYTES, SlotLayout, SlotRows
 
-SHAPES = {  # MoE layers, routed experts, top-k (from each model's config.json)
-    "OLMoE-1B-7B": (16, 64, 8),
-    "Qwen3-30B-A3B": (48, 128, 8),
-    "DeepSeek-V3": (58, 256, 8),
-}
-ROWS = (256, 8192)
 SLOTS = 32768
 REPEATS = 10
 
@@ -60,13 +53,11 @@ def keep_all(table: SlotRows, slots: list[np.ndarray], a: dict[str, np.ndarray])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    args = parser.parse_args()
+    out = out_path(__doc__.splitlines()[0])
     results = []
-    for name, (layers, experts, k) in SHAPES.items():
+    for name, (layers, experts, k) in MODEL_SHAPES.items():
         table = SlotRows(SlotLayout(layers, k, experts, True, {}), SLOTS, 0, 16)
-        for rows in ROWS:
+        for rows in STEP_ROWS:
             a = step_rows(layers, experts, k, rows)
             step_bytes = sum(v.nbytes for v in a.values())
             slots = [np.random.default_rng(s).permutation(SLOTS)[:rows] for s in range(REPEATS)]
@@ -105,9 +96,7 @@ def main() -> None:
                 f"{row['engine_thread_now_ms']:6.3f} ms"
                 f"{' (background)' if row['background'] else ' (inline)'}"
             )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(out, results)
 
 
 if __name__ == "__main__":

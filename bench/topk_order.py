@@ -17,21 +17,13 @@ kernel), so the sorting path runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import timeit
 
 import numpy as np
 import torch
+from step_shapes import MODEL_SHAPES, STEP_ROWS, out_path, write_results
 
 from capture_server.plugin.topk_order import in_stored_order
-
-SHAPES = {  # MoE layers, routed experts, top-k (from each model's config.json)
-    "OLMoE-1B-7B": (16, 64, 8),
-    "Qwen3-30B-A3B": (48, 128, 8),
-    "DeepSeek-V3": (58, 256, 8),
-}
-ROWS = (256, 8192)
 
 
 def capture_buffers(layers: int, experts: int, k: int, rows: int, reversed_every: int = 64):
@@ -69,12 +61,10 @@ def seconds(fn, *args) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
-    args = parser.parse_args()
+    out = out_path(__doc__.splitlines()[0])
     results = []
-    for name, (layers, experts, k) in SHAPES.items():
-        for rows in ROWS:
+    for name, (layers, experts, k) in MODEL_SHAPES.items():
+        for rows in STEP_ROWS:
             buffers = capture_buffers(layers, experts, k, rows)
             in_order = capture_buffers(layers, experts, k, rows, reversed_every=0)
             old, new = full_sort(*buffers), checked(*buffers)
@@ -93,9 +83,7 @@ def main() -> None:
                 f"checked {row['checked_ms']:7.2f} ms  {row['speedup']:5.1f}x  "
                 f"(all in order: {row['checked_all_in_order_ms']:.2f} ms)"
             )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(out, results)
 
 
 if __name__ == "__main__":

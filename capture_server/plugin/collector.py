@@ -119,7 +119,7 @@ class StepCollector:
         self._early_texts: dict[str, list[Annotation]] = {}  # for sinks not open yet
         self.sink_errors: dict[str, str] = {}
         device = buffers.ids.device if buffers is not None else torch.device("cpu")
-        self.load = ExpertLoad(len(meta.moe_layers), meta.num_experts, device)
+        self._load = ExpertLoad(len(meta.moe_layers), meta.num_experts, device)
         self.stats: dict[str, float] = {
             "steps": 0,
             "rows": 0,
@@ -274,7 +274,7 @@ class StepCollector:
     @property
     def expert_load(self) -> np.ndarray:
         """Top-k selections per (MoE layer, expert) over every captured token."""
-        return self.load.total()
+        return self._load.total()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -331,7 +331,7 @@ class StepCollector:
         if every_row and not captured.all():  # are taken back (`_complete_pending`)
             mine = np.flatnonzero(captured[req_of_row])
             ids = ids.index_select(0, torch.from_numpy(mine).to(ids.device, non_blocking=True))
-        self.load.add(ids)
+        self._load.add(ids)
         if every_row:
             assert self.slot_rows is not None
             table = batch.block_table.block_tables[self.slot_rows.group]
@@ -401,7 +401,7 @@ class StepCollector:
             part = _as_requested(prefix, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
         if not keep.all():  # rows recomputed after preemption: counted in `_start_copy`
-            self.load.take_back(a["ids"][~keep])
+            self._load.take_back(a["ids"][~keep])
         if not kept_per_req.any():
             return
         rows = self._build_rows(a, states, req_of_row, positions, keep)

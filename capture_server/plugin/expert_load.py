@@ -5,7 +5,8 @@ GPU that is a kernel on the compute stream: no host work and no sync (`torch.bin
 would sync, to size its output). Counted on the host instead, it cost the engine thread
 0.2-0.3 ms a step at 256 decode rows and 10-16 ms at an 8192-row prefill of Qwen3-30B-A3B
 or DeepSeek-V3 shapes, as much again as gathering and ordering the rows. On the CPU the
-scatter-add costs what numpy's bincount of the host copy did (`bench/expert_load.py`).
+scatter-add is the same work as numpy's bincount of the host copy (`bench/expert_load.py`:
+equal at 256 rows, 0.7-2.3x at 8192 across runs, beside CPU steps of seconds there).
 
 Rows the collector drops after the copy (recomputed after preemption) were counted
 already; their counts are taken back on the host, which is rare and small.

@@ -1,6 +1,6 @@
-"""Kill -9 trials: a server killed 20 times during unseeded sampled jobs (n > 1), at
-each moment in turn: before any commit, just after the first, mid-job (seeded), after
-the end, and each time again in the resume that follows.
+"""Kill -9 trials: a server killed 20 times (more if a resume must be remade) during
+unseeded sampled jobs (n > 1), at each moment in turn: before any commit, just after the
+first, mid-job (seeded), after the end, and each time again in the resume that follows.
 
 After every trial the jobs finish, and every sequence of every job has its routing
 exactly once, its texts, and texts of the generation whose routing is stored: the
