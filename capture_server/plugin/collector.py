@@ -313,8 +313,8 @@ class StepCollector:
             return None
         qsl = runner.query_start_loc.np[: num_reqs + 1].copy()
         req_of_row = np.repeat(np.arange(num_reqs), np.diff(qsl))[:num_tokens]
-        captured = np.array([s is not None for s in states])
-        rows = np.arange(num_tokens) if every_row else np.flatnonzero(captured[req_of_row])
+        captured = np.array([s is not None for s in states])[req_of_row]  # by row
+        rows = np.arange(num_tokens) if every_row else np.flatnonzero(captured)
 
         index = torch.from_numpy(rows).to(self.buffers.ids.device, non_blocking=True)
         want_logits = self.buffers.logits is not None and (
@@ -329,8 +329,8 @@ class StepCollector:
         }
         ids = device_arrays["ids"]  # the load counts captured rows; those dropped later
         if every_row and not captured.all():  # are taken back (`_complete_pending`)
-            mine = np.flatnonzero(captured[req_of_row])
-            ids = ids.index_select(0, torch.from_numpy(mine).to(ids.device, non_blocking=True))
+            mine = torch.from_numpy(np.flatnonzero(captured)).to(ids.device, non_blocking=True)
+            ids = ids.index_select(0, mine)
         self._load.add(ids)
         if every_row:
             assert self.slot_rows is not None
@@ -361,7 +361,7 @@ class StepCollector:
         if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
             assert self.slot_rows is not None
             self.slot_rows.remember(a.pop("slots"), a)
-            captured = step.rows["captured"][req_of_row]
+            captured = step.rows["captured"]  # every row was copied: the mask is by row
             if not captured.all():
                 a = {k: v[captured] for k, v in a.items()}  # every array has rows on axis 0
                 req_of_row = req_of_row[captured]
