@@ -33,7 +33,7 @@ from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from capture_server.store import _raw
-from capture_server.store._raw import fsync_dir, put_file
+from capture_server.store._raw import fsync_dir, put_file, sync_file
 
 Encoder = Callable[[np.ndarray], bytes]
 Cast = Callable[[np.ndarray, np.ndarray], None]
@@ -156,9 +156,12 @@ class ChunkWriter:
     ) -> None:
         self.store = store
         self.durable = durable
-        """fdatasync each object before it counts as written, and the directories of
-        chunks once per `wait`/`settled` (commits then survive power loss, not only the
-        death of the process)."""
+        """Every object on disk before it counts as written: commits then survive power
+        loss, not only the death of the process. Chunk objects and tail segments are
+        fdatasynced at the barrier (`wait`, or `settled` once all are written), with their
+        directories, by the thread that reaches it; the encoder threads only start their
+        writeback. An fdatasync per object in the encoder threads held each thread for
+        the disk's time instead of encoding (docs/benchmarks.md, durable writes)."""
         self.threads = max(1, threads)
         self._local_root = _raw.local_root(store)
         self._pool: ThreadPoolExecutor | None = None
@@ -166,6 +169,7 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._made_dirs: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
+        self._unsynced_files: list[Path] = []
         self.encode_seconds = 0.0  # summed over threads: cast + encode
         self.io_seconds = 0.0  # summed over threads: writing and renaming
 
@@ -205,7 +209,7 @@ class ChunkWriter:
                 future.result()
         if self._pending:
             return False
-        self._sync_dirs()
+        self._barrier()
         return True
 
     def put(self, key: str, data: bytes) -> None:
@@ -224,13 +228,18 @@ class ChunkWriter:
                 failure = failure or exc
         if failure is not None:
             raise failure
-        self._sync_dirs()
+        self._barrier()
 
-    def _sync_dirs(self) -> None:
-        """Durable mode: the directories of objects written since the last barrier are
-        fsynced once here, before the caller commits (not once per object)."""
+    def _barrier(self) -> None:
+        """Durable mode: the objects written since the last barrier, then their
+        directories, are synced here, before the caller commits anything that names them.
+        Their writeback started when each was written, so the first fdatasync commits the
+        file system's journal for all of them and the rest wait only for their own data."""
         with self._lock:
+            files, self._unsynced_files = self._unsynced_files, []
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+        for path in files:
+            sync_file(path)
         for directory in dirs:
             fsync_dir(directory)
 
@@ -272,7 +281,11 @@ class ChunkWriter:
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        put_file(path, data, durable=self.durable, atomic=atomic, sync_dir=not chunk)
+        later = put_file(
+            path, data, durable=self.durable, atomic=atomic, sync_dir=not chunk, defer_sync=chunk
+        )
         if chunk and self.durable:
             with self._lock:
                 self._unsynced_dirs.add(path.parent)
+                if later:
+                    self._unsynced_files.append(path)
