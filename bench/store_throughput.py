@@ -123,7 +123,9 @@ def write_store(
         writer.open(_meta(shape))
         n = 0
         while n * SEQ_ROWS < rows:
-            writer.add_sequence(SequenceEnd(f"seq{n}", 0, 128, 0, SEQ_ROWS), pool[n % POOL])
+            # single-sample requests, as most capture is (n = 1)
+            end = SequenceEnd(f"seq{n}", 0, 128, 0, SEQ_ROWS, sole_sample=True)
+            writer.add_sequence(end, pool[n % POOL])
             if writer.staged_rows >= writer.chunk:
                 writer.flush(partial=False)
             n += 1

@@ -194,6 +194,10 @@ class SequenceEnd:
     """Free labels of the sequence (domain, question id, author model, seed, ...)."""
     intervention: str = ""
     """`Intervention.key` of the routing change the sequence ran with ("" for none)."""
+    sole_sample: bool = False
+    """No other sample of this sequence key will come (a request of n = 1 that stands for
+    no sample of a larger one): the writer does not hold its prompt rows for later
+    samples to share. Holding copies every prompt's rows, float32 logits included."""
     awaits_texts: bool = False
     """Commit the sequence only together with its texts (`RoutingSink.annotate`): the
     caller that knows them promised to send them (`CaptureOptions.texts`)."""

@@ -530,5 +530,6 @@ class StepCollector:
             labels=state.options.labels,
             intervention=Intervention.from_dict(state.options.intervention).key(),
             awaits_texts=state.options.texts,
+            sole_sample=state.options.n == 1 and state.options.sample < 0,
         )
         self._deliver(state.options, lambda sink: sink.end_sequence(end))

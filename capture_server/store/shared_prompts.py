@@ -53,13 +53,22 @@ class SharedPrompts:
         self._bytes = 0
 
     def match(
-        self, request_id: str, prompt_len: int, token_offset: int, columns: dict[str, np.ndarray]
+        self,
+        request_id: str,
+        prompt_len: int,
+        token_offset: int,
+        columns: dict[str, np.ndarray],
+        *,
+        hold: bool = True,
     ) -> tuple[int, int]:
         """(rows shared, the holder's first row) for a sequence about to be stored at
         `token_offset` with these `columns`; (0, -1) when it shares nothing, in which
-        case the first sequence of a request becomes its holder."""
-        prompt = int(np.count_nonzero(columns[protocol.POSITIONS] < prompt_len))
+        case the first sequence of a request becomes its holder (unless `hold` is false:
+        no other sample of it will come)."""
         held = self._held.get(request_id)
+        if held is None and not hold:
+            return 0, -1
+        prompt = int(np.count_nonzero(columns[protocol.POSITIONS] < prompt_len))
         if held is None:
             if prompt:
                 # copies: a view would keep the capture's whole step arrays alive

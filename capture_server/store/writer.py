@@ -328,7 +328,11 @@ class StoreWriter:
             columns = self._columns(rows)
             if self._shared is not None:
                 shared, shared_offset = self._shared.match(
-                    end.request_id, end.prompt_len, self._buf_end, columns
+                    end.request_id,
+                    end.prompt_len,
+                    self._buf_end,
+                    columns,
+                    hold=not end.sole_sample,
                 )
             for name, values in columns.items():
                 self._buf[name].append(values[shared:])

@@ -136,3 +136,30 @@ def test_n8_samples_store_their_cached_prompt_once(cached_engine, tmp_path):
         np.testing.assert_array_equal(got["hidden_states_1"], stored["hidden_states_1"])
         np.testing.assert_array_equal(got["topk_ids"], want.topk_ids)
         np.testing.assert_allclose(got["router_logits"], want.router_logits, atol=1e-4)
+
+
+def test_only_requests_with_more_samples_hold_their_prompt_rows(
+    cached_engine, tmp_path, monkeypatch
+):
+    """Holding a prompt's rows for its later samples copies them; a request of n = 1 has
+    no later sample (`SequenceEnd.sole_sample`), so its rows are not held, and it stores
+    everything itself. Regression check of the flag's path from the worker to the writer."""
+    from capture_server.store import shared_prompts
+
+    held: list[str] = []
+    real_hold = shared_prompts.SharedPrompts._hold
+
+    def spying_hold(self, request_id, offset, rows):
+        held.append(request_id)
+        real_hold(self, request_id, offset, rows)
+
+    monkeypatch.setattr(shared_prompts.SharedPrompts, "_hold", spying_hold)
+    vocab = len(cached_engine.tokenizer)
+    prompts = np.random.default_rng(9).integers(1, vocab, size=(2, 40)).tolist()
+    single = cached_engine.generate_to_store(prompts, str(tmp_path / "n1"), max_tokens=3)
+    assert held == [] and (single.index["shared_rows"] == 0).all()
+    several = cached_engine.generate_to_store(
+        prompts, str(tmp_path / "n2"), n=2, max_tokens=3, temperature=1.0, seed=1
+    )
+    assert len(held) == 2, "each prompt's first sample to end holds its rows"
+    assert min(sorted(several.index["shared_rows"].to_list())[2:]) > 0

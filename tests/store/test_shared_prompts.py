@@ -161,3 +161,13 @@ def committed_keys_read_whole(path) -> set:
     assert len(keys) == len(set(keys)), "a sequence is committed twice"
     assert_reads_as_written(store)
     return set(keys)
+
+
+def test_a_sole_sample_is_not_held():
+    """`hold=False` (a request of n = 1): no copy is kept, and nothing can match it."""
+    columns = {"positions": np.arange(10), "topk_ids": np.zeros((10, 8), np.int32)}
+    held = SharedPrompts()
+    assert held.match("r0", 10, 0, columns, hold=False) == (0, -1)
+    assert held._bytes == 0
+    assert held.match("r0", 10, 10, columns) == (0, -1)  # becomes the holder now
+    assert held.match("r0", 10, 20, columns) == (10, 10)
