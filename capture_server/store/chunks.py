@@ -19,6 +19,7 @@ through zarr.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -35,7 +36,9 @@ from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 from capture_server.store import _raw
 from capture_server.store._raw import fsync_dir, put_file, sync_file
 
-Encoder = Callable[[np.ndarray], bytes]
+Encoder = Callable[[np.ndarray], bytes | memoryview]
+"""A chunk's stored bytes; a memoryview may share the chunk's memory (codec "none"), so
+it is written before the chunk's buffer is used again."""
 Cast = Callable[[np.ndarray, np.ndarray], None]
 """`cast(dst, src)`: src's values into dst (same shape), converted to dst's dtype."""
 
@@ -116,9 +119,23 @@ def encoder_for(array: zarr.Array) -> Encoder | None:
         data: bytes | memoryview = memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B")
         for step in steps:
             data = step.encode(data)
-        return bytes(data) if isinstance(data, memoryview) else data
+        return data
 
     return encode
+
+
+_scratch = threading.local()
+
+
+def scratch_chunk(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array of `shape` in this thread's own buffer, reused chunk after
+    chunk (the previous one's contents are gone). A new array per chunk was new memory
+    each time, pages the kernel had to map and zero before the cast could fill them."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _scratch.buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -259,7 +276,7 @@ class ChunkWriter:
         atomic: bool,
     ) -> None:
         t0 = time.perf_counter()
-        chunk = np.empty(shape, dtype=dtype)
+        chunk = scratch_chunk(shape, dtype)
         filled = 0
         for piece in pieces:
             cast_into(chunk[filled : filled + len(piece)], piece)
@@ -273,9 +290,11 @@ class ChunkWriter:
             self.encode_seconds += t1 - t0
             self.io_seconds += t2 - t1
 
-    def _put(self, key: str, data: bytes, *, atomic: bool = True, chunk: bool = False) -> None:
+    def _put(
+        self, key: str, data: bytes | memoryview, *, atomic: bool = True, chunk: bool = False
+    ) -> None:
         if self._local_root is None:  # object stores replace objects whole anyway
-            _raw.set_bytes(self.store, key, data)
+            _raw.set_bytes(self.store, key, bytes(data))
             return
         path = self._local_root / key
         if path.parent not in self._made_dirs:
