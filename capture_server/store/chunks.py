@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -211,8 +212,11 @@ class ChunkWriter:
         if previous is not None:
             previous.result()
         while len(self._pending) >= self.threads * MAX_IN_FLIGHT_PER_THREAD:
-            oldest = next(iter(self._pending))
-            self._pending.pop(oldest).result()
+            # any finished one makes room: waiting for the oldest left threads idle
+            # behind one large chunk while the small ones queued after it were done
+            done, _ = futures.wait(self._pending.values(), return_when=futures.FIRST_COMPLETED)
+            for finished in [k for k, f in self._pending.items() if f in done]:
+                self._pending.pop(finished).result()
         self._pending[key] = self._pool.submit(
             self._run, key, list(pieces), shape, dtype, encode, atomic
         )
