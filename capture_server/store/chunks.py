@@ -131,7 +131,8 @@ _scratch = threading.local()
 def scratch_chunk(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array of `shape` in this thread's own buffer, reused chunk after
     chunk (the previous one's contents are gone). A new array per chunk was new memory
-    each time, pages the kernel had to map and zero before the cast could fill them."""
+    each time, pages the kernel had to map and zero before the cast could fill them. The
+    buffer, as large as the largest chunk, lives as long as the (shared, lasting) thread."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.nbytes < nbytes:
@@ -254,8 +255,7 @@ class ChunkWriter:
     def _barrier(self) -> None:
         """Durable mode: the objects written since the last barrier, then their
         directories, are synced here, before the caller commits anything that names them.
-        Their writeback started when each was written, so the first fdatasync commits the
-        file system's journal for all of them and the rest wait only for their own data."""
+        Their writeback started when each was written, so most of it is done by now."""
         with self._lock:
             files, self._unsynced_files = self._unsynced_files, []
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
