@@ -55,18 +55,17 @@ def put_file(
     *,
     durable: bool = False,
     atomic: bool = True,
-    sync_dir: bool = True,
     defer_sync: bool = False,
 ) -> bool:
     """Write `path`; `atomic`: through a temporary file beside it, renamed over it (readers
     see the old object or the new one, never part of one; the naming is zarr's).
-    `durable`: the data is fdatasynced, and with `sync_dir` its directory entry too.
+    `durable`: the data is fdatasynced, and its directory entry too.
 
-    `defer_sync` (with `durable`): the data's writeback is only started here, and the
-    caller fdatasyncs the file later (`sync_file`) at its barrier, before anything names
-    it, so the writing thread does not wait for the disk. An object replacing an existing
-    one is synced now anyway, before the rename: otherwise a power cut could leave the old
-    name on a new, empty file. Returns True when the file still needs that later sync."""
+    `defer_sync` (with `durable`): the caller syncs at its barrier, before anything names
+    the file: the directory always, and the data (`sync_file`) when this returns True.
+    The data's writeback is only started here, so the writing thread does not wait for
+    the disk. An object replacing an existing one has its data synced now anyway, before
+    the rename: otherwise a power cut could leave the old name on a new, empty file."""
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial") if atomic else path
     defer = durable and defer_sync and not (atomic and path.exists())
     try:
@@ -84,7 +83,7 @@ def put_file(
         if atomic:
             tmp.unlink(missing_ok=True)
         raise
-    if durable and sync_dir and not defer:
+    if durable and not defer_sync:
         fsync_dir(path.parent)
     return defer
 

@@ -215,9 +215,8 @@ class ChunkWriter:
         while len(self._pending) >= self.threads * MAX_IN_FLIGHT_PER_THREAD:
             # any finished one makes room: waiting for the oldest left threads idle
             # behind one large chunk while the small ones queued after it were done
-            done, _ = futures.wait(self._pending.values(), return_when=futures.FIRST_COMPLETED)
-            for finished in [k for k, f in self._pending.items() if f in done]:
-                self._pending.pop(finished).result()
+            futures.wait(self._pending.values(), return_when=futures.FIRST_COMPLETED)
+            self._reap()
         self._pending[key] = self._pool.submit(
             self._run, key, list(pieces), shape, dtype, encode, atomic
         )
@@ -225,14 +224,16 @@ class ChunkWriter:
     def settled(self) -> bool:
         """True when every submitted chunk is written (without waiting); raises the
         first failure among those that finished."""
-        for key, future in list(self._pending.items()):
-            if future.done():
-                del self._pending[key]
-                future.result()
+        self._reap()
         if self._pending:
             return False
         self._barrier()
         return True
+
+    def _reap(self) -> None:
+        """Forget the submitted objects already written; raises the first failure."""
+        for key in [k for k, future in self._pending.items() if future.done()]:
+            self._pending.pop(key).result()
 
     def put(self, key: str, data: bytes) -> None:
         """Write one object now, on the calling thread, the way chunks are written."""
@@ -304,9 +305,7 @@ class ChunkWriter:
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
-        later = put_file(
-            path, data, durable=self.durable, atomic=atomic, sync_dir=not chunk, defer_sync=chunk
-        )
+        later = put_file(path, data, durable=self.durable, atomic=atomic, defer_sync=chunk)
         if chunk and self.durable:
             with self._lock:
                 self._unsynced_dirs.add(path.parent)

@@ -77,8 +77,8 @@ def test_an_object_replacing_another_is_synced_before_the_rename(tmp_path, synce
     old name could point at the new file before its data was written."""
     path = tmp_path / "c" / "0"
     path.parent.mkdir()
-    assert _raw.put_file(path, b"first", durable=True, sync_dir=False, defer_sync=True)
+    assert _raw.put_file(path, b"first", durable=True, defer_sync=True)
     assert path.stat().st_ino not in synced  # a new key: synced later, at the barrier
-    later = _raw.put_file(path, b"second", durable=True, sync_dir=False, defer_sync=True)
+    later = _raw.put_file(path, b"second", durable=True, defer_sync=True)
     assert not later and path.stat().st_ino in synced
     assert path.read_bytes() == b"second"
