@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from capture_server.capture.records import ModelMeta, RoutingRows, SequenceEnd
 from capture_server.capture.registry import forget_sink, open_sink
 from capture_server.capture.sink import RoutingSink
 from capture_server.errors import CaptureError, MoetraceError
+from capture_server.plugin.batch_state import BatchView, RequestProgress
 from capture_server.plugin.buffers import CaptureBuffers
 from capture_server.plugin.expert_load import ExpertLoad
 from capture_server.plugin.host_copy import HostCopy, PendingCopy
@@ -51,9 +52,7 @@ class _RequestState:
     key: str
     sample_index: int
     prompt_len: int
-    next_position: int = -1  # positions below this were captured already (recompute dedup)
-    first_position: int = -1
-    num_rows: int = 0
+    slot: int  # its columns in `RequestProgress`
     prefix_blocks: list[int] | None = None  # KV blocks at its first step (prefix caching)
     prompt_token_ids: list[int] | None = None
 
@@ -62,9 +61,10 @@ class _RequestState:
 class _PendingStep:
     """A step whose host copy is in flight."""
 
-    rows: dict[str, Any]
+    batch: BatchView
+    req_of_row: np.ndarray  # batch position of each copied row
+    captured: np.ndarray  # by row of the step: its request is captured
     copy: PendingCopy
-    finished: list[str] = field(default_factory=list)
 
 
 def _sequence_key(worker_req_id: str, options: CaptureOptions) -> tuple[str, int]:
@@ -109,6 +109,8 @@ class StepCollector:
         self.meta = meta
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
         self._requests: dict[str, _RequestState | None] = {}
+        self._progress = RequestProgress()
+        self._batch: BatchView | None = None  # the last step's, while its requests run
         self.slot_rows: SlotRows | None = None  # with prefix caching (`attach_kv_cache`)
         self._pending: _PendingStep | None = None
         self._host_copy = HostCopy(buffers.ids.device) if buffers is not None else None
@@ -290,36 +292,46 @@ class StepCollector:
                     refuse_interventions(options)
                 key, sample = _sequence_key(req_id, options)
                 engine_prompt = int(cached.num_prompt_tokens)
-                self._requests[req_id] = _RequestState(
+                state = _RequestState(
                     options=options,
                     key=key,
                     sample_index=sample,
                     prompt_len=options.prompt_len if options.prompt_len >= 0 else engine_prompt,
+                    slot=self._progress.open(),
                 )
                 if self.slot_rows is not None:  # its cached blocks, if any, are the first
-                    state = self._requests[req_id]
                     state.prefix_blocks = list(cached.block_ids[self.slot_rows.group])
                     state.prompt_token_ids = cached.prompt_token_ids
+                self._requests[req_id] = state
         return self._requests[req_id]
 
-    def _start_copy(self, runner: Any, num_tokens: int) -> _PendingStep | None:
+    def _batch_view(self, runner: Any) -> BatchView:
+        """The running batch's requests as arrays; the last step's while the batch holds
+        the same requests in the same order (every decode step between arrivals and
+        departures)."""
         batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        states = [self._state(runner, r) for r in batch.req_ids[:num_reqs]]
+        req_ids = batch.req_ids[: batch.num_reqs]
+        if self._batch is not None and self._batch.req_ids == req_ids:
+            return self._batch
+        states = [self._state(runner, r) for r in req_ids]
+        self._batch = BatchView.of(req_ids, states)
+        return self._batch
+
+    def _start_copy(self, runner: Any, num_tokens: int) -> _PendingStep | None:
+        view = self._batch_view(runner)
         # with prefix caching every row is kept by slot: a later captured request may hit
         # KV blocks that an uncaptured one computed, and ask for logits or hidden states
         every_row = self.slot_rows is not None
-        if not every_row and all(s is None for s in states):
+        if not every_row and not view.captured.any():
             return None
-        qsl = runner.query_start_loc.np[: num_reqs + 1].copy()
-        req_of_row = np.repeat(np.arange(num_reqs), np.diff(qsl))[:num_tokens]
-        captured = np.array([s is not None for s in states])[req_of_row]  # by row
+        num_reqs = len(view.req_ids)
+        qsl = runner.query_start_loc.np[: num_reqs + 1]
+        req_of_row = np.repeat(np.arange(num_reqs), qsl[1:] - qsl[:-1])[:num_tokens]
+        captured = view.captured[req_of_row]  # by row
         rows = np.arange(num_tokens) if every_row else np.flatnonzero(captured)
 
         index = torch.from_numpy(rows).to(self.buffers.ids.device, non_blocking=True)
-        want_logits = self.buffers.logits is not None and (
-            every_row or any(s is not None and s.options.logits for s in states)
-        )
+        want_logits = self.buffers.logits is not None and (every_row or view.want_logits)
         device_arrays = {
             "positions": runner.positions.index_select(0, index),
             "token_ids": runner.input_ids.gpu.index_select(0, index),
@@ -334,19 +346,18 @@ class StepCollector:
         self._load.add(ids)
         if every_row:
             assert self.slot_rows is not None
-            table = batch.block_table.block_tables[self.slot_rows.group]
+            table = runner.input_batch.block_table.block_tables[self.slot_rows.group]
             device_arrays["slots"] = table.slot_mapping.gpu.index_select(0, index)
         if want_logits:
             assert self.buffers.logits is not None
             device_arrays["logits"] = self.buffers.logits.transpose(0, 1).index_select(0, index)
         for layer, buf in self.buffers.hidden.items():  # copied only when some request asks
-            model_layer = layer + self.moe_offset
-            if every_row or any(
-                s is not None and model_layer in s.options.hidden_layers for s in states
-            ):
+            if every_row or layer + self.moe_offset in view.hidden_layers:
                 device_arrays[f"hidden{layer}"] = buf.index_select(0, index)
         return _PendingStep(
-            rows={"req_of_row": req_of_row[rows], "states": states, "captured": captured},
+            batch=view,
+            req_of_row=req_of_row[rows],
+            captured=captured,
             copy=self._host_copy.start(device_arrays),
         )
 
@@ -356,82 +367,70 @@ class StepCollector:
             return
         a = step.copy.wait()
         self._normalise(a)
-        states: list[_RequestState | None] = step.rows["states"]
-        req_of_row: np.ndarray = step.rows["req_of_row"]
+        view, req_of_row = step.batch, step.req_of_row
         if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
             assert self.slot_rows is not None
             self.slot_rows.remember(a.pop("slots"), a)
-            captured = step.rows["captured"]  # every row was copied: the mask is by row
-            if not captured.all():
-                a = {k: v[captured] for k, v in a.items()}  # every array has rows on axis 0
-                req_of_row = req_of_row[captured]
-            if not len(req_of_row):
-                return
-        positions = a["positions"].astype(np.int64)
+            if not step.captured.all():  # every row was copied: the mask is by row
+                a = {k: v[step.captured] for k, v in a.items()}  # rows on axis 0
+                req_of_row = req_of_row[step.captured]
+        if not len(req_of_row):
+            return
+        positions = a["positions"].astype(np.int64, copy=False)
 
         # Rows come grouped by request (the batch order); work per segment, not per row.
-        reqs, seg_start = np.unique(req_of_row, return_index=True)
-        seg_min = np.minimum.reduceat(positions, seg_start) if len(reqs) else positions[:0]
-        seg_max = np.maximum.reduceat(positions, seg_start) if len(reqs) else positions[:0]
+        new_request = np.empty(len(req_of_row), dtype=bool)
+        new_request[0] = True
+        np.not_equal(req_of_row[1:], req_of_row[:-1], out=new_request[1:])
+        seg_start = np.flatnonzero(new_request)
+        reqs = req_of_row[seg_start]
+        seg_min = np.minimum.reduceat(positions, seg_start)
+        seg_max = np.maximum.reduceat(positions, seg_start)
+        slots = view.slots[reqs]
+        progress = self._progress
 
         # Drop rows recomputed after preemption: keep positions not captured before.
-        next_pos = np.full(len(states), -1, dtype=np.int64)
-        for r in reqs.tolist():
-            next_pos[r] = states[r].next_position  # type: ignore[union-attr]
-        keep = positions >= next_pos[req_of_row]
-        kept_per_req = np.bincount(req_of_row[keep], minlength=len(states))
+        keep = positions >= progress.next_position[view.slots[req_of_row]]
+        kept = np.add.reduceat(keep, seg_start, dtype=np.int64)
         prefixes: list[tuple[int, RoutingRows]] = []  # rows of cached prompt positions
-        for r, lo, hi in zip(reqs.tolist(), seg_min.tolist(), seg_max.tolist(), strict=True):
-            state = states[r]
-            assert state is not None
-            if state.first_position < 0 and lo > 0 and self.slot_rows is not None:
-                prefix = self._recall_prefix(states, r, lo)
+        if self.slot_rows is not None:
+            for i in np.flatnonzero((progress.first_position[slots] < 0) & (seg_min > 0)):
+                r, lo = int(reqs[i]), int(seg_min[i])
+                prefix = self._recall_prefix(view, r, lo)
                 if prefix is not None:
                     prefixes.append((r, prefix))
-                    state.num_rows += lo
-                    lo = 0
-            if state.first_position < 0:
-                state.first_position = lo
-            state.next_position = max(state.next_position, hi + 1)
-            state.num_rows += int(kept_per_req[r])
-        self.stats["recomputed_rows_dropped"] += int(len(keep) - kept_per_req.sum())
-        self.stats["rows"] += int(kept_per_req.sum())
+                    progress.num_rows[slots[i]] += lo
+                    seg_min[i] = 0
+        progress.advance(slots, seg_min, seg_max, kept)
+        num_kept = int(kept.sum())
+        self.stats["recomputed_rows_dropped"] += len(keep) - num_kept
+        self.stats["rows"] += num_kept
         for r, prefix in prefixes:  # before the step's rows: each sequence's rows in order
-            options = states[r].options  # type: ignore[union-attr]
+            options = view.states[r].options
             part = _as_requested(prefix, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
-        if not keep.all():  # rows recomputed after preemption: counted in `_start_copy`
+        if num_kept < len(keep):  # rows recomputed after preemption: counted in `_start_copy`
             self._load.take_back(a["ids"][~keep])
-        if not kept_per_req.any():
+        if not num_kept:
             return
-        rows = self._build_rows(a, states, req_of_row, positions, keep)
+        rows = self._build_rows(a, view, req_of_row, positions, keep)
         # One part per sink (job store): group rows by their request's sink in one sort.
-        sinks: dict[str, int] = {}
-        sink_of_req = np.zeros(len(states), dtype=np.int64)
-        first_req: list[int] = []
-        for r in reqs.tolist():
-            url = states[r].options.sink  # type: ignore[union-attr]
-            if url not in sinks:
-                sinks[url] = len(sinks)
-                first_req.append(r)
-            sink_of_req[r] = sinks[url]
-        if len(sinks) > 1:  # rows reordered by sink once; each sink's part is a view
-            sink_of_row = sink_of_req[req_of_row[keep]]
+        if len(view.sinks) > 1:  # rows reordered by sink once; each sink's part is a view
+            sink_of_row = view.sink_of_req[req_of_row[keep]]
             order = np.argsort(sink_of_row, kind="stable")
             rows = rows.select(order)
-            bounds = np.searchsorted(sink_of_row[order], np.arange(len(sinks) + 1)).tolist()
-        for s, r in enumerate(first_req):
-            part = rows if len(sinks) == 1 else rows.slice(bounds[s], bounds[s + 1])
-            options = states[r].options  # type: ignore[union-attr]
+            bounds = np.searchsorted(sink_of_row[order], np.arange(len(view.sinks) + 1))
+        for s, r in enumerate(view.sinks):
+            part = rows if len(view.sinks) == 1 else rows.slice(bounds[s], bounds[s + 1])
+            options = view.states[r].options
             part = _as_requested(part, options, self.moe_offset)
             self._deliver(options, lambda sink, p=part: sink.write(p))
 
-    def _recall_prefix(
-        self, states: list[_RequestState | None], r: int, length: int
-    ) -> RoutingRows | None:
-        """Rows of request `r`'s first `length` positions, served from the prefix cache;
-        None (its store failed, loudly) when the slots do not hold them."""
-        state = states[r]
+    def _recall_prefix(self, view: BatchView, r: int, length: int) -> RoutingRows | None:
+        """Rows of the first `length` positions of the request at batch position `r`,
+        served from the prefix cache; None (its store failed, loudly) when the slots do
+        not hold them."""
+        state = view.states[r]
         assert state is not None and self.slot_rows is not None
         assert state.prefix_blocks is not None and state.prompt_token_ids is not None
         try:
@@ -443,7 +442,7 @@ class StepCollector:
             return None
         self.stats["prefix_rows_reused"] += length
         req_of_row = np.full(length, r)
-        return self._build_rows(a, states, req_of_row, a["positions"], np.ones(length, bool))
+        return self._build_rows(a, view, req_of_row, a["positions"], np.ones(length, bool))
 
     def _normalise(self, a: dict[str, np.ndarray]) -> None:
         """Put a step's host copies (its own arrays, rows on axis 0) in stored form, in
@@ -457,7 +456,7 @@ class StepCollector:
     def _build_rows(
         self,
         a: dict[str, np.ndarray],
-        states: list[_RequestState | None],
+        view: BatchView,
         req_of_row: np.ndarray,
         positions: np.ndarray,
         keep: np.ndarray,
@@ -466,15 +465,12 @@ class StepCollector:
         every row is kept."""
         a = a if keep.all() else {k: v[keep] for k, v in a.items()}
         req, positions = req_of_row[keep], positions[keep]
-        keys = np.array([None if s is None else s.key for s in states], dtype=object)
-        samples = np.array([0 if s is None else s.sample_index for s in states], dtype=np.int32)
-        prompt_len = np.array([0 if s is None else s.prompt_len for s in states])
         return RoutingRows(
-            request_ids=keys[req],
-            sample_index=samples[req],
+            request_ids=view.keys[req],
+            sample_index=view.samples[req],
             positions=positions,
             token_ids=a["token_ids"].astype(np.int64),
-            is_prompt=positions < prompt_len[req],
+            is_prompt=positions < view.prompt_len[req],
             topk_ids=a["ids"],
             topk_weights=a["weights"],
             router_logits=a.get("logits"),
@@ -520,12 +516,14 @@ class StepCollector:
         state = self._requests.pop(req_id, None)
         if state is None:
             return
+        self._batch = None  # its slot may be given to the next request
+        first_position, num_rows = self._progress.close(state.slot)
         end = SequenceEnd(
             request_id=state.key,
             sample_index=state.sample_index,
             prompt_len=state.prompt_len,
-            first_position=max(state.first_position, 0),
-            num_rows=state.num_rows,
+            first_position=max(first_position, 0),
+            num_rows=num_rows,
             prompt_index=state.options.prompt_index,
             labels=state.options.labels,
             intervention=Intervention.from_dict(state.options.intervention).key(),

@@ -24,13 +24,14 @@ class ExpertLoad:
     def __init__(self, num_layers: int, num_experts: int, device: torch.device) -> None:
         self.num_layers, self.num_experts = num_layers, num_experts
         self._counts = torch.zeros(num_layers * num_experts, dtype=torch.int64, device=device)
-        self._offsets = (torch.arange(num_layers, device=device) * num_experts).view(1, -1, 1)
+        offsets = torch.arange(num_layers, dtype=torch.int32, device=device) * num_experts
+        self._offsets = offsets.view(1, -1, 1)
         self._one = torch.ones(1, dtype=torch.int64, device=device)
         self._taken_back = np.zeros((num_layers, num_experts), dtype=np.int64)
 
     def add(self, ids: torch.Tensor) -> None:
         """Count (rows, layers, k) ids where they are, without waiting for them."""
-        cells = (ids.to(torch.int64) + self._offsets).view(-1)
+        cells = (ids + self._offsets).view(-1)  # int32 ids: index_add_ takes int32 indices
         self._counts.index_add_(0, cells, self._one.expand(cells.numel()))
 
     def take_back(self, ids: np.ndarray) -> None:
