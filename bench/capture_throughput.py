@@ -7,8 +7,10 @@ Each mode runs in its own process (one engine per process), modes interleaved ov
     .venv/bin/python bench/capture_throughput.py [--rounds 3] [--out docs/bench-capture.json]
 
 `--paired CALLS` keeps every mode's engine alive at once and takes one call of each in
-turn, CALLS times; each call's ratio is against plain vLLM's call of the same turn (a
-store's commit is inside its call), so this machine's drift over minutes cancels out.
+turn, in a fresh random order each turn, CALLS times; each call's ratio is against plain
+vLLM's call of the same turn (a store's commit is inside its call), so this machine's
+drift over minutes cancels out. A second plain engine (the control row) shows what is
+left of the harness's own bias: its ratio should be 1.00.
 
 `--compiled` runs every engine as users run it by default (`enforce_eager=False`: the
 model compiled, and on a GPU its decode steps replayed as CUDA graphs); each engine
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,8 @@ PROMPT_TOKENS = 32
 REPEATS = 5  # timed generate calls per engine, after one warm-up call
 MODES = {
     "plain vLLM": None,
+    # a second plain engine: the harness's own bias and noise (paired runs; expect 1.00)
+    "plain vLLM, a second engine (control)": None,
     "hooks on, nothing recorded": {"logits": True, "hidden_layers": [], "record": False},
     "ids + weights": {"logits": False, "hidden_layers": []},
     "ids + weights + logits": {"logits": True, "hidden_layers": []},
@@ -216,12 +221,20 @@ def serve_mode(model: str, mode: str, compiled: bool) -> None:
         if line.strip() != "run":
             return
         host = stats().get("host_seconds", 0.0)
+        cpu = _process_cpu_seconds()
         start = time.perf_counter()
         generate()
         wait_committed()
         seconds = time.perf_counter() - start
+        cpu = _process_cpu_seconds() - cpu
         host = stats().get("host_seconds", 0.0) - host
-        print(PAIRED_MARK + json.dumps({"seconds": seconds, "host": host}), flush=True)
+        print(PAIRED_MARK + json.dumps({"seconds": seconds, "host": host, "cpu": cpu}), flush=True)
+
+
+def _process_cpu_seconds() -> float:
+    """CPU time of every thread of this process (engine, OpenMP, store writer)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def _answer(child: subprocess.Popen) -> dict:
@@ -232,7 +245,7 @@ def _answer(child: subprocess.Popen) -> dict:
 
 
 def run_paired(model: str, modes: list[str], calls: int, env: dict, compiled: bool) -> dict:
-    """Every mode's engine alive at once, one call each in turn (the order rotating),
+    """Every mode's engine alive at once, one call each in turn (in a random order),
     `calls` times: each call is paired with plain vLLM's call of the same turn, so the
     machine's drift (minutes here) cancels out of the ratios."""
     children = {}
@@ -251,9 +264,11 @@ def run_paired(model: str, modes: list[str], calls: int, env: dict, compiled: bo
         for child in children.values():
             _answer(child)  # built and warm
         turns: dict[str, list[dict]] = {m: [] for m in modes}
-        for turn in range(calls):
-            shift = turn % len(modes)
-            for mode in modes[shift:] + modes[:shift]:
+        order = random.Random(0)
+        for _ in range(calls):
+            # a fresh order each turn: a call slowed by what the call before it left
+            # running (threads still spinning or writing) is slowed for every mode alike
+            for mode in order.sample(modes, len(modes)):
                 time.sleep(PAIRED_PAUSE)
                 children[mode].stdin.write("run\n")
                 children[mode].stdin.flush()
@@ -275,6 +290,15 @@ def run_paired(model: str, modes: list[str], calls: int, env: dict, compiled: bo
             "capture_host_share": round(
                 sum(r["host"] for r in results) / sum(r["seconds"] for r in results), 3
             ),
+            # plain vLLM's CPU seconds per call over this mode's, paired by turn: less
+            # moved by the other processes than wall time, though spinning OpenMP
+            # threads count in it
+            "cpu_ratio_median": round(
+                statistics.median(
+                    p["cpu"] / r["cpu"] for p, r in zip(turns["plain vLLM"], results, strict=True)
+                ),
+                3,
+            ),
             "each_call_seconds": [round(r["seconds"], 4) for r in results],
         }
         print(
@@ -282,7 +306,8 @@ def run_paired(model: str, modes: list[str], calls: int, env: dict, compiled: bo
             f"{summary[mode]['paired_ratio_median']:5.3f} "
             f"(quartiles {summary[mode]['paired_ratio_quartiles'][0]:.3f}-"
             f"{summary[mode]['paired_ratio_quartiles'][2]:.3f})  capture host time "
-            f"{100 * summary[mode]['capture_host_share']:4.1f}%"
+            f"{100 * summary[mode]['capture_host_share']:4.1f}%  CPU ratio "
+            f"{summary[mode]['cpu_ratio_median']:5.3f}"
         )
     return summary
 
