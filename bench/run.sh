@@ -6,6 +6,8 @@ bash scripts/setup.sh
 mkdir -p docs/results
 export RAY_AUTH_MODE=disabled
 .venv/bin/python bench/capture_throughput.py --rounds 3 --out docs/results/capture.json
+.venv/bin/python bench/capture_throughput.py --paired 30 --out docs/results/capture-paired.json \
+    --modes "plain vLLM, a second engine (control)|ids + weights + logits|ids + weights + logits -> Zarr store, commit blocking"
 .venv/bin/python bench/topk_order.py --out docs/results/topk-order.json
 .venv/bin/python bench/expert_load.py --out docs/results/expert-load.json
 .venv/bin/python bench/slot_rows.py --out docs/results/slot-rows.json
