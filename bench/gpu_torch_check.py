@@ -215,7 +215,10 @@ def check_host_copy(device: torch.device) -> dict:
 def check_expert_load(device: torch.device) -> dict:
     gen = _gen(device, 11)
     steps = [
-        torch.randint(0, EXPERTS, (rows, LAYERS, TOP_K), device=device, generator=gen)
+        # int32, as the capture buffers hold ids (`CaptureBuffers.ids`)
+        torch.randint(
+            0, EXPERTS, (rows, LAYERS, TOP_K), device=device, generator=gen, dtype=torch.int32
+        )
         for rows in (1, 17, 256, 4096)
     ]
     load = ExpertLoad(LAYERS, EXPERTS, device)
