@@ -26,8 +26,12 @@ class CaptureConflictError(ValueError):
 
 @dataclass
 class _Pending:
+    """A job's requests waiting for a commit, and what each waits on: the store's error
+    (or None) once the commit that took its rows is done."""
+
     request_ids: list[str] = field(default_factory=list)
     annotations: list[Annotation] = field(default_factory=list)
+    waiters: list[asyncio.Future[str | None]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -86,22 +90,41 @@ class OnlineRecorder:
         request_ids: list[str],
         annotations: list[Annotation],
         tokens: int,
-    ) -> None:
+    ) -> str | None:
         """Hand the texts to the store's writer, end the requests in the worker and
-        commit: each sequence is committed together with its texts."""
+        commit: each sequence is committed together with its texts. Returns the store's
+        error, if it failed. Requests that finish together share one commit and one
+        look at the store's state: three engine calls per batch, not per request."""
         pending = self._pending.setdefault(job_id, _Pending())
+        committed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         pending.request_ids += request_ids
         pending.annotations += annotations
+        pending.waiters.append(committed)
         async with pending.lock:  # whoever gets the lock commits everyone's so far
-            ids, pending.request_ids = pending.request_ids, []
-            rows, pending.annotations = pending.annotations, []
-            store = self.store_path(job_id)
+            if not committed.done():  # shielded: the others' rows go with this request's
+                await asyncio.shield(self._commit_pending(job_id, engine, pending))
+        error = await committed
+        self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
+        self._last_commit[job_id] = (time.monotonic(), engine)
+        return error
+
+    async def _commit_pending(self, job_id: str, engine: Any, pending: _Pending) -> None:
+        """Commit every waiting request's rows and texts; resolve their waiters."""
+        ids, pending.request_ids = pending.request_ids, []
+        rows, pending.annotations = pending.annotations, []
+        waiters, pending.waiters = pending.waiters, []
+        store = self.store_path(job_id)
+        try:
             if rows:
                 await annotate_rpc({store: rows}).run(engine)
             if ids:
                 await flush_rpc(ids, [store]).run(engine)
-        self.db.add_progress(job_id, done=len(annotations), tokens=tokens)
-        self._last_commit[job_id] = (time.monotonic(), engine)
-
-    async def store_error(self, job_id: str, engine: Any) -> str | None:
-        return sink_error(await sink_state(engine, self.store_path(job_id)))
+            error = sink_error(await sink_state(engine, store))
+        except Exception as exc:  # every request of the batch sees the failure
+            for waiter in waiters:
+                if not waiter.cancelled():
+                    waiter.set_exception(exc)
+            return
+        for waiter in waiters:
+            if not waiter.cancelled():
+                waiter.set_result(error)

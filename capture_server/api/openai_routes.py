@@ -232,8 +232,9 @@ async def _generate(
         for c in final.outputs
     ]
     tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
-    await app.online.commit(job_id, engine, [rid for rid, _ in results], annotations, tokens)
-    error = await app.online.store_error(job_id, engine)
+    error = await app.online.commit(
+        job_id, engine, [rid for rid, _ in results], annotations, tokens
+    )
     if error:
         raise HTTPException(500, detail=f"store: {error}")
     return finals, {
