@@ -11,7 +11,10 @@ Workload: a tiny Qwen3-MoE specimen, 64 prompts of 32 random tokens x 64 new tok
 - REST job: one ``POST /v1/jobs`` of the 64 prompts, timed until the job is done;
 - concurrent jobs: the same 64 prompts as 8 jobs of 8 and as 32 jobs of 2, submitted
   at once, timed until all are done;
-- OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job.
+- OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job;
+- vLLM's OpenAI server: the same requests to vLLM's own server without the plugin and
+  the same engine arguments, so the OpenAI endpoint's cost separates into what any HTTP
+  server pays on this machine (the client runs on the same cores) and what capture adds.
 
 Engine settings are the service's (fp32, eager, whole prompts on CPU). Each mode is
 timed `REPEATS` times (``--repeats``) after a warm-up, the server's modes interleaved;
@@ -197,10 +200,12 @@ async def timed_jobs(url: str, prompts: list[list[int]], jobs: int) -> float:
         return time.perf_counter() - t0
 
 
-async def timed_openai(url: str, prompts: list[list[int]], job: str) -> float:
-    """All prompts as concurrent /v1/completions requests into one named job."""
+async def timed_openai(url: str, prompts: list[list[int]], job: str | None) -> float:
+    """All prompts as concurrent /v1/completions requests into one named job (none:
+    vLLM's own server, which takes the same body without ``moetrace``)."""
     import httpx
 
+    capture = {"moetrace": {"job": job}} if job else {}
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         t0 = time.perf_counter()
         responses = await asyncio.gather(
@@ -213,7 +218,7 @@ async def timed_openai(url: str, prompts: list[list[int]], job: str) -> float:
                         "max_tokens": NEW_TOKENS,
                         "temperature": 0,
                         "ignore_eos": True,
-                        "moetrace": {"job": job},
+                        **capture,
                     },
                 )
                 for p in prompts
@@ -248,6 +253,53 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
             for name, run in modes.items():
                 times[name].append(run())
         return times
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+VLLM_SERVER = "vLLM's OpenAI server, no capture"
+
+
+def run_vllm_server(model: str, log: Path, env: dict[str, str]) -> list[float]:
+    """vLLM's own OpenAI server (no plugin) with the service's engine arguments, timed
+    with the OpenAI mode's requests: what the same HTTP requests cost without capture."""
+    import httpx
+
+    from capture_server.api.launch import free_port
+
+    port = free_port()
+    cmd = [
+        *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model),
+        *("--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port)),
+        *("--dtype", "float32", "--max-model-len", "512", "--enforce-eager"),
+        *("--max-num-seqs", "256", "--no-enable-chunked-prefill"),
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(env, VLLM_PLUGINS="none"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server did not start; log: {log}")
+            time.sleep(0.2)
+        from transformers import AutoTokenizer
+
+        prompts = token_prompts(len(AutoTokenizer.from_pretrained(model)))
+        asyncio.run(timed_openai(url, prompts, None))  # warm-up
+        return [asyncio.run(timed_openai(url, prompts, None)) for _ in range(REPEATS)]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
@@ -342,6 +394,8 @@ def main() -> None:
                 check=True,
             )
             times[name] += json.loads(child.stdout.strip().splitlines()[-1])
+        log = root / f"vllm-server-{r}.log"
+        times.setdefault(VLLM_SERVER, []).extend(run_vllm_server(model, log, env))
         for name, t in run_service(model, root / f"round{r}").items():
             times.setdefault(name, []).extend(t)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
