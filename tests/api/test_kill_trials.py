@@ -43,6 +43,9 @@ SERVER_ENV = {
     # instead of a third process: a restart imports vLLM twice, not three times (about
     # 21 s instead of 31 s here). A kill -9 takes the whole process group either way.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # a hard crash of any server process (not the test's kills) leaves its stacks in
+    # the life's log
+    "PYTHONFAULTHANDLER": "1",
 }
 TOTAL = PROMPTS * SAMPLES
 MID_JOB = TOTAL // 3
