@@ -84,7 +84,8 @@ RPC_STATS = "moetrace_stats"
 RPC_CLOSE = "moetrace_close"
 RPC_SINK_STATES = "moetrace_sink_states"
 RPC_ANNOTATE = "moetrace_annotate"
-RPC_METHODS = (RPC_FLUSH, RPC_STATS, RPC_CLOSE, RPC_SINK_STATES, RPC_ANNOTATE)
+RPC_COMMIT = "moetrace_commit"
+RPC_METHODS = (RPC_FLUSH, RPC_STATS, RPC_CLOSE, RPC_SINK_STATES, RPC_ANNOTATE, RPC_COMMIT)
 """Names of the worker methods the plugin installs on vLLM's ``WorkerBase``."""
 
 
@@ -206,6 +207,14 @@ def annotate_rpc(texts: dict[str, list[Annotation]]) -> WorkerRpc:
     return WorkerRpc(
         RPC_ANNOTATE, ({url: [asdict(a) for a in rows] for url, rows in texts.items()},)
     )
+
+
+def commit_rpc(texts: dict[str, list[Annotation]], finished_ids: list[str]) -> WorkerRpc:
+    """`annotate_rpc`, then `flush_rpc` of the finished requests and the stores named in
+    `texts`, then `sink_states_rpc` of those stores, in one engine call: each engine call
+    waits for the end of a step, so one call instead of three answers sooner."""
+    rows = {url: [asdict(a) for a in annotations] for url, annotations in texts.items()}
+    return WorkerRpc(RPC_COMMIT, (rows, finished_ids))
 
 
 def sink_error(state: str) -> str | None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capture_server.api.jobs_db import JobsDB
-from capture_server.api.runner import close_store, sink_state
+from capture_server.api.runner import close_store
 from capture_server.api.schemas import Capture
-from capture_server.protocol import Annotation, annotate_rpc, flush_rpc, sink_error
+from capture_server.protocol import Annotation, commit_rpc, merged_sink_states, sink_error
 
 
 class CaptureConflictError(ValueError):
@@ -94,7 +94,7 @@ class OnlineRecorder:
         """Hand the texts to the store's writer, end the requests in the worker and
         commit: each sequence is committed together with its texts. Returns the store's
         error, if it failed. Requests that finish together share one commit and one
-        look at the store's state: three engine calls per batch, not per request."""
+        look at the store's state: one engine call per batch (`protocol.commit_rpc`)."""
         pending = self._pending.setdefault(job_id, _Pending())
         committed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         pending.request_ids += request_ids
@@ -115,11 +115,8 @@ class OnlineRecorder:
         waiters, pending.waiters = pending.waiters, []
         store = self.store_path(job_id)
         try:
-            if rows:
-                await annotate_rpc({store: rows}).run(engine)
-            if ids:
-                await flush_rpc(ids, [store]).run(engine)
-            error = sink_error(await sink_state(engine, store))
+            states = await commit_rpc({store: rows}, ids).run(engine)
+            error = sink_error(merged_sink_states(states, [store])[store])
         except Exception as exc:  # every request of the batch sees the failure
             for waiter in waiters:
                 if not waiter.cancelled():

@@ -35,7 +35,7 @@ def register() -> None:
     float_cast.register()  # stores written in this process convert to float16 with torch
     # Reachable by name through collective_rpc from any process (see protocol.WorkerRpc).
     for name, method in zip(
-        protocol.RPC_METHODS, (flush, stats, close, sink_states, annotate), strict=True
+        protocol.RPC_METHODS, (flush, stats, close, sink_states, annotate, commit), strict=True
     ):
         setattr(WorkerBase, name, method)
 
@@ -110,3 +110,15 @@ def annotate(worker: Any, texts: dict[str, list[dict[str, Any]]]) -> None:
     if collector is not None:
         for sink_url, rows in texts.items():
             collector.annotate(sink_url, [protocol.Annotation(**row) for row in rows])
+
+
+def commit(
+    worker: Any, texts: dict[str, list[dict[str, Any]]], finished_request_ids: list[str]
+) -> dict[str, str]:
+    """`protocol.commit_rpc`: hand over the texts, end the finished requests, commit the
+    stores named in `texts` (blocking the engine until they are committed, as `flush`
+    does) and return their states."""
+    urls = list(texts)
+    annotate(worker, texts)
+    flush(worker, finished_request_ids, urls)
+    return sink_states(worker, urls)
