@@ -264,9 +264,7 @@ VLLM_SERVER = "vLLM's OpenAI server, no capture"
 def run_vllm_server(model: str, log: Path, env: dict[str, str]) -> list[float]:
     """vLLM's own OpenAI server (no plugin) with the service's engine arguments, timed
     with the OpenAI mode's requests: what the same HTTP requests cost without capture."""
-    import httpx
-
-    from capture_server.api.launch import free_port
+    from capture_server.api.launch import answers, free_port
 
     port = free_port()
     cmd = [
@@ -285,16 +283,8 @@ def run_vllm_server(model: str, log: Path, env: dict[str, str]) -> list[float]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not start; log: {log}")
-            time.sleep(0.2)
+        if not answers(f"{url}/health", proc, timeout=300):
+            raise RuntimeError(f"vLLM's server did not start; log: {log}")
         from transformers import AutoTokenizer
 
         prompts = token_prompts(len(AutoTokenizer.from_pretrained(model)))

@@ -21,6 +21,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def answers(url: str, proc: subprocess.Popen, timeout: float, every: float = 0.2) -> bool:
+    """True once GET `url` answers 200; False when `proc` exits or `timeout` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(every)
+    return False
+
+
 def launch(
     models: list[Path],
     data_dir: Path,
@@ -62,7 +77,6 @@ def _launch_once(
     engine_flags: tuple[str, ...],
     timeout: float,
 ) -> tuple[subprocess.Popen, str]:
-    import httpx
 
     cmd = [
         sys.executable,
@@ -95,13 +109,8 @@ def _launch_once(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)  # callers (the kill trials) act on jobs the server resumes at start
+    # polled often: callers (the kill trials) act on jobs the server resumes at start
+    if answers(f"{url}/readyz", proc, timeout):
+        return proc, url
     proc.kill()
     raise RuntimeError(f"the capture server did not become ready; log: {log.read_text()[-3000:]}")

@@ -74,6 +74,7 @@ class BatchView:
     req_ids: list[str]
     states: list[Any]  # the collector's request state, or None
     captured: np.ndarray  # bool
+    all_captured: bool  # every request is: every row of a step is
     slots: np.ndarray  # RequestProgress slot
     keys: np.ndarray  # sequence key (object)
     samples: np.ndarray  # sample index (int32)
@@ -100,10 +101,12 @@ class BatchView:
                 sink_index[url] = len(sinks)
                 sinks.append(r)
             sink_of_req[r] = sink_index[url]
+        captured = np.array([s is not None for s in states], dtype=bool)
         return cls(
             req_ids=req_ids,
             states=states,
-            captured=np.array([s is not None for s in states], dtype=bool),
+            captured=captured,
+            all_captured=bool(captured.all()),
             slots=np.array([-1 if s is None else s.slot for s in states], dtype=np.int64),
             keys=np.array([None if s is None else s.key for s in states], dtype=object),
             samples=np.array([0 if s is None else s.sample_index for s in states], np.int32),

@@ -340,7 +340,7 @@ class StepCollector:
             "weights": self.buffers.weights.transpose(0, 1).index_select(0, index),
         }
         ids = device_arrays["ids"]  # the load counts captured rows; those dropped later
-        if every_row and not captured.all():  # are taken back (`_complete_pending`)
+        if every_row and not view.all_captured:  # are taken back (`_complete_pending`)
             mine = torch.from_numpy(np.flatnonzero(captured)).to(ids.device, non_blocking=True)
             ids = ids.index_select(0, mine)
         self._load.add(ids)
@@ -371,7 +371,7 @@ class StepCollector:
         if "slots" in a:  # every row of the step, kept by KV slot before any is recalled
             assert self.slot_rows is not None
             self.slot_rows.remember(a.pop("slots"), a)
-            if not step.captured.all():  # every row was copied: the mask is by row
+            if not view.all_captured:  # every row was copied: the mask is by row
                 a = {k: v[step.captured] for k, v in a.items()}  # rows on axis 0
                 req_of_row = req_of_row[step.captured]
         if not len(req_of_row):

@@ -7,14 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import polars as pl
 import pytest
 
+from capture_server.api.launch import answers
 from tests.store.test_roundtrip import write_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,17 +64,9 @@ def ray_head(tmp_path_factory):
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or head.poll() is not None:
-            os.killpg(head.pid, signal.SIGKILL)
-            pytest.fail("the Ray head did not come up on 127.0.0.1")
-        time.sleep(1)
+    if not answers(f"{address}/api/version", head, timeout=120, every=1):
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the Ray head did not come up on 127.0.0.1")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
