@@ -77,7 +77,6 @@ def _launch_once(
     engine_flags: tuple[str, ...],
     timeout: float,
 ) -> tuple[subprocess.Popen, str]:
-
     cmd = [
         sys.executable,
         "-m",
