@@ -178,8 +178,9 @@ def _merged_sink_metrics(
 def merged_sink_states(states: list[dict[str, str]], sink_urls: list[str]) -> dict[str, str]:
     """Each store's state across `sink_states_rpc`'s per-worker results: a store written
     by several writers (one part per data-parallel rank) is failed when any writer
-    failed, closing while any closes, open while any has it open, else closed."""
-    order = ("closed", "open", "closing")
+    failed, closing while any closes, committing while any commits, open while any has
+    it open, else closed."""
+    order = ("closed", "open", "committing", "closing")
     merged: dict[str, str] = {}
     for url in sink_urls:
         seen = [worker[url] for worker in states if url in worker]
@@ -195,7 +196,7 @@ def close_rpc(sink_urls: list[str], finished_ids: list[str] | None = None) -> Wo
 
 
 def sink_states_rpc(sink_urls: list[str]) -> WorkerRpc:
-    """Per store: ``open``, ``closing``, ``closed`` or ``failed: <error>``."""
+    """Per store: ``open``, ``committing``, ``closing``, ``closed`` or ``failed: <error>``."""
     return WorkerRpc(RPC_SINK_STATES, (sink_urls,))
 
 
@@ -210,9 +211,11 @@ def annotate_rpc(texts: dict[str, list[Annotation]]) -> WorkerRpc:
 
 
 def commit_rpc(texts: dict[str, list[Annotation]], finished_ids: list[str]) -> WorkerRpc:
-    """`annotate_rpc`, then `flush_rpc` of the finished requests and the stores named in
-    `texts`, then `sink_states_rpc` of those stores, in one engine call: each engine call
-    waits for the end of a step, so one call instead of three answers sooner."""
+    """`annotate_rpc`, then the end of the finished requests and a commit of the stores
+    named in `texts` that does not block the engine, then `sink_states_rpc` of those
+    stores, in one engine call: each engine call waits for the end of a step, so one
+    call instead of three answers sooner. A store is ``committing`` until its commit is
+    done; poll `sink_states_rpc` (as `api.online` does)."""
     rows = {url: [asdict(a) for a in annotations] for url, annotations in texts.items()}
     return WorkerRpc(RPC_COMMIT, (rows, finished_ids))
 

@@ -3,8 +3,8 @@
 A request carrying ``moetrace: {"job": NAME, ...}`` records into the open online job of
 that name (created on first use, closed by ``DELETE /v1/jobs/{id}``). Each prompt of a
 request becomes one sequence ``c{k}``, numbered in arrival order. Commits are batched:
-concurrent requests that finish together share one worker flush, and a response returns
-only after its routing is committed.
+concurrent requests that finish together share one commit, which the engine does not
+wait for, and a response returns only after its routing is committed.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capture_server.api.jobs_db import JobsDB
-from capture_server.api.runner import close_store
+from capture_server.api.runner import close_store, sink_state
 from capture_server.api.schemas import Capture
 from capture_server.protocol import Annotation, commit_rpc, merged_sink_states, sink_error
+
+COMMIT_POLL_SECONDS = 0.005
+"""How often a waiting batch asks whether its store's commit is done. Each ask is an
+engine call, answered between two steps; a commit takes tens of milliseconds."""
 
 
 class CaptureConflictError(ValueError):
@@ -116,7 +120,11 @@ class OnlineRecorder:
         store = self.store_path(job_id)
         try:
             states = await commit_rpc({store: rows}, ids).run(engine)
-            error = sink_error(merged_sink_states(states, [store])[store])
+            state = merged_sink_states(states, [store])[store]
+            while state == "committing":  # the engine steps on while the store commits
+                await asyncio.sleep(COMMIT_POLL_SECONDS)
+                state = await sink_state(engine, store)
+            error = sink_error(state)
         except Exception as exc:  # every request of the batch sees the failure
             for waiter in waiters:
                 if not waiter.cancelled():

@@ -483,8 +483,8 @@ def expected_rows(request: JobCreate, prompts: list[PromptItem]) -> int:
 
 
 async def sink_state(engine: Any, store: str) -> str:
-    """``open``, ``closing``, ``closed`` or ``failed: <error>``: a store's writer in the
-    engine's worker."""
+    """``open``, ``committing``, ``closing``, ``closed`` or ``failed: <error>``: a
+    store's writer in the engine's worker."""
     return merged_sink_states(await sink_states_rpc([store]).run(engine), [store])[store]
 
 

@@ -42,6 +42,22 @@ class RoutingSink(ABC):
     def flush(self) -> None:  # noqa: B027 - no-op default for sinks that hold no backlog
         """Block until everything passed so far is durable (committed, for a store)."""
 
+    def request_commit(self) -> object:
+        """Ask the sink to make everything passed so far durable without waiting
+        (`committing` tells when it is); the default flushes at once."""
+        self.flush()
+        return None
+
+    @property
+    def committing(self) -> bool:
+        """A commit asked for by `request_commit` is not done yet."""
+        return False
+
+    @property
+    def error(self) -> str | None:
+        """Why the sink can take nothing more, if it failed."""
+        return None
+
     def close(self) -> None:
         """Flush and release resources; the default marks the sink closed."""
         self._closed = True

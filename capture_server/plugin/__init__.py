@@ -96,7 +96,7 @@ def close(worker: Any, sink_urls: list[str], finished_request_ids: list[str] | N
 
 
 def sink_states(worker: Any, sink_urls: list[str]) -> dict[str, str]:
-    """`protocol.sink_states_rpc`: ``open``, ``closing``,
+    """`protocol.sink_states_rpc`: ``open``, ``committing``, ``closing``,
     ``closed`` or ``failed: <error>`` per store."""
     collector = getattr(worker.model_runner, "_moetrace", None)
     if collector is None:
@@ -115,10 +115,13 @@ def annotate(worker: Any, texts: dict[str, list[dict[str, Any]]]) -> None:
 def commit(
     worker: Any, texts: dict[str, list[dict[str, Any]]], finished_request_ids: list[str]
 ) -> dict[str, str]:
-    """`protocol.commit_rpc`: hand over the texts, end the finished requests, commit the
-    stores named in `texts` (blocking the engine until they are committed, as `flush`
-    does) and return their states."""
+    """`protocol.commit_rpc`: hand over the texts, end the finished requests, ask the
+    stores named in `texts` to commit (without blocking the engine, unlike `flush`) and
+    return their states: ``committing`` until the commit is done."""
+    collector = getattr(worker.model_runner, "_moetrace", None)
+    if collector is None:
+        return {}
     urls = list(texts)
     annotate(worker, texts)
-    flush(worker, finished_request_ids, urls)
-    return sink_states(worker, urls)
+    collector.commit_sinks(urls, finished_request_ids)
+    return collector.sink_states(urls)

@@ -241,19 +241,38 @@ class StepCollector:
             sink.request_close()
             self._closing[url] = sink
 
+    def commit_sinks(self, urls: list[str], finished_external_ids: list[str] | None = None) -> None:
+        """End the named requests and ask the named sinks to commit, without waiting:
+        the engine steps on while they do, and `sink_states` says ``committing`` until
+        they have."""
+        self.flush(finished_external_ids, sink_urls=[])
+        for url in urls:
+            sink = self._sinks.get(url)
+            if sink is not None and url not in self.sink_errors:
+                try:
+                    sink.request_commit()
+                except (MoetraceError, OSError) as exc:
+                    self.sink_errors[url] = str(exc)
+
     def sink_states(self, urls: list[str]) -> dict[str, str]:
-        """``open``, ``closing``, ``closed`` or ``failed: <error>`` for each named sink."""
+        """``open``, ``committing``, ``closing``, ``closed`` or ``failed: <error>`` for
+        each named sink."""
         states = {}
         for url in urls:
             sink = self._closing.get(url)
             if sink is not None and sink.closed:
                 self._finish_closing(url)
+            sink = self._sinks.get(url)
+            if sink is not None and url not in self.sink_errors and sink.error:
+                self.sink_errors[url] = sink.error
             if url in self.sink_errors:
                 states[url] = f"failed: {self.sink_errors[url]}"
             elif url in self._closing:
                 states[url] = "closing"
+            elif sink is None:
+                states[url] = "closed"
             else:
-                states[url] = "open" if url in self._sinks else "closed"
+                states[url] = "committing" if sink.committing else "open"
         return states
 
     def _finish_closing(self, url: str) -> None:

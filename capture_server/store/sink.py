@@ -127,6 +127,9 @@ class StoreSink(RoutingSink):
         self._lock = threading.Lock()
         self._uncommitted_since: float | None = None  # oldest ended, uncommitted sequence
         self._meta: ModelMeta | None = None
+        self._commits_asked = 0  # commit tickets handed out (`request_commit`)
+        self._commits_done = 0  # the last ticket whose commit is done
+        self._commit_done = threading.Condition()
         self.stats = {"dropped_steps": 0, "dropped_sequences": 0, "duplicates_skipped": 0}
         """`dropped_*`: lost to a full queue (``on_full="drop"``); the writer's
         `dropped_without_texts` counts sequences whose promised texts never came."""
@@ -174,11 +177,37 @@ class StoreSink(RoutingSink):
 
     def flush(self) -> None:
         """Block until everything enqueued so far is committed."""
-        done = threading.Event()
-        self._send("flush", done)
-        while not done.wait(0.05):
-            self._raise_if_failed()
+        ticket = self.request_commit()
+        with self._commit_done:
+            while not self._commit_done.wait_for(lambda: self._commits_done >= ticket, 0.05):
+                self._raise_if_failed()
         self._raise_if_failed()
+
+    def request_commit(self) -> int:
+        """Ask the writer to commit everything enqueued so far, without waiting; returns
+        the commit's ticket. `committing` is true until every ticket asked is done: the
+        engine's step loop goes on while the store commits (`plugin.commit`)."""
+        self._raise_if_failed()
+        with self._send_lock:  # tickets in the order their messages are queued
+            self._commits_asked += 1
+            ticket = self._commits_asked
+            self._put("flush", ticket)
+        return ticket
+
+    @property
+    def committing(self) -> bool:
+        """A commit asked for (`request_commit`) is not done yet."""
+        return self._commits_done < self._commits_asked and self._error is None
+
+    @property
+    def error(self) -> str | None:
+        """Why the writer thread stopped, if it failed (what the capture side raises)."""
+        err = self._error
+        if err is None:
+            return None
+        if isinstance(err, StoreWriteError):
+            return str(err)
+        return f"{self.writer.url}: store writer failed: {err}"
 
     def close(self) -> None:
         self.request_close()
@@ -214,19 +243,20 @@ class StoreSink(RoutingSink):
     def _send(self, kind: str, item: Any, block: bool = True) -> None:
         """A message to the writer thread, after the rows appended so far."""
         with self._send_lock:
-            try:
-                self._queue.put((kind, item, self._appended), block=block)
-            except queue.Full:  # only a wake-up is sent without blocking: one is queued
-                pass
+            self._put(kind, item, block)
+
+    def _put(self, kind: str, item: Any, block: bool = True) -> None:
+        """`_send`, by a caller holding the send lock."""
+        try:
+            self._queue.put((kind, item, self._appended), block=block)
+        except queue.Full:  # only a wake-up is sent without blocking: one is queued
+            pass
 
     # -- writer thread -----------------------------------------------------------------
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            err = self._error
-            if isinstance(err, StoreWriteError):
-                raise StoreWriteError(str(err))
-            raise StoreWriteError(f"{self.writer.url}: store writer failed: {err}")
+        if (error := self.error) is not None:
+            raise StoreWriteError(error)
 
     def _run(self) -> None:
         parts: dict[tuple[str, int], list[tuple[RoutingRows, int, int]]] = defaultdict(list)
@@ -257,8 +287,10 @@ class StoreSink(RoutingSink):
                     last_commit = time.monotonic()
                     if pending_before == 0 and not self.writer.staged_sequences:
                         self._uncommitted_since = None
-                    if kind == "flush":
-                        item.set()
+                    if kind in ("flush", "close"):  # a close commits every ticket before it
+                        with self._commit_done:
+                            self._commits_done = item if kind == "flush" else self._commits_asked
+                            self._commit_done.notify_all()
                     if kind == "close":
                         return
         except BaseException as exc:  # surfaced to the capture side by _raise_if_failed

@@ -1,23 +1,27 @@
-"""A job's store through the collector's sink life cycle: close without blocking, and a
-late row for a closing store waits for the old writer (one writer per store)."""
+"""A job's store through the collector's sink life cycle: commit and close without
+blocking, and a late row for a closing store waits for the old writer (one writer per
+store)."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from capture_server.capture.intervention import RoutingShape
 from capture_server.capture.options import CaptureOptions
+from capture_server.errors import StoreError
 from capture_server.plugin.collector import StepCollector
 from capture_server.store import open_store
 from tests.store import synthetic
 from tests.store.synthetic import EXACT
 
 
-def test_closing_store_is_never_written_by_two_writers(tmp_path):
-    url = str(tmp_path / "job")
+def _collector(url: str) -> tuple[StepCollector, Callable[[str], None]]:
+    """A collector without an engine, and a function that sends it a whole sequence."""
     options = CaptureOptions(sink=url, store=dataclasses.asdict(EXACT))
     meta = synthetic.meta()
     routing = RoutingShape(len(meta.moe_layers), meta.num_experts, meta.top_k, False)
@@ -28,6 +32,61 @@ def test_closing_store_is_never_written_by_two_writers(tmp_path):
         collector._deliver(options, lambda sink: sink.write(rows))
         collector._deliver(options, lambda sink: sink.end_sequence(synthetic.end_of(key)))
 
+    return collector, send
+
+
+def _committed(url: str) -> list[str]:
+    try:
+        return sorted(open_store(url).index["request_id"])
+    except StoreError:  # nothing committed yet
+        return []
+
+
+def test_a_commit_does_not_hold_the_step_loop(tmp_path):
+    """`commit_sinks` (the OpenAI endpoint's commit) returns while the store's writer is
+    still committing; the store says ``committing`` until the sequence is readable, and
+    a commit that fails is reported, not lost."""
+    url = str(tmp_path / "job")
+    collector, send = _collector(url)
+    send("seq-1")
+    sink = collector._sinks[url]
+    gate, writer_flush = threading.Event(), sink.writer.flush
+
+    def held_flush(**kw: bool) -> None:
+        assert gate.wait(60), "the test never let the commit through"
+        writer_flush(**kw)
+
+    sink.writer.flush = held_flush
+    started = time.monotonic()
+    collector.commit_sinks([url])
+    assert time.monotonic() - started < 5, "commit_sinks waited for the store"
+    assert collector.sink_states([url]) == {url: "committing"}
+    assert _committed(url) == []
+    gate.set()
+    deadline = time.monotonic() + 60
+    while collector.sink_states([url])[url] == "committing":
+        assert time.monotonic() < deadline, "the commit did not end within 60 s"
+        time.sleep(0.01)
+    assert collector.sink_states([url]) == {url: "open"}
+    assert _committed(url) == ["seq-1"]
+
+    def failing_flush(**kw: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    sink.writer.flush = failing_flush
+    send("seq-2")
+    collector.commit_sinks([url])
+    while collector.sink_states([url])[url] == "committing":
+        assert time.monotonic() < deadline, "the failed commit was never reported"
+        time.sleep(0.01)
+    state = collector.sink_states([url])[url]
+    assert state.startswith("failed:") and "No space left" in state
+    assert _committed(url) == ["seq-1"], "the failure left the committed sequence readable"
+
+
+def test_closing_store_is_never_written_by_two_writers(tmp_path):
+    url = str(tmp_path / "job")
+    collector, send = _collector(url)
     send("seq-1")
     first_writer = collector._sinks[url]
     collector.close_sinks([url])
