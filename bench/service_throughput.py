@@ -11,7 +11,8 @@ Workload: a tiny Qwen3-MoE specimen, 64 prompts of 32 random tokens x 64 new tok
 - REST job: one ``POST /v1/jobs`` of the 64 prompts, timed until the job is done;
 - concurrent jobs: the same 64 prompts as 8 jobs of 8 and as 32 jobs of 2, submitted
   at once, timed until all are done;
-- OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job;
+- OpenAI endpoint: 64 concurrent ``/v1/completions`` requests recording into one job,
+  each call next to the same requests without capture on the same server (paired);
 - vLLM's OpenAI server: the same requests to vLLM's own server without the plugin and
   the same engine arguments, so the OpenAI endpoint's cost separates into what any HTTP
   server pays on this machine (the client runs on the same cores) and what capture adds.
@@ -245,9 +246,8 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
             "32 concurrent jobs x 2 prompts": lambda: asyncio.run(timed_jobs(url, prompts, 32)),
         }
         calls = iter(range(100))
-        modes["OpenAI /v1/completions, 64 concurrent"] = lambda: asyncio.run(
-            timed_openai(url, prompts, f"bench{next(calls)}")
-        )
+        modes[OPENAI] = lambda: asyncio.run(timed_openai(url, prompts, f"bench{next(calls)}"))
+        modes[OPENAI_PLAIN] = lambda: asyncio.run(timed_openai(url, prompts, None))
         times: dict[str, list[float]] = {name: [] for name in modes}
         for _ in range(REPEATS):  # modes interleaved: this machine's noise drifts in time
             for name, run in modes.items():
@@ -259,6 +259,10 @@ def run_service(model: str, root: Path) -> dict[str, list[float]]:
 
 
 VLLM_SERVER = "vLLM's OpenAI server, no capture"
+OPENAI = "OpenAI /v1/completions, 64 concurrent"
+OPENAI_PLAIN = "OpenAI /v1/completions, 64 concurrent, no capture (same server)"
+"""The same requests without ``moetrace`` on the same server, each call next to a
+capture call: what capture adds to a request, paired, whatever the HTTP path costs."""
 
 
 def run_vllm_server(model: str, log: Path, env: dict[str, str]) -> list[float]:
@@ -407,9 +411,19 @@ def main() -> None:
             }
         )
         print(f"{name:40s} {rate:8.0f} {rate / base:13.2f}x {rate / user:17.2f}x")
+    paired = statistics.median(
+        plain / capture for plain, capture in zip(times[OPENAI_PLAIN], times[OPENAI], strict=True)
+    )
+    print(f"OpenAI endpoint with capture / without, same server, paired by call: {paired:.2f}x")
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"workload": {"sequences": NUM_SEQS, "new_tokens": tokens}, "modes": rows})
+            json.dumps(
+                {
+                    "workload": {"sequences": NUM_SEQS, "new_tokens": tokens},
+                    "modes": rows,
+                    "openai_capture_vs_plain_paired": paired,
+                }
+            )
         )
 
 

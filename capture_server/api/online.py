@@ -45,6 +45,7 @@ class OnlineRecorder:
         self.store_path = store_path
         self._pending: dict[str, _Pending] = {}
         self._create_lock = asyncio.Lock()
+        self._open_jobs: dict[tuple[str, str], tuple[str, Capture]] = {}  # (name, model)
         self._last_commit: dict[str, tuple[float, Any]] = {}  # job -> (time, engine)
 
     async def close_idle(self, idle_seconds: float) -> None:
@@ -62,25 +63,41 @@ class OnlineRecorder:
                     await close_store(engine, self.store_path(job_id), [])
 
     async def job_for(self, name: str, model: str, capture: Capture) -> str:
-        """The open online job `name` on `model`, created with `capture` if absent."""
-        async with self._create_lock:
-            job = self.db.find_open(name, model)
-            if job is None:
-                request = {
-                    "kind": "online",
-                    "model": model,
-                    "name": name,
-                    "capture": capture.model_dump(mode="json"),
-                }
-                return self.db.create(request, 0, state="open")
-        made_with = Capture(**job["request"]["capture"])
+        """The open online job `name` on `model`, created with `capture` if absent.
+        Open jobs are kept in memory: a request looks its job up without the database."""
+        known = self._open_jobs.get((name, model))
+        if known is None:
+            async with self._create_lock:
+                known = self._open_jobs.get((name, model)) or self._find_or_create(
+                    name, model, capture
+                )
+                self._open_jobs[(name, model)] = known
+        job_id, made_with = known
         for key in Capture.model_fields:
             if getattr(made_with, key) != getattr(capture, key):
                 raise CaptureConflictError(
                     f"moetrace.{key}: job {name!r} records {getattr(made_with, key)!r}; "
                     "use another job name for other capture options"
                 )
-        return job["id"]
+        return job_id
+
+    def _find_or_create(self, name: str, model: str, capture: Capture) -> tuple[str, Capture]:
+        job = self.db.find_open(name, model)
+        if job is not None:
+            return job["id"], Capture(**job["request"]["capture"])
+        request = {
+            "kind": "online",
+            "model": model,
+            "name": name,
+            "capture": capture.model_dump(mode="json"),
+        }
+        return self.db.create(request, 0, state="open"), capture
+
+    def forget(self, job_id: str) -> None:
+        """The job is being closed: the next request of its name opens a new one."""
+        for key, (known_id, _) in list(self._open_jobs.items()):
+            if known_id == job_id:
+                del self._open_jobs[key]
 
     def reserve(self, job_id: str, prompts: int, n: int, engine: Any) -> int:
         """Number the request's prompts; the job counts as active from now on."""

@@ -227,6 +227,7 @@ async def cancel_job(job_id: str, request: Request) -> JobPublic:
     if job is None:
         raise HTTPException(404, detail="Job not found")
     if job["state"] == "open":
+        app.online.forget(job_id)
         app.db.update(job_id, state="done")
         engine = app.engines.engines.get(job["model"])
         if engine is not None:
