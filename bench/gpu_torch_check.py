@@ -2,7 +2,7 @@
 
     python bench/gpu_torch_check.py [--out summary.json]
 
-Four checks, each against a plain-torch reference computed eagerly:
+Five checks, each against a plain-torch reference computed eagerly:
 1. ``cuda_graph``: the capture buffers' copies (`CaptureBuffers.record`) captured in a
    `torch.cuda.graph` and replayed with new inputs, at several padded batch sizes, fill
    the buffers exactly as eager calls do (what vLLM's CUDA graphs replay).
@@ -16,6 +16,9 @@ Four checks, each against a plain-torch reference computed eagerly:
 4. ``expert_load``: counting a step's ids on the device (`ExpertLoad.add`) equals
    numpy's count of the same ids, and on CUDA queues its kernels without a host
    sync (`torch.cuda.set_sync_debug_mode("error")` raises on one).
+5. ``float16_capture``: an engine capturing in float16 (`protocol.engine_config`'s
+   ``capture_dtype``) casts a bfloat16 model's logits and router inputs inside the
+   hooks' copy, in a CUDA graph on CUDA, to the bits the float32 capture gets once cast.
 
 Without CUDA, the CUDA checks are reported as skipped and the rest run on the CPU (the
 test suite does this). Prints one JSON summary and exits 1 on any failure.
@@ -80,11 +83,12 @@ class ToyMoE(torch.nn.Module):
         for gate, runner in zip(self.gates, self.runners, strict=True):
             logits = h @ gate.T
             weights, ids = runner.router.select_experts(hidden_states=h, router_logits=logits)
-            h = h + (weights.sum(-1, keepdim=True) * torch.tanh(h)) * 0.1 + ids[:, :1] * 1e-3
+            mixed = h + (weights.sum(-1, keepdim=True) * torch.tanh(h)) * 0.1 + ids[:, :1] * 1e-3
+            h = mixed.to(h.dtype)  # a bfloat16 model stays bfloat16
         return h
 
 
-def _buffers(device: torch.device) -> CaptureBuffers:
+def _buffers(device: torch.device, dtype: torch.dtype = torch.float32) -> CaptureBuffers:
     return CaptureBuffers(
         num_layers=LAYERS,
         max_tokens=MAX_TOKENS,
@@ -94,6 +98,7 @@ def _buffers(device: torch.device) -> CaptureBuffers:
         hidden_layers=(1,),
         logits=True,
         device=device,
+        dtype=dtype,
     )
 
 
@@ -152,6 +157,38 @@ def check_cuda_graph(device: torch.device) -> dict:
             _same(_snapshot(buffers, n), _expected(fresh, device), f"graph replay, {n} rows")
             replays += 1
     return {"batches": list(BATCHES), "replays": replays}
+
+
+def check_float16_capture(device: torch.device) -> dict:
+    """An engine capturing in float16 (`capture_dtype`): a bfloat16 model's router
+    logits and inputs, cast inside the hooks' copy (in a CUDA graph on CUDA), have the
+    bits of the float32 capture cast afterwards, which is what the store's writer keeps
+    from a float32 engine."""
+    h = torch.randn(64, HIDDEN, device=device, generator=_gen(device, 5)).to(torch.bfloat16)
+    got = {}
+    for dtype in (torch.float32, torch.float16):
+        model = ToyMoE(device).to(torch.bfloat16)
+        buffers = _buffers(device, dtype)
+        hook_routers(list(enumerate(model.runners)), buffers)
+        if device.type == "cuda":
+            static = h.clone()
+            model(static)  # warm-up outside the graph, as vLLM does
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(static)
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            model(h)
+        got[dtype] = _snapshot(buffers, len(h))
+    for name in ("logits", "hidden"):
+        half, want = got[torch.float16][name], got[torch.float32][name].to(torch.float16)
+        if half.dtype != torch.float16 or not torch.equal(
+            half.view(torch.int16), want.view(torch.int16)
+        ):
+            raise AssertionError(f"float16 capture: buffer {name} differs from the cast float32")
+    return {"rows": len(h), "in_cuda_graph": device.type == "cuda"}
 
 
 def _gen(device: torch.device, seed: int) -> torch.Generator:
@@ -243,6 +280,7 @@ CHECKS: dict[str, tuple[Callable[[torch.device], dict], bool]] = {
     "compiled_router": (check_compiled_router, False),
     "host_copy": (check_host_copy, False),
     "expert_load": (check_expert_load, False),
+    "float16_capture": (check_float16_capture, False),
 }
 
 

@@ -21,16 +21,30 @@ present), of the capture options in ``SamplingParams.extra_args``, of the store'
 attributes, and of the capture extension in the service's OpenAI-compatible bodies."""
 
 
+CAPTURE_DTYPES = ("float32", "float16")
+
+
 def engine_config(
     hidden_layers: list[int] | tuple[int, ...] = (),
     logits: bool = True,
     interventions: bool = False,
+    capture_dtype: str = "float32",
 ) -> dict:
     """``additional_config`` that switches capture on for an engine; with
-    `interventions`, requests may also change their routing (`CaptureOptions.intervention`)."""
+    `interventions`, requests may also change their routing (`CaptureOptions.intervention`).
+
+    `capture_dtype` is the dtype router logits and hidden states are captured in:
+    ``float32`` (exact) or ``float16``, cast on the device inside the forward's copy. It
+    halves their device buffers, device-to-host copies and host memory, and the store's
+    writer, which keeps them in float16 by default, then has nothing to convert. Stores
+    of such an engine keep them in float16 only."""
+    if capture_dtype not in CAPTURE_DTYPES:
+        raise ValueError(f"capture_dtype: expected one of {CAPTURE_DTYPES}, got {capture_dtype!r}")
     config: dict[str, Any] = {"hidden_layers": [int(x) for x in hidden_layers], "logits": logits}
     if interventions:
         config["interventions"] = True
+    if capture_dtype != "float32":
+        config["capture_dtype"] = capture_dtype
     return {CONFIG_KEY: config}
 
 

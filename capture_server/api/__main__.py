@@ -41,6 +41,11 @@ def _own_parser() -> argparse.ArgumentParser:
         default=None,
         help="Let jobs mask, keep or zero experts per request (engines hold the tables).",
     )
+    own.add_argument(
+        "--capture-dtype",
+        help="Dtype of captured router logits and hidden states, float32 or float16 "
+        "[float32]; float16 is cast on the device, and jobs then keep them in float16.",
+    )
     own.add_argument("--token", help="Bearer token to require (or MOETRACE_TOKEN).")
     own.add_argument(
         "--public-metrics",
@@ -83,6 +88,7 @@ def serve(argv: list[str]) -> int:
             hidden_layers=ns.hidden_layer,
             token=ns.token,
             interventions=ns.interventions,
+            capture_dtype=ns.capture_dtype,
             public_metrics=ns.public_metrics,
             engine_flags=engine_flags or None,
         )

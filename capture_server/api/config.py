@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     max_tokens_limit: int = 32_768
     hidden_layers: Annotated[list[int], NoDecode] = Field(default_factory=list)
     """MoE layers whose router inputs the engines capture (jobs may keep a subset)."""
+    capture_dtype: Literal["float32", "float16"] = "float32"
+    """Dtype the engines capture router logits and hidden states in (float16: cast on
+    the device, half the bytes copied out and nothing for the writers to convert; jobs
+    then keep them in float16 only; `protocol.engine_config`)."""
     interventions: bool = False
     """Start the engines with per-request interventions on, so jobs may mask, keep or
     zero experts (`capture.intervention`)."""

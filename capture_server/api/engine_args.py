@@ -64,6 +64,7 @@ def build_engine_args(
     *,
     cpu: bool,
     interventions: bool = False,
+    capture_dtype: str = "float32",
 ) -> Any:
     """`AsyncEngineArgs` for serving `model` with capture on, from vLLM flags `argv`.
 
@@ -77,6 +78,6 @@ def build_engine_args(
         args.enable_chunked_prefill = False
     args.additional_config = {
         **(args.additional_config or {}),
-        **engine_config(hidden_layers, interventions=interventions),
+        **engine_config(hidden_layers, interventions=interventions, capture_dtype=capture_dtype),
     }
     return args

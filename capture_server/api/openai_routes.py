@@ -21,7 +21,13 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from capture_server.api.online import CaptureConflictError
-from capture_server.api.routes import COMMON_ERRORS, Auth, check_interventions, errors
+from capture_server.api.routes import (
+    COMMON_ERRORS,
+    Auth,
+    check_capture_dtype,
+    check_interventions,
+    errors,
+)
 from capture_server.api.schemas import (
     LABEL_KEY,
     MAX_SEED,
@@ -132,6 +138,8 @@ def _limits(body: _Common, app: Any) -> tuple[Any, int | None]:
             detail=f"moetrace.hidden_layers: the server captures only "
             f"{sorted(app.settings.hidden_layers)}",
         )
+    if body.moetrace:
+        check_capture_dtype("moetrace", body.moetrace, app.settings)
     if body.moetrace and body.moetrace.intervention:
         named = {"moetrace.intervention": Intervention.from_dict(body.moetrace.intervention)}
         check_interventions(named, app.engines.routing.get(body.model, {}))

@@ -9,9 +9,11 @@ import polars as pl
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from capture_server.api.config import Settings
 from capture_server.api.files import UploadError, UploadTooLargeError
 from capture_server.api.runner import close_store
 from capture_server.api.schemas import (
+    Capture,
     ErrorBody,
     JobCreate,
     JobPublic,
@@ -114,6 +116,7 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
         raise HTTPException(
             422, detail=f"capture.hidden_layers: the server captures only {sorted(layers)}"
         )
+    check_capture_dtype("capture", job.capture, app.settings)
     if not job.expanded:  # an experiment's conditions were checked as it was expanded
         check_interventions(
             prompt_interventions(job, prompts), app.engines.routing.get(job.model, {})
@@ -122,6 +125,17 @@ async def create_job(job: JobCreate, request: Request) -> JobPublic:
     job_id = app.db.create(job.model_dump(mode="json", exclude_none=True), len(prompts) * n)
     app.runner.submit(job_id)
     return _public(app.db.get(job_id), app.runner.store_path(job_id))
+
+
+def check_capture_dtype(field: str, capture: Capture, settings: Settings) -> None:
+    """422 when a job asks to keep logits in float32 from engines that capture them in
+    float16 (``--capture-dtype``): the store would hold rounded values as if exact."""
+    if capture.logits_dtype == "float32" and settings.capture_dtype != "float32":
+        raise HTTPException(
+            422,
+            detail=f"{field}.logits_dtype: the server captures logits in "
+            f"{settings.capture_dtype} (--capture-dtype)",
+        )
 
 
 def check_interventions(named: dict[str, Intervention], routing: dict[str, Any]) -> None:

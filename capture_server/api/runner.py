@@ -60,6 +60,7 @@ class Engines:
             self.settings.hidden_layers,
             cpu=cpu,
             interventions=self.settings.interventions,
+            capture_dtype=self.settings.capture_dtype,
         )
 
     def start(self) -> None:

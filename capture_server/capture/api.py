@@ -26,7 +26,7 @@ from capture_server.capture.options import CaptureOptions
 from capture_server.capture.records import ModelMeta, RoutingRows
 from capture_server.capture.registry import memory_sink
 from capture_server.capture.scoring import token_nll
-from capture_server.errors import CaptureError
+from capture_server.errors import CaptureError, StoreWriteError
 from capture_server.protocol import (
     Annotation,
     annotate_rpc,
@@ -95,6 +95,9 @@ class CaptureEngine:
             host (`capture_server.plugin.prefix_rows`), so every position has its row.
         interventions: let requests change their routing (the ``intervention`` argument
             of `generate` and `score`); off, the forward is exactly the model's.
+        capture_dtype: ``float32`` (exact) or ``float16``: router logits and hidden
+            states cast on the device, half the bytes copied out of it and held on the
+            host; stores then keep them in float16 only.
         **llm_kwargs: vLLM engine arguments, passed to `vllm.LLM` as they are (dtype,
             max_model_len, tensor_parallel_size, moe_backend, ...); vLLM's defaults apply
             to the rest (compiled, with CUDA graphs on GPU; ``enforce_eager=True`` starts
@@ -112,6 +115,7 @@ class CaptureEngine:
         logits: bool = True,
         enable_prefix_caching: bool = True,
         interventions: bool = False,
+        capture_dtype: str = "float32",
         **llm_kwargs: Any,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -130,7 +134,9 @@ class CaptureEngine:
         self.llm = LLM(
             model,
             enable_prefix_caching=enable_prefix_caching,
-            additional_config=engine_config(self.hidden_layers, logits, interventions),
+            additional_config=engine_config(
+                self.hidden_layers, logits, interventions, capture_dtype
+            ),
             **llm_kwargs,
         )
         _live_engines += 1
@@ -236,6 +242,9 @@ class CaptureEngine:
             texts=_texts_of,
             intervention=intervention,
         )
+        error = self.stats().get("sink_errors", {}).get(store)
+        if error is not None:  # the worker dropped the store's rows: say why
+            raise StoreWriteError(f"{store}: {error}")
         return open_store(store)
 
     def _run(

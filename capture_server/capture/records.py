@@ -102,9 +102,10 @@ class RoutingRows:
     topk_weights: np.ndarray
     """(rows, L, k) float32, aligned with `topk_ids`."""
     router_logits: np.ndarray | None = None
-    """(rows, L, experts) float32, or None when no captured request asked for them."""
+    """(rows, L, experts) float32 (float16 from an engine capturing float16), or None
+    when no captured request asked for them."""
     hidden_states: dict[int, np.ndarray] = field(default_factory=dict)
-    """MoE-layer index -> (rows, hidden) float32 router input."""
+    """MoE-layer index -> (rows, hidden) router input, dtype as `router_logits`."""
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -12,6 +12,9 @@ class CaptureBuffers:
         - Shapes are fixed at start-up: ``ids``/``weights`` are (L, T, k),
           ``logits`` is (L, T, E) unless logits are off, ``hidden[l]`` is (T, d) for each configured
           MoE-layer index l, with T the largest token count of a step.
+        - ``logits`` and ``hidden`` have the engine's capture dtype (float32 or float16):
+          ``copy_`` casts inside the same kernel, rounding to nearest even on CPU and
+          CUDA alike, as the store's writer would (tests/capture/test_float_cast.py).
         - Inside the forward only `record` touches them, and it only does
           ``copy_`` into a leading slice: no allocation, no host sync, no branch
           on tensor values, so CUDA graphs and compiled graphs replay it.
@@ -30,19 +33,21 @@ class CaptureBuffers:
         hidden_layers: tuple[int, ...],
         logits: bool,
         device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.num_experts = num_experts
+        self.dtype = dtype  # of logits and hidden states
         self.ids = torch.zeros(num_layers, max_tokens, top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(
             num_layers, max_tokens, top_k, dtype=torch.float32, device=device
         )
         self.logits = (
-            torch.zeros(num_layers, max_tokens, num_experts, dtype=torch.float32, device=device)
+            torch.zeros(num_layers, max_tokens, num_experts, dtype=dtype, device=device)
             if logits
             else None
         )
         self.hidden = {
-            layer: torch.zeros(max_tokens, hidden_size, dtype=torch.float32, device=device)
+            layer: torch.zeros(max_tokens, hidden_size, dtype=dtype, device=device)
             for layer in hidden_layers
         }
 

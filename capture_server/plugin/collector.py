@@ -108,6 +108,8 @@ class StepCollector:
         self.interventions = interventions  # the engine applies requests' interventions
         self.meta = meta
         self.weight_scale = weight_scale  # the runner's output scaling, folded into weights
+        self.capture_dtype = "float32" if buffers is None else str(buffers.dtype).split(".")[-1]
+        """Of captured logits and hidden states (`protocol.engine_config`)."""
         self._requests: dict[str, _RequestState | None] = {}
         self._progress = RequestProgress()
         self._batch: BatchView | None = None  # the last step's, while its requests run
@@ -150,6 +152,7 @@ class StepCollector:
             num_experts=buffers.num_experts,
             logits=buffers.logits is not None,
             hidden={layer: buf.shape[1] for layer, buf in buffers.hidden.items()},
+            values_dtype=self.capture_dtype,
         )
         self.slot_rows = SlotRows.for_engine(runner.vllm_config, runner.kv_cache_config, layout)
 
@@ -512,6 +515,7 @@ class StepCollector:
                     self._finish_closing(url)
                     if url in self.sink_errors:
                         return
+                self._check_store_dtypes(options.store)
                 sink = open_sink(url, self._stage_store_options(options.store), self.part)
                 sink.open(self.meta)
                 self._sinks[url] = sink
@@ -522,6 +526,19 @@ class StepCollector:
         except (MoetraceError, OSError, ValueError) as exc:
             self.sink_errors[url] = str(exc)
             logger.error("moetrace sink %s failed; its rows are dropped from now on: %s", url, exc)
+
+    def _check_store_dtypes(self, store: dict[str, Any]) -> None:
+        """A store may not keep, in float32, values this engine captures in float16:
+        they would look exact and are not."""
+        if self.capture_dtype == "float32":
+            return
+        for name in ("logits_dtype", "hidden_dtype"):
+            if store.get(name) == "float32":
+                raise ValueError(
+                    f"{name}: float32 asked for, but this engine captures logits and "
+                    f"hidden states in {self.capture_dtype} (capture_dtype in its "
+                    "moetrace settings); ask for float16 or use a float32 engine"
+                )
 
     def _stage_store_options(self, store: dict[str, Any]) -> dict[str, Any]:
         """A store's options as this pipeline stage's part keeps them: the hidden layers

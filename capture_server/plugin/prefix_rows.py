@@ -63,11 +63,13 @@ class SlotLayout:
     num_experts: int
     logits: bool
     hidden: dict[int, int]  # MoE-layer index -> router input width
+    values_dtype: str = "float32"  # of logits and hidden states: the engine's capture dtype
 
     def bytes_per_slot(self) -> int:
         routing = self.num_layers * self.top_k * 8  # int32 ids + float32 weights
-        logits = self.num_layers * self.num_experts * 4 if self.logits else 0
-        return 8 + routing + logits + 4 * sum(self.hidden.values())  # + position, token
+        size = np.dtype(self.values_dtype).itemsize
+        logits = self.num_layers * self.num_experts * size if self.logits else 0
+        return 8 + routing + logits + size * sum(self.hidden.values())  # + position, token
 
 
 def max_bytes() -> int:
@@ -116,12 +118,12 @@ class SlotRows:
         self.ids = np.zeros(shape, dtype=np.int32)
         self.weights = np.zeros(shape, dtype=np.float32)
         self.logits = (
-            np.zeros((num_slots, layout.num_layers, layout.num_experts), dtype=np.float32)
+            np.zeros((num_slots, layout.num_layers, layout.num_experts), layout.values_dtype)
             if layout.logits
             else None
         )
         self.hidden = {
-            layer: np.zeros((num_slots, width), dtype=np.float32)
+            layer: np.zeros((num_slots, width), dtype=layout.values_dtype)
             for layer, width in layout.hidden.items()
         }
         self._copier: ThreadPoolExecutor | None = None

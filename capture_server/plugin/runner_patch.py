@@ -6,6 +6,8 @@ import functools
 import logging
 from typing import Any
 
+import torch
+
 from capture_server.capture.intervention import RoutingShape
 from capture_server.errors import CaptureError, CaptureSettingsError, CaptureUnsupportedError
 from capture_server.plugin.buffers import CaptureBuffers
@@ -22,7 +24,7 @@ from capture_server.plugin.router_hook import (
     routing_shape,
     verify_hooked,
 )
-from capture_server.protocol import capture_settings
+from capture_server.protocol import CAPTURE_DTYPES, capture_settings
 
 logger = logging.getLogger("moetrace.capture")
 
@@ -55,6 +57,11 @@ def install_capture(runner: Any) -> StepCollector | None:
                 f"moetrace hidden_layers: expected MoE-layer indices in [0, {total}), got {layer}"
             )
     hidden_layers = stage_layers(hidden_global, offset, len(runners))
+    capture_dtype = config.get("capture_dtype", "float32")
+    if capture_dtype not in CAPTURE_DTYPES:
+        raise CaptureSettingsError(
+            f"moetrace capture_dtype: expected one of {CAPTURE_DTYPES}, got {capture_dtype!r}"
+        )
     role = capture_role(runner.vllm_config, get_tensor_model_parallel_rank())
     routing = routing_shape(runners)
     if config.get("interventions") and pp_group.world_size > 1:
@@ -82,6 +89,7 @@ def install_capture(runner: Any) -> StepCollector | None:
         hidden_layers=hidden_layers,
         logits=bool(config.get("logits", True)),
         device=runner.device,
+        dtype=getattr(torch, capture_dtype),
     )
     part = writer_part(runner.vllm_config, pp_group.rank_in_group)
     dp_rows = rows_of_rank(runners, runner.vllm_config)
@@ -89,13 +97,15 @@ def install_capture(runner: Any) -> StepCollector | None:
     verify_hooked(runners)
     logger.info(
         "moetrace capture on%s: %d MoE layers %s, %d experts, top-%d, hidden states of "
-        "MoE layers %s; device buffers %.1f MiB; interventions %s",
+        "MoE layers %s; logits and hidden states in %s; device buffers %.1f MiB; "
+        "interventions %s",
         "" if part is None else f" (writes store part {part.name})",
         len(runners),
         meta.moe_layers,
         meta.num_experts,
         meta.top_k,
         list(hidden_layers),
+        capture_dtype,
         buffers.nbytes() / 2**20,
         "on" if tables is not None else "off",
     )

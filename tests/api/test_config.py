@@ -95,3 +95,27 @@ def test_lists_from_the_environment(monkeypatch):
     monkeypatch.setenv("MOETRACE_HIDDEN_LAYERS", "[0, 3]")
     settings = load_settings(None)
     assert settings.models == ["/m/a", "/m/b"] and settings.hidden_layers == [0, 3]
+
+
+def test_capture_dtype_reaches_the_engines_and_bounds_what_jobs_keep(capsys):
+    """``--capture-dtype float16`` goes into every engine's moetrace settings, and a job
+    asking to keep float32 logits from such a server is refused, naming the field."""
+    from fastapi import HTTPException
+
+    from capture_server.api.routes import check_capture_dtype
+    from capture_server.api.schemas import Capture
+    from capture_server.protocol import capture_settings
+
+    settings = load_settings(None, models=["/m/a"], capture_dtype="float16")
+    args = build_engine_args("/m/a", [], [], cpu=True, capture_dtype=settings.capture_dtype)
+    assert capture_settings(args.additional_config)["capture_dtype"] == "float16"
+    check_capture_dtype("capture", Capture(), settings)  # float16 logits: kept as captured
+    with pytest.raises(HTTPException) as refused:
+        check_capture_dtype("capture", Capture(logits_dtype="float32"), settings)
+    assert refused.value.status_code == 422
+    assert refused.value.detail.startswith("capture.logits_dtype")
+    exact = load_settings(None, models=["/m/a"])
+    assert exact.capture_dtype == "float32"
+    check_capture_dtype("capture", Capture(logits_dtype="float32"), exact)
+    assert main(["serve", "--model", "/m", "--capture-dtype", "bfloat16"]) == 2
+    assert "capture_dtype" in capsys.readouterr().err

@@ -64,3 +64,4 @@ def test_gpu_torch_check_runs_what_a_cpu_can(tmp_path):
     assert checks["compiled_router"]["status"] == "passed"
     assert checks["host_copy"]["status"] == "passed"
     assert checks["expert_load"]["status"] == "passed"
+    assert checks["float16_capture"]["status"] == "passed"
