@@ -9,6 +9,9 @@ after `sync` (no dirty pages left by the one before):
   plain sequential file writes to the same disk.
 - writer vs raw, durable: the writer fdatasyncs every chunk object (`durable=True`);
   raw fdatasyncs every chunk's worth of each array file.
+- float16 in: both of the above with logits handed over in float16, as an engine
+  capturing float16 (`capture_dtype`, cast on the device) gives them: no cast left to
+  the writer.
 - encoder threads: casting and encoding alone (no disk), and the whole writer, with one
   encoder thread and with two.
 - commit cost: one commit of an 8-row sequence, by how full the last chunk already is.
@@ -60,8 +63,9 @@ def _meta(shape: str = SHAPE):
     return ModelMeta.synthetic(list(range(layers)), experts, k, hidden)
 
 
-def _pool(shape: str = SHAPE):
-    """Sequences with routing-like structure: top-k ids and softmax weights of the logits."""
+def _pool(shape: str = SHAPE, logits_dtype: str = "float32"):
+    """Sequences with routing-like structure: top-k ids and softmax weights of the logits
+    (`logits_dtype` float16: as an engine capturing float16 hands them over)."""
     from capture_server.capture.records import RoutingRows
 
     L, E, K, _ = SHAPES[shape]
@@ -81,7 +85,7 @@ def _pool(shape: str = SHAPE):
                 is_prompt=np.arange(SEQ_ROWS) < 128,
                 topk_ids=ids,
                 topk_weights=weights.astype(np.float32),
-                router_logits=logits,
+                router_logits=logits.astype(logits_dtype),
             )
         )
     return pool
@@ -98,12 +102,14 @@ def write_store(
     durable: bool = False,
     torch_cast: bool = True,
     warmup: bool = True,
+    float16_in: bool = False,
 ) -> dict[str, float]:
     """One writer's run; with `dp_rank`, as that data-parallel part of a parted store.
     `warmup` false: writers started together time from their start (a warm-up of one
     would overlap the timed run of the other).
     `torch_cast`: float16 conversion as in a vLLM process (the plugin registers torch's);
-    without it, numpy's (the store alone)."""
+    without it, numpy's (the store alone). `float16_in`: logits handed over in float16,
+    as an engine capturing float16 (`capture_dtype`) gives them."""
     if torch_cast:
         from capture_server.plugin import float_cast
 
@@ -113,7 +119,7 @@ def write_store(
     from capture_server.store.parts import PartId
     from capture_server.store.writer import StoreWriter
 
-    pool = _pool(shape)
+    pool = _pool(shape, "float16" if float16_in else "float32")
     part = None if dp_rank is None else PartId(dp_rank=dp_rank)
     options = StoreOptions(compressor=codec, weights_dtype="float16", logits=logits)
     pool_kwargs = {} if threads is None else {"encoder_threads": threads}
@@ -270,6 +276,7 @@ def main() -> None:
     parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--numpy-cast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-warmup", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--float16-in", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, rows, codec, *dp = args.child
@@ -285,6 +292,7 @@ def main() -> None:
             args.durable,
             not args.numpy_cast,
             not args.no_warmup,
+            args.float16_in,
         )
         print(json.dumps(run))
         return
@@ -341,8 +349,12 @@ def main() -> None:
             one[codec] = writer_mbps(codec, keep=r == args.rounds - 1)
         one["raw before numpy cast"] = raw_mbps()
         one["numpy cast"] = writer_mbps(CODECS[0], "--numpy-cast")
+        one["raw before float16 in"] = raw_mbps()
+        one["float16 in"] = writer_mbps(CODECS[0], "--float16-in")
         one["raw durable"] = raw_mbps(durable=True)
         one["writer durable"] = writer_mbps(CODECS[0], "--durable")
+        one["raw durable before float16 in"] = raw_mbps(durable=True)
+        one["writer durable, float16 in"] = writer_mbps(CODECS[0], "--durable", "--float16-in")
         rounds.append(one)
         print(f"round {r}: {json.dumps({k: round(v) for k, v in one.items()})}", file=sys.stderr)
 
@@ -389,6 +401,15 @@ def main() -> None:
         "vs_raw": round(paired("numpy cast", "raw before numpy cast"), 2),
     }
     print(f"numpy cast: {numpy_cast}", file=sys.stderr)
+    float16_in = {  # an engine capturing float16 (`capture_dtype`): no cast in the writer
+        "writer_MBps": round(median_of("float16 in"), 1),
+        "vs_raw": round(paired("float16 in", "raw before float16 in"), 2),
+        "durable_writer_MBps": round(median_of("writer durable, float16 in"), 1),
+        "durable_vs_raw": round(
+            paired("writer durable, float16 in", "raw durable before float16 in"), 2
+        ),
+    }
+    print(f"float16 in: {float16_in}", file=sys.stderr)
 
     # -- encoder threads: encoding alone, and the whole writer ---------------------------
     encoding: dict[str, float] = {}
@@ -480,6 +501,7 @@ def main() -> None:
         "codecs": results,
         "durable": durable,
         "numpy_cast": numpy_cast,
+        "float16_in": float16_in,
         "encoder_threads": threads_summary,
         "commit_ms": commits,
         "peak_rss_mb": mem,
