@@ -46,6 +46,7 @@ class OnlineRecorder:
         self._pending: dict[str, _Pending] = {}
         self._create_lock = asyncio.Lock()
         self._open_jobs: dict[tuple[str, str], tuple[str, Capture]] = {}  # (name, model)
+        self._name_of: dict[str, tuple[str, str]] = {}  # job -> its key in `_open_jobs`
         self._last_commit: dict[str, tuple[float, Any]] = {}  # job -> (time, engine)
 
     async def close_idle(self, idle_seconds: float) -> None:
@@ -60,6 +61,7 @@ class OnlineRecorder:
                 busy = pending is not None and pending.lock.locked()
                 if now - last >= idle_seconds and not busy:
                     del self._last_commit[job_id]
+                    self.forget(job_id)  # looked up again if it comes back: memory stays flat
                     await close_store(engine, self.store_path(job_id), [])
 
     async def job_for(self, name: str, model: str, capture: Capture) -> str:
@@ -72,6 +74,7 @@ class OnlineRecorder:
                     name, model, capture
                 )
                 self._open_jobs[(name, model)] = known
+                self._name_of[known[0]] = (name, model)
         job_id, made_with = known
         for key in Capture.model_fields:
             if getattr(made_with, key) != getattr(capture, key):
@@ -94,10 +97,11 @@ class OnlineRecorder:
         return self.db.create(request, 0, state="open"), capture
 
     def forget(self, job_id: str) -> None:
-        """The job is being closed: the next request of its name opens a new one."""
-        for key, (known_id, _) in list(self._open_jobs.items()):
-            if known_id == job_id:
-                del self._open_jobs[key]
+        """Drop the job from memory: it is being closed (the next request of its name
+        opens a new one) or idle (the next one finds it in the database)."""
+        key = self._name_of.pop(job_id, None)
+        if key is not None:
+            self._open_jobs.pop(key, None)
 
     def reserve(self, job_id: str, prompts: int, n: int, engine: Any) -> int:
         """Number the request's prompts; the job counts as active from now on."""
