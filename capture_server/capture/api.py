@@ -34,6 +34,9 @@ from capture_server.protocol import (
     engine_config,
     flush_rpc,
     forwarded_positions,
+    merged_sink_states,
+    sink_error,
+    sink_states_rpc,
     stats_rpc,
     writer_stats,
 )
@@ -242,7 +245,8 @@ class CaptureEngine:
             texts=_texts_of,
             intervention=intervention,
         )
-        error = self.stats().get("sink_errors", {}).get(store)
+        states = merged_sink_states(sink_states_rpc([store]).run(self.llm), [store])
+        error = sink_error(states[store])
         if error is not None:  # the worker dropped the store's rows: say why
             raise StoreWriteError(f"{store}: {error}")
         return open_store(store)

@@ -42,11 +42,10 @@ class RoutingSink(ABC):
     def flush(self) -> None:  # noqa: B027 - no-op default for sinks that hold no backlog
         """Block until everything passed so far is durable (committed, for a store)."""
 
-    def request_commit(self) -> object:
+    def request_commit(self) -> None:
         """Ask the sink to make everything passed so far durable without waiting
         (`committing` tells when it is); the default flushes at once."""
         self.flush()
-        return None
 
     @property
     def committing(self) -> bool:

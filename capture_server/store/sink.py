@@ -177,16 +177,20 @@ class StoreSink(RoutingSink):
 
     def flush(self) -> None:
         """Block until everything enqueued so far is committed."""
-        ticket = self.request_commit()
+        ticket = self._ask_commit()
         with self._commit_done:
             while not self._commit_done.wait_for(lambda: self._commits_done >= ticket, 0.05):
                 self._raise_if_failed()
         self._raise_if_failed()
 
-    def request_commit(self) -> int:
-        """Ask the writer to commit everything enqueued so far, without waiting; returns
-        the commit's ticket. `committing` is true until every ticket asked is done: the
-        engine's step loop goes on while the store commits (`plugin.commit`)."""
+    def request_commit(self) -> None:
+        """Ask the writer to commit everything enqueued so far, without waiting.
+        `committing` is true until every commit asked for is done: the engine's step
+        loop goes on while the store commits (`plugin.commit`)."""
+        self._ask_commit()
+
+    def _ask_commit(self) -> int:
+        """Queue a commit; its ticket, done once `_commits_done` reaches it."""
         self._raise_if_failed()
         with self._send_lock:  # tickets in the order their messages are queued
             self._commits_asked += 1
